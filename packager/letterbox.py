@@ -1,0 +1,111 @@
+"""The one letterbox of yqpack: calibration, local evaluation and the served preprocess model all call this.
+
+It must run unchanged inside the Triton server's Python (numpy<2, opencv-python-headless<4.12) and in the
+build tools' env (numpy 2), so it depends on numpy and cv2 only. `repository.py` copies this file next to the
+served `model.py`; nothing is re-typed there.
+
+Geometry follows Ultralytics' LetterBox(auto=False, center=True, scaleup=True): the image is resized so that
+it fits the target keeping its aspect ratio, then padded symmetrically with grey 114.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+PAD_VALUE = 114
+
+
+class LetterboxInfo(NamedTuple):
+    """How an original image maps into the letterboxed input: enough to map boxes back."""
+
+    scale: float
+    pad_x: float  # left padding, in input pixels
+    pad_y: float  # top padding, in input pixels
+    orig_h: int
+    orig_w: int
+
+    def as_array(self) -> np.ndarray:
+        """Float32 vector [scale, pad_x, pad_y, orig_h, orig_w]: the served `letterbox_info` tensor."""
+        return np.array(self, dtype=np.float32)
+
+    @classmethod
+    def from_array(cls, values) -> "LetterboxInfo":
+        scale, pad_x, pad_y, orig_h, orig_w = (float(v) for v in np.asarray(values).reshape(-1)[:5])
+        return cls(scale, pad_x, pad_y, int(round(orig_h)), int(round(orig_w)))
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes (JPEG, PNG, ...) to a BGR uint8 HxWx3 array, as cv2.imread would.
+
+    Grayscale and RGBA are converted to 3 channels (IMREAD_COLOR). Raises ValueError with a plain
+    message when the bytes are empty or not a decodable image.
+    """
+    if data is None or len(data) == 0:
+        raise ValueError("empty image bytes")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ValueError(f"could not decode image ({len(data)} bytes): not a JPEG/PNG/BMP/WebP or truncated")
+    return image
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file to BGR uint8 HxWx3 with the same decoder the server uses."""
+    with open(path, "rb") as handle:
+        return decode_image(handle.read())
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int] = (640, 640)) -> tuple[np.ndarray, LetterboxInfo]:
+    """Resize with unchanged aspect ratio and pad to `size` (height, width). Returns (HxWx3 uint8, info).
+
+    Accepts HxW (grayscale), HxWx1, HxWx3 and HxWx4 arrays; grey/alpha are converted to 3-channel BGR.
+    """
+    image = _as_bgr(image)
+    target_h, target_w = int(size[0]), int(size[1])
+    orig_h, orig_w = image.shape[:2]
+    scale = min(target_h / orig_h, target_w / orig_w)
+    resized_w, resized_h = int(round(orig_w * scale)), int(round(orig_h * scale))
+    pad_w, pad_h = (target_w - resized_w) / 2, (target_h - resized_h) / 2
+    if (orig_w, orig_h) != (resized_w, resized_h):
+        image = cv2.resize(image, (resized_w, resized_h), interpolation=cv2.INTER_LINEAR)
+    # The +-0.1 splits an odd padding as Ultralytics does: one pixel more at the bottom/right.
+    top, bottom = int(round(pad_h - 0.1)), int(round(pad_h + 0.1))
+    left, right = int(round(pad_w - 0.1)), int(round(pad_w + 0.1))
+    image = cv2.copyMakeBorder(
+        image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
+    )
+    return image, LetterboxInfo(scale, float(left), float(top), orig_h, orig_w)
+
+
+def to_chw_float(letterboxed: np.ndarray) -> np.ndarray:
+    """BGR HxWx3 uint8 -> RGB 3xHxW float32 in [0, 1], the detector's input layout."""
+    rgb = letterboxed[:, :, ::-1].transpose(2, 0, 1)
+    return np.ascontiguousarray(rgb, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+def preprocess(image: np.ndarray, size: tuple[int, int] = (640, 640)) -> tuple[np.ndarray, LetterboxInfo]:
+    """Letterbox a BGR image and lay it out as the detector input (3xHxW float32)."""
+    letterboxed, info = letterbox(image, size)
+    return to_chw_float(letterboxed), info
+
+
+def preprocess_bytes(data: bytes, size: tuple[int, int] = (640, 640)) -> tuple[np.ndarray, LetterboxInfo]:
+    """Encoded bytes -> detector input: what the served preprocess model does for one request."""
+    return preprocess(decode_image(data), size)
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.size == 0:
+        raise ValueError(f"expected an HxW or HxWxC image array, got {getattr(image, 'shape', type(image))}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.shape[2] == 3:
+        return image
+    raise ValueError(f"expected 1, 3 or 4 channels, got {image.shape[2]}")

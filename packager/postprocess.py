@@ -1,0 +1,111 @@
+"""The one postprocess of yqpack (decode + class-aware NMS), numpy only.
+
+Used by local ONNX evaluation and, copied next to `model.py` at render time, by the served postprocess model,
+so served and local detections come from the same code. Runs under numpy 1 (server) and numpy 2 (build tools).
+
+Input is the raw YOLO detection head output, (batch, 4 + num_classes, anchors) with boxes as centre-x,
+centre-y, width, height in letterboxed input pixels and per-class scores (already sigmoid-ed), as exported by
+Ultralytics for YOLOv8/YOLO11 without embedded NMS.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+try:
+    from .letterbox import LetterboxInfo
+except ImportError:  # served: both modules are copied flat next to model.py
+    from letterbox import LetterboxInfo
+
+# Class offset for class-aware NMS: boxes of different classes never overlap after shifting by cls * offset.
+_CLASS_OFFSET = 7680.0
+# Candidates kept before NMS, highest scores first, as Ultralytics does (bounds the NMS cost at conf 0.001).
+MAX_CANDIDATES = 30000
+
+
+class Thresholds(NamedTuple):
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 100
+    multi_label: bool = False
+
+
+# Ultralytics' validation settings: what COCO evaluation uses, served or local.
+EVAL_THRESHOLDS = Thresholds(conf=0.001, iou=0.7, max_det=300, multi_label=True)
+PRODUCTION_THRESHOLDS = Thresholds()
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int) -> np.ndarray:
+    """Greedy NMS over xyxy boxes; returns kept indices, highest score first, at most `max_keep`."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    keep = []
+    while order.size and len(keep) < max_keep:
+        best = order[0]
+        keep.append(best)
+        rest = order[1:]
+        inter_w = (np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest])).clip(0)
+        inter_h = (np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest])).clip(0)
+        inter = inter_w * inter_h
+        iou = inter / (areas[best] + areas[rest] - inter + 1e-7)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode(raw: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> np.ndarray:
+    """One image's raw head output (4 + nc, anchors) -> detections (n, 6): x1, y1, x2, y2, score, class_id.
+
+    Coordinates are in letterboxed input pixels. Sorted by score, descending.
+    """
+    raw = np.asarray(raw, dtype=np.float32)
+    if raw.ndim != 2 or raw.shape[0] < 5:
+        raise ValueError(f"expected a (4 + num_classes, anchors) head output, got shape {raw.shape}")
+    predictions = raw.T  # (anchors, 4 + nc)
+    class_scores = predictions[:, 4:]
+    if thresholds.multi_label:
+        anchor_idx, class_idx = np.nonzero(class_scores > thresholds.conf)
+        scores = class_scores[anchor_idx, class_idx]
+    else:
+        class_idx = class_scores.argmax(axis=1)
+        scores = class_scores[np.arange(len(class_scores)), class_idx]
+        anchor_idx = np.nonzero(scores > thresholds.conf)[0]
+        class_idx, scores = class_idx[anchor_idx], scores[anchor_idx]
+    if scores.size == 0:
+        return np.zeros((0, 6), dtype=np.float32)
+    if scores.size > MAX_CANDIDATES:
+        top = np.argsort(-scores, kind="stable")[:MAX_CANDIDATES]
+        anchor_idx, class_idx, scores = anchor_idx[top], class_idx[top], scores[top]
+    boxes = _xywh_to_xyxy(predictions[anchor_idx, :4])
+    shifted = boxes + class_idx[:, None].astype(np.float32) * _CLASS_OFFSET
+    keep = nms(shifted, scores, thresholds.iou, thresholds.max_det)
+    detections = np.empty((keep.size, 6), dtype=np.float32)
+    detections[:, :4] = boxes[keep]
+    detections[:, 4] = scores[keep]
+    detections[:, 5] = class_idx[keep]
+    return detections
+
+
+def map_to_original(detections: np.ndarray, info: LetterboxInfo) -> np.ndarray:
+    """Map boxes from letterboxed input pixels back to original image pixels, clipped to the image."""
+    out = detections.copy()
+    out[:, [0, 2]] = ((out[:, [0, 2]] - info.pad_x) / info.scale).clip(0, info.orig_w)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - info.pad_y) / info.scale).clip(0, info.orig_h)
+    return out
+
+
+def postprocess(raw: np.ndarray, info: LetterboxInfo, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> np.ndarray:
+    """One image's raw head output -> detections (n, 6) in original image pixels."""
+    return map_to_original(decode(raw, thresholds), info)
+
+
+def _xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
+    xyxy = np.empty_like(xywh)
+    half_w, half_h = xywh[:, 2] / 2, xywh[:, 3] / 2
+    xyxy[:, 0] = xywh[:, 0] - half_w
+    xyxy[:, 1] = xywh[:, 1] - half_h
+    xyxy[:, 2] = xywh[:, 0] + half_w
+    xyxy[:, 3] = xywh[:, 1] + half_h
+    return xyxy
