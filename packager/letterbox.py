@@ -67,7 +67,7 @@ def letterbox(image: np.ndarray, size: tuple[int, int] = (640, 640)) -> tuple[np
     target_h, target_w = int(size[0]), int(size[1])
     orig_h, orig_w = image.shape[:2]
     scale = min(target_h / orig_h, target_w / orig_w)
-    resized_w, resized_h = int(round(orig_w * scale)), int(round(orig_h * scale))
+    resized_w, resized_h = resized_size(orig_h, orig_w, scale)
     pad_w, pad_h = (target_w - resized_w) / 2, (target_h - resized_h) / 2
     if (orig_w, orig_h) != (resized_w, resized_h):
         image = cv2.resize(image, (resized_w, resized_h), interpolation=cv2.INTER_LINEAR)
@@ -78,6 +78,11 @@ def letterbox(image: np.ndarray, size: tuple[int, int] = (640, 640)) -> tuple[np
         image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE, PAD_VALUE, PAD_VALUE)
     )
     return image, LetterboxInfo(scale, float(left), float(top), orig_h, orig_w)
+
+
+def resized_size(orig_h: int, orig_w: int, scale: float) -> tuple[int, int]:
+    """(width, height) of the image inside the letterbox; each side rounded, never below 1 pixel (as Ultralytics)."""
+    return max(int(round(orig_w * scale)), 1), max(int(round(orig_h * scale)), 1)
 
 
 def to_chw_float(letterboxed: np.ndarray) -> np.ndarray:

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import numpy as np
 
 try:
-    from .letterbox import LetterboxInfo
+    from .letterbox import LetterboxInfo, resized_size
 except ImportError:  # served: both modules are copied flat next to model.py
-    from letterbox import LetterboxInfo
+    from letterbox import LetterboxInfo, resized_size
 
 # Class offset for class-aware NMS: boxes of different classes never overlap after shifting by cls * offset.
 _CLASS_OFFSET = 7680.0
@@ -91,8 +91,12 @@ def decode(raw: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> n
 def map_to_original(detections: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     """Map boxes from letterboxed input pixels back to original image pixels, clipped to the image."""
     out = detections.copy()
-    out[:, [0, 2]] = ((out[:, [0, 2]] - info.pad_x) / info.scale).clip(0, info.orig_w)
-    out[:, [1, 3]] = ((out[:, [1, 3]] - info.pad_y) / info.scale).clip(0, info.orig_h)
+    # Per-axis gains from the rounded resized size, as Ultralytics' scale_boxes: one rounded side of a very
+    # thin image is far from orig * scale.
+    resized_w, resized_h = resized_size(info.orig_h, info.orig_w, info.scale)
+    gain_x, gain_y = resized_w / info.orig_w, resized_h / info.orig_h
+    out[:, [0, 2]] = ((out[:, [0, 2]] - info.pad_x) / gain_x).clip(0, info.orig_w)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - info.pad_y) / gain_y).clip(0, info.orig_h)
     return out
 
 

@@ -1,0 +1,199 @@
+"""Precision comparison and pass/fail gates of `yqpack verify` (pure functions over measured numbers)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .coco_eval import CocoMetrics
+from .loadtest import LevelResult
+
+# Reference precision for comparisons: the most precise one served.
+REFERENCE_ORDER = ("fp32", "fp16")
+
+
+@dataclass
+class ServedAccuracy:
+    """Accuracy pass of one served ensemble."""
+
+    model: str  # Triton ensemble name, e.g. yolov8n_int8
+    family: str  # model name without the precision, e.g. yolov8n
+    precision: str
+    metrics: CocoMetrics | None  # None when no image could be evaluated
+    images: int
+    errors: int
+    error_messages: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Comparison:
+    """One precision against its family's reference precision."""
+
+    model: str
+    precision: str
+    reference_model: str
+    reference_precision: str
+    map50_95: float
+    reference_map50_95: float
+    map_delta: float
+    map_ratio: float
+    peak_throughput: float
+    reference_peak_throughput: float
+    speedup: float  # peak throughput over the reference's peak throughput
+    speedup_per_concurrency: dict[int, float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateResult:
+    gate: str  # the CLI flag, e.g. --min-map-ratio
+    model: str
+    passed: bool
+    value: float
+    threshold: float
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateThresholds:
+    min_map_ratio: float = 0.99
+    max_errors: int = 0
+    min_throughput: float | None = None
+    max_p99_ms: float | None = None
+
+
+def peak_throughput(levels: Sequence[LevelResult]) -> float:
+    return max((level.throughput for level in levels), default=0.0)
+
+
+def compare_precisions(
+    accuracy: Sequence[ServedAccuracy], load: dict[str, list[LevelResult]]
+) -> list[Comparison]:
+    """Each non-reference precision against fp32 (if served) else fp16 of the same model family."""
+    comparisons = []
+    for family in dict.fromkeys(item.family for item in accuracy):
+        members = {item.precision: item for item in accuracy if item.family == family}
+        reference = next((members[p] for p in REFERENCE_ORDER if p in members), None)
+        if reference is None or reference.metrics is None:
+            continue
+        ref_levels = {level.concurrency: level.throughput for level in load.get(reference.model, [])}
+        ref_peak = peak_throughput(load.get(reference.model, []))
+        for item in members.values():
+            if item is reference or item.metrics is None:
+                continue
+            levels = load.get(item.model, [])
+            peak = peak_throughput(levels)
+            ref_map = reference.metrics.map50_95
+            comparisons.append(
+                Comparison(
+                    model=item.model,
+                    precision=item.precision,
+                    reference_model=reference.model,
+                    reference_precision=reference.precision,
+                    map50_95=item.metrics.map50_95,
+                    reference_map50_95=ref_map,
+                    map_delta=item.metrics.map50_95 - ref_map,
+                    map_ratio=item.metrics.map50_95 / ref_map if ref_map > 0 else float("nan"),
+                    peak_throughput=peak,
+                    reference_peak_throughput=ref_peak,
+                    speedup=peak / ref_peak if ref_peak > 0 else float("nan"),
+                    speedup_per_concurrency={
+                        level.concurrency: level.throughput / ref_levels[level.concurrency]
+                        for level in levels
+                        if ref_levels.get(level.concurrency)
+                    },
+                )
+            )
+    return comparisons
+
+
+def evaluate_gates(
+    thresholds: GateThresholds,
+    accuracy: Sequence[ServedAccuracy],
+    comparisons: Sequence[Comparison],
+    load: dict[str, list[LevelResult]],
+    detector_load: dict[str, list[LevelResult]] | None = None,
+) -> list[GateResult]:
+    """Every gate for every model; a gate that cannot be measured (no mAP, no load numbers) fails.
+
+    Bare-detector load (a benchmark) is held to --max-errors only.
+    """
+    gates: list[GateResult] = []
+    compared = {comparison.model: comparison for comparison in comparisons}
+    for item in accuracy:
+        if item.model in compared:
+            ratio = compared[item.model].map_ratio
+            passed = not math.isnan(ratio) and ratio >= thresholds.min_map_ratio
+            gates.append(
+                GateResult(
+                    "--min-map-ratio",
+                    item.model,
+                    passed,
+                    ratio,
+                    thresholds.min_map_ratio,
+                    f"mAP50-95 ratio vs {compared[item.model].reference_model} is {ratio:.4f}"
+                    + ("" if passed else f", {thresholds.min_map_ratio - ratio:.4f} below the minimum"),
+                )
+            )
+        elif item.metrics is None:
+            gates.append(
+                GateResult("--min-map-ratio", item.model, False, float("nan"), thresholds.min_map_ratio,
+                           "no mAP: every accuracy request failed")
+            )
+    for model in dict.fromkeys([item.model for item in accuracy] + list(load)):
+        errors = sum(item.errors for item in accuracy if item.model == model)
+        errors += sum(level.errors for level in load.get(model, []))
+        passed = errors <= thresholds.max_errors
+        gates.append(
+            GateResult("--max-errors", model, passed, float(errors), float(thresholds.max_errors),
+                       f"{errors} failed request(s)" + ("" if passed else f", {errors - thresholds.max_errors} over"))
+        )
+        levels = load.get(model, [])
+        if thresholds.min_throughput is not None:
+            peak = peak_throughput(levels)
+            passed = bool(levels) and peak >= thresholds.min_throughput
+            gates.append(
+                GateResult("--min-throughput", model, passed, peak, thresholds.min_throughput,
+                           f"peak {peak:.2f} img/s" + ("" if passed else
+                                                       f", {thresholds.min_throughput - peak:.2f} img/s short"))
+            )
+        if thresholds.max_p99_ms is not None:
+            worst = max(levels, key=lambda level: _nan_high(level.latency.p99_ms), default=None)
+            value = _nan_high(worst.latency.p99_ms) if worst else float("inf")
+            passed = worst is not None and value <= thresholds.max_p99_ms
+            where = f" at concurrency {worst.concurrency}" if worst else ""
+            gates.append(
+                GateResult("--max-p99-ms", model, passed, value, thresholds.max_p99_ms,
+                           f"worst p99 {value:.1f} ms{where}" + ("" if passed else
+                                                                 f", {value - thresholds.max_p99_ms:.1f} ms over"))
+            )
+    for model, levels in (detector_load or {}).items():
+        errors = sum(level.errors for level in levels)
+        passed = errors <= thresholds.max_errors
+        gates.append(
+            GateResult("--max-errors", model, passed, float(errors), float(thresholds.max_errors),
+                       f"{errors} failed request(s) (bare detector)"
+                       + ("" if passed else f", {errors - thresholds.max_errors} over"))
+        )
+    return gates
+
+
+def decide_status(gates: Sequence[GateResult], incomplete_reason: str | None) -> str:
+    """incomplete beats everything (numbers from a dead server prove nothing), then any failed gate."""
+    if incomplete_reason is not None:
+        return "incomplete"
+    return "fail" if any(not gate.passed for gate in gates) else "pass"
+
+
+def _nan_high(value: float) -> float:
+    # A level without a single successful request has no latency: treat it as infinitely slow.
+    return float("inf") if math.isnan(value) else value

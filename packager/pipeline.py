@@ -1,0 +1,283 @@
+"""`yqpack build`: export -> calibration -> INT8 twins + FP16 -> manifest -> optional eval gate -> optional render.
+
+Everything is built in a temporary sibling of `--out` and moved into place only when complete (and, if an
+evaluation was asked for, only when the accuracy gate passed), so `--out` never holds half a build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .calibration import DEFAULT_CALIB_SIZE, CalibrationResult, build_calibration, list_images, load_calibration_file
+from .coco_eval import CocoMetrics
+from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
+from .manifest import ARTIFACT_FILES, MANIFEST_NAME, artifact_entries, library_versions, write_manifest
+from .onnx_eval import (
+    DEFAULT_MIN_MAP_RATIO,
+    DEFAULT_VARIANTS,
+    AccuracyGateError,
+    GateResult,
+    check_gate,
+    evaluate_build,
+)
+from .quantize import QuantizeOptions, QuantizeResult, convert_fp16, quantize_int8_twins
+
+# Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
+BATCHNORM_IMAGES = 16
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    out: Path
+    calib_images: Path | None = None
+    calib_data: Path | None = None  # .npy / .npz tensor instead of an image folder
+    calib_size: int = DEFAULT_CALIB_SIZE
+    imgsz: tuple[int, int] = (640, 640)
+    max_batch: int = 8
+    dynamic_batch: bool = True
+    opset: int = DEFAULT_OPSET
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
+    val_images: Path | None = None
+    val_annotations: Path | None = None
+    min_map_ratio: float = DEFAULT_MIN_MAP_RATIO
+    repository: Path | None = None  # render a Triton model repository from the finished build
+    repository_target: str = "local"
+    show_progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    build_dir: Path
+    manifest: dict
+    export: ExportResult
+    quantization: QuantizeResult
+    metrics: dict[str, CocoMetrics] = field(default_factory=dict)
+    gate: GateResult | None = None
+    repository: Path | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def validate_options(options: BuildOptions) -> None:
+    """Every cheap check before any heavy work, so mistakes fail in a second with a plain message."""
+    check_model_path(options.model)
+    options.imgsz = parse_imgsz(options.imgsz)
+    if options.calib_images is None and options.calib_data is None:
+        raise ValueError(
+            "INT8 calibration needs real images: pass --calib-images DIR (or --calib-data FILE.npy/.npz); "
+            "ModelOpt would otherwise calibrate on random data"
+        )
+    if options.calib_images is not None and options.calib_data is not None:
+        raise ValueError("pass either --calib-images or --calib-data, not both")
+    if options.calib_images is not None:
+        list_images(options.calib_images)
+    elif not Path(options.calib_data).is_file():
+        raise FileNotFoundError(f"calibration data file not found: {options.calib_data}")
+    if options.calib_size < 1:
+        raise ValueError(f"--calib-size must be at least 1, got {options.calib_size}")
+    if options.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {options.max_batch}")
+    if (options.val_images is None) != (options.val_annotations is None):
+        raise ValueError("evaluation needs both --val-images and --val-annotations")
+    if options.val_annotations is not None and not Path(options.val_annotations).is_file():
+        raise FileNotFoundError(f"annotation file not found: {options.val_annotations}")
+    if options.val_images is not None and not Path(options.val_images).is_dir():
+        raise FileNotFoundError(f"validation image folder not found: {options.val_images}")
+    if not 0 < options.min_map_ratio <= 1.5:
+        raise ValueError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
+    options.quantize.validate()
+    out = Path(options.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise ValueError(f"--out {out} exists and is not a yqpack build directory: refusing to overwrite it")
+
+
+def run_build(options: BuildOptions, console: Console | None = None) -> BuildResult:
+    console = console or Console(stderr=True)
+    validate_options(options)
+    out = Path(options.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would follow the build into --out
+    try:
+        result = _build_into(staging, options, console)
+        _move_into_place(staging, out)
+        result.build_dir = out
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if options.repository is not None:
+        result.repository = _render_repository(out, options, console)
+    return result
+
+
+def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> BuildResult:
+    timings: dict[str, float] = {}
+    (build_dir / "onnx").mkdir(parents=True)
+
+    started = time.perf_counter()
+    calibration = _calibration(options)
+    calibration.save(build_dir / ARTIFACT_FILES["calib"])
+    timings["calibration"] = time.perf_counter() - started
+    if calibration.skipped:
+        console.print(f"[yellow]Skipped {len(calibration.skipped)} unreadable calibration image(s):[/] "
+                      + ", ".join(calibration.skipped))
+
+    started = time.perf_counter()
+    random_init = Path(options.model).suffix.lower() in (".yaml", ".yml")
+    with console.status(f"Exporting {Path(options.model).name} to ONNX"):
+        exported = export_onnx(
+            options.model, build_dir / ARTIFACT_FILES["fp32"], options.imgsz, options.dynamic_batch, options.opset,
+            batchnorm_images=calibration.data[:BATCHNORM_IMAGES] if random_init else None,
+        )
+    timings["export"] = time.perf_counter() - started
+    if random_init:
+        console.print(f"Random-init model: BatchNorm statistics re-estimated on "
+                      f"{min(BATCHNORM_IMAGES, calibration.count)} calibration images")
+
+    started = time.perf_counter()
+    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
+                        f"calibration on {calibration.count} images)"):
+        quantization = quantize_int8_twins(
+            build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx", options.quantize
+        )
+    timings["quantize"] = time.perf_counter() - started
+    if quantization.excluded_nodes:
+        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
+                      + ", ".join(quantization.excluded_nodes))
+    if quantization.excluded_ops:
+        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+
+    started = time.perf_counter()
+    with console.status("FP16 baseline (ModelOpt AutoCast)"):
+        convert_fp16(build_dir / ARTIFACT_FILES["fp32"], build_dir / ARTIFACT_FILES["fp16"])
+    timings["fp16"] = time.perf_counter() - started
+
+    manifest = _manifest(build_dir, options, exported, calibration, quantization)
+    write_manifest(build_dir, manifest)
+    result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings)
+
+    if options.val_images is not None:
+        started = time.perf_counter()
+        result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
+                                        show_progress=options.show_progress)
+        timings["evaluation"] = time.perf_counter() - started
+        manifest["evaluation"] = {variant: m.as_dict() for variant, m in result.metrics.items()}
+        console.print(metrics_table(result.metrics))
+        try:
+            result.gate = check_gate(result.metrics, options.min_map_ratio)
+        except AccuracyGateError as failure:
+            raise AccuracyGateError(f"{failure}; nothing was written to {options.out}") from None
+        manifest["evaluation"]["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
+                                          "ratio": round(result.gate.ratio, 5), "passed": True}
+        write_manifest(build_dir, manifest)
+    return result
+
+
+def _calibration(options: BuildOptions) -> CalibrationResult:
+    if options.calib_data is not None:
+        data = load_calibration_file(options.calib_data, options.imgsz)[: options.calib_size]
+        return CalibrationResult(data, str(Path(options.calib_data).resolve()))
+    return build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress)
+
+
+def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> dict:
+    versions = library_versions()
+    max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
+    return {
+        "yqpack_version": versions["yqpack"],
+        "model_name": exported.model_name,
+        "source_model": exported.source_model,
+        "imgsz": list(exported.imgsz),
+        "class_names": exported.class_names,
+        "input": {"name": exported.input_name, "shape": exported.input_shape, "dtype": "float32"},
+        "output": {"name": exported.output_name, "shape": exported.output_shape, "dtype": "float32"},
+        "dynamic_batch": exported.dynamic_batch,
+        "max_batch": max_batch,
+        "opset": exported.opset,
+        "artifacts": artifact_entries(build_dir),
+        "quantization": {
+            "tool": "nvidia-modelopt onnx PTQ",
+            "quantize_mode": "int8",
+            "preset": quantization.preset,
+            "calibration_method": options.quantize.calibration_method,
+            "calibration_eps": list(options.quantize.calibration_eps),
+            "dq_only": options.quantize.dq_only,
+            "calibrate_per_node": options.quantize.calibrate_per_node,
+            "trt_plugins": list(options.quantize.trt_plugins),
+            "excluded_nodes": quantization.excluded_nodes,
+            "excluded_node_patterns": list(options.quantize.exclude_nodes),
+            "excluded_ops": quantization.excluded_ops,
+            "op_types_to_quantize": quantization.op_types_to_quantize,
+            "quantized_nodes": quantization.quantized_nodes,
+            "high_precision_dtype": {"int8": "fp16", "int8-fp32": "fp32"},
+            "twins_from_one_calibration": True,
+            "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
+            "wall_time_s": quantization.wall_time_s,
+        },
+        "calibration": {
+            "source": calibration.source,
+            "count": calibration.count,
+            "skipped": calibration.skipped,
+            "letterbox": "packager.letterbox.preprocess",
+        },
+        "versions": versions,
+    }
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace `out` with the finished build; an older build there is removed only after the new one is in."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    previous = out.with_name(f".{out.name}.old-{time.time_ns()}")
+    out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path | None:
+    if importlib.util.find_spec("packager.repository") is None:
+        raise ValueError("--repository needs packager.repository, which this yqpack does not include")
+    from .repository import render_repository
+
+    with console.status(f"Rendering the Triton model repository into {options.repository}"):
+        # TensorRT targets serve fp16/int8 engines; CPU targets can also serve the fp32 reference.
+        gpu = options.repository_target.startswith("gpu")
+        render_repository(build_dir, options.repository, options.repository_target,
+                          ("fp16", "int8") if gpu else ("fp32", "fp16", "int8"))
+    return Path(options.repository)
+
+
+def metrics_table(metrics: dict[str, CocoMetrics]) -> Table:
+    table = Table(title="ONNX COCO evaluation (onnxruntime CPU)")
+    for column in ("variant", "mAP50-95", "mAP50", "images", "detections"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for variant, m in metrics.items():
+        table.add_row(variant, f"{m.map50_95:.4f}", f"{m.map50:.4f}", str(m.images), str(m.detections))
+    return table
+
+
+def summary_table(result: BuildResult) -> Table:
+    manifest = result.manifest
+    table = Table(title=f"yqpack build: {manifest['model_name']} -> {result.build_dir}")
+    table.add_column("artifact")
+    table.add_column("path")
+    table.add_column("MB", justify="right")
+    for variant, entry in manifest["artifacts"].items():
+        size = (result.build_dir / entry["path"]).stat().st_size / 1e6
+        table.add_row(variant, entry["path"], f"{size:.1f}")
+    quant = manifest["quantization"]
+    table.caption = (
+        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest['calibration']['count']} "
+        f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise; "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
+        + (f"; gate {result.gate.message()}" if result.gate else "")
+    )
+    return table

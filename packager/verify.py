@@ -1,0 +1,519 @@
+"""`yqpack verify`: check a running Triton server the way a user would trust it.
+
+Accuracy (served COCO mAP with evaluation thresholds sent as request parameters), load (concurrency levels,
+latency percentiles, server-side step timings), precision comparison, gates, and a report. A server that dies
+or a model that is unloaded mid-run makes the result "incomplete" - never "pass".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tritonclient.utils import InferenceServerException
+
+from . import coco_eval
+from .gates import (
+    Comparison,
+    GateResult,
+    GateThresholds,
+    ServedAccuracy,
+    compare_precisions,
+    decide_status,
+    evaluate_gates,
+)
+from .letterbox import decode_image, preprocess_bytes
+from .loadtest import LevelResult, ServerGone, TritonLoad, first_distinct, image_inputs, tensor_inputs
+from .postprocess import EVAL_THRESHOLDS
+
+PRECISIONS = ("fp32", "fp16", "int8")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Request parameters of the accuracy pass (see docs/architecture.md): Ultralytics' validation settings.
+EVAL_PARAMETERS = {
+    "conf_threshold": float(EVAL_THRESHOLDS.conf),
+    "iou_threshold": float(EVAL_THRESHOLDS.iou),
+    "max_det": int(EVAL_THRESHOLDS.max_det),
+    "multi_label": bool(EVAL_THRESHOLDS.multi_label),  # accepted by the served postprocess, as local eval uses it
+}
+EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 3}
+
+
+class VerifyError(RuntimeError):
+    """A plain-language reason why verify cannot start (turned into `Error: ...` by the CLI)."""
+
+
+@dataclass
+class VerifyOptions:
+    images_dir: Path
+    annotations: Path
+    url: str = "127.0.0.1:8001"
+    models: Sequence[str] | None = None  # ensemble names; default: every ready ensemble
+    build_dir: Path | None = None  # manifest fallback for class names
+    report_dir: Path = Path("reports/verify")
+    wait_s: float = 60.0
+    timeout_s: float = 30.0
+    concurrency: Sequence[int] = (1, 2, 4, 8, 16)
+    requests_per_level: int | None = 200
+    duration_s: float | None = None  # per level; replaces requests_per_level when set
+    warmup_requests: int = 16
+    accuracy_concurrency: int = 4
+    detector_load: bool = True  # also load the bare detector, for the ensemble overhead ratio
+    max_images: int | None = None  # accuracy pass on the first N annotated images only
+    gates: GateThresholds = field(default_factory=GateThresholds)
+    progress: bool = True
+
+
+@dataclass
+class ServedModel:
+    """An ensemble on the server and what verify needs to know about it."""
+
+    name: str
+    family: str
+    precision: str
+    steps: list[str]
+    class_names: list[str]
+    class_names_source: str
+    detector: str | None = None
+    detector_input: str | None = None
+    detector_dims: list[int] | None = None
+
+
+@dataclass
+class SkippedImage:
+    file: str
+    reason: str
+
+
+@dataclass
+class VerifyResult:
+    status: str  # pass | fail | incomplete
+    incomplete_reason: str | None
+    url: str
+    server: dict
+    models: list[ServedModel]
+    accuracy: list[ServedAccuracy]
+    load: dict[str, list[LevelResult]]
+    detector_load: dict[str, list[LevelResult]]
+    comparisons: list[Comparison]
+    gates: list[GateResult]
+    images: dict  # counts: folder, accuracy, load
+    skipped_images: list[SkippedImage]
+    settings: dict
+    versions: dict
+    started: str
+    wall_time_s: float
+    report_files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [gate for gate in self.gates if not gate.passed]
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["load"] = {model: [level.as_dict() for level in levels] for model, levels in self.load.items()}
+        data["detector_load"] = {
+            model: [level.as_dict() for level in levels] for model, levels in self.detector_load.items()
+        }
+        return data
+
+
+@dataclass
+class ImageSet:
+    load_payloads: list[bytes]  # every decodable image in the folder
+    accuracy_files: list[Path]  # decodable and annotated
+    accuracy_payloads: list[bytes]
+    folder_files: int
+    skipped: list[SkippedImage]
+
+
+def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_images: int | None) -> ImageSet:
+    """Read every file of the folder once; undecodable or unannotated files are listed, not silently dropped."""
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images_dir}")
+    files = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
+    skipped: list[SkippedImage] = []
+    readable: dict[str, bytes] = {}
+    for path in files:
+        try:
+            data = path.read_bytes()
+            decode_image(data)  # the server's decoder: what fails here fails there
+        except (OSError, ValueError) as error:
+            skipped.append(SkippedImage(path.name, f"unreadable, excluded: {error}"))
+            continue
+        readable[path.name] = data
+        if path.name not in ground_truth.image_ids:
+            skipped.append(SkippedImage(path.name, "not in the annotation file: load test only"))
+    annotated = [name for name in ground_truth.image_ids if name in readable]
+    if max_images is not None:
+        annotated = annotated[:max_images]
+    if not annotated:
+        raise VerifyError(
+            f"no readable image of {ground_truth.path.name} in {images_dir} "
+            f"({len(files)} file(s), {len(readable)} readable)"
+        )
+    return ImageSet(
+        load_payloads=list(readable.values()),
+        accuracy_files=[images_dir / name for name in annotated],
+        accuracy_payloads=[readable[name] for name in annotated],
+        folder_files=len(files),
+        skipped=skipped,
+    )
+
+
+def split_precision(ensemble: str) -> tuple[str, str]:
+    """`yolov8n_int8` -> ("yolov8n", "int8"); names without a known precision keep their full name."""
+    family, _, suffix = ensemble.rpartition("_")
+    if family and suffix in PRECISIONS:
+        return family, suffix
+    return ensemble, "unknown"
+
+
+def _precision_order(name: str) -> tuple[str, int]:
+    family, precision = split_precision(name)
+    return family, PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
+
+
+def parse_class_names(value: str) -> list[str]:
+    """A config parameter holding class names: a JSON list, or one name per line / comma-separated."""
+    value = value.strip()
+    if value.startswith("["):
+        names = json.loads(value)
+    elif "\n" in value:
+        names = value.splitlines()
+    else:
+        names = value.split(",")
+    return [str(name).strip() for name in names if str(name).strip()]
+
+
+def config_parameter(config: dict, key: str) -> str | None:
+    return config.get("parameters", {}).get(key, {}).get("string_value")
+
+
+def manifest_class_names(build_dir: Path) -> list[str]:
+    manifest = build_dir / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no manifest.json in build folder {build_dir}")
+    names = json.loads(manifest.read_text()).get("class_names")
+    if not names:
+        raise VerifyError(f"{manifest} has no class_names")
+    return list(names)
+
+
+def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
+    """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
+    from .repository import load_repository_info
+    from .serve import read_state
+
+    try:
+        state = read_state()
+        if state is None or state.grpc_url != url.replace("localhost", "127.0.0.1"):
+            return None, ""
+        names = load_repository_info(Path(state.repository)).get("class_names")
+    except (OSError, ValueError, TypeError):  # no or unreadable record: just no fallback
+        return None, ""
+    return (list(names), f"{state.repository} (detached yqpack serve)") if names else (None, "")
+
+
+class _Session:
+    """One verify run against one server: the async half of run_verify."""
+
+    def __init__(self, options: VerifyOptions, console: Console):
+        self.options = options
+        self.console = console
+        self.load = TritonLoad(options.url, options.timeout_s)
+        self.client = self.load.client
+
+    def progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not self.options.progress,
+            transient=False,
+        )
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.options.wait_s
+        last = "no answer"
+        while True:
+            try:
+                if await self.client.is_server_ready(client_timeout=5):
+                    return
+                last = "server is live but not ready (models still loading or failed)"
+            except InferenceServerException as error:
+                last = error.message() or str(error)
+            if time.monotonic() >= deadline:
+                raise VerifyError(
+                    f"Triton at {self.options.url} not ready after {self.options.wait_s:g} s ({last}); "
+                    "is it running (yqpack serve) and is this the gRPC port?"
+                )
+            await asyncio.sleep(1.0)
+
+    async def server_metadata(self) -> dict:
+        meta = await self.client.get_server_metadata(as_json=True, client_timeout=10)
+        return {"name": meta.get("name"), "version": meta.get("version"), "extensions": meta.get("extensions", [])}
+
+    async def config(self, model: str) -> dict:
+        return (await self.client.get_model_config(model, as_json=True, client_timeout=10))["config"]
+
+    async def discover(self) -> list[ServedModel]:
+        index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
+        states = {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
+        if self.options.models:
+            missing = [name for name in self.options.models if states.get(name) != "READY"]
+            if missing:
+                raise VerifyError(
+                    f"model(s) not ready on the server: {', '.join(missing)}; "
+                    f"ready: {', '.join(sorted(n for n, s in states.items() if s == 'READY')) or 'none'}"
+                )
+            names = list(self.options.models)
+        else:
+            names = sorted((name for name, state in states.items() if state == "READY"), key=_precision_order)
+        served = []
+        for name in names:
+            config = await self.config(name)
+            if config.get("platform") != "ensemble":
+                if self.options.models:
+                    kind = config.get("platform") or config.get("backend")
+                    raise VerifyError(f"{name} is not an ensemble (platform {kind}): name ensembles in --models")
+                continue
+            served.append(await self.describe(name, config))
+        if not served:
+            listed = ", ".join(states) or "none"
+            raise VerifyError(f"no ensemble model is ready on {self.options.url} (models: {listed})")
+        return served
+
+    async def describe(self, name: str, config: dict) -> ServedModel:
+        steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
+        step_configs = {step: await self.config(step) for step in steps}
+        family, precision = split_precision(name)
+        class_names, source = None, ""
+        for holder, holder_config in [(name, config), *step_configs.items()]:
+            value = config_parameter(holder_config, "class_names")
+            if value:
+                class_names, source = parse_class_names(value), f"config parameter class_names of {holder}"
+                break
+        if class_names is None and self.options.build_dir is not None:
+            class_names = manifest_class_names(Path(self.options.build_dir))
+            source = f"{Path(self.options.build_dir) / 'manifest.json'}"
+        if class_names is None:
+            class_names, source = detached_server_class_names(self.options.url)
+        if class_names is None:
+            raise VerifyError(
+                f"{name}: the served configs carry no class_names parameter; pass --build DIR so the "
+                "manifest's class names map class ids to COCO categories"
+            )
+        detector = next((step for step in steps if step.endswith("_detector")), None)
+        model = ServedModel(name, family, precision, steps, class_names, source, detector)
+        if detector:
+            tensor_input = step_configs[detector].get("input", [{}])[0]
+            model.detector_input = tensor_input.get("name")
+            model.detector_dims = [int(d) for d in tensor_input.get("dims", [])]
+            head_dims = step_configs[detector].get("output", [{}])[0].get("dims", [])
+            # Head output is (4 + classes, anchors): a name list of another model would map ids to wrong categories.
+            if head_dims and int(head_dims[0]) - 4 != len(class_names):
+                raise VerifyError(
+                    f"{name}: the detector predicts {int(head_dims[0]) - 4} classes but {source} lists "
+                    f"{len(class_names)} class names"
+                )
+        return model
+
+    async def accuracy(
+        self, model: ServedModel, images: ImageSet, ground_truth: coco_eval.CocoGroundTruth, progress: Progress
+    ) -> ServedAccuracy:
+        files = images.accuracy_files
+        task = progress.add_task(f"accuracy {model.name}", total=len(files), status="")
+        errors = 0
+
+        def done(outcome) -> None:
+            nonlocal errors
+            errors += outcome.error is not None
+            progress.update(task, advance=1, status=f"{errors} errors" if errors else "")
+
+        outcomes, _ = await self.load.drive(
+            model.name,
+            image_inputs(images.accuracy_payloads),
+            concurrency=self.options.accuracy_concurrency,
+            requests=len(files),
+            parameters=EVAL_PARAMETERS,
+            output_name="DETECTIONS",
+            on_done=done,
+        )
+        detections = {
+            files[outcome.index].name: _real_rows(outcome.output) for outcome in outcomes if outcome.error is None
+        }
+        messages = first_distinct([o.error for o in outcomes if o.error is not None], 5)
+        metrics = coco_eval.evaluate(detections, ground_truth, model.class_names) if detections else None
+        return ServedAccuracy(model.name, model.family, model.precision, metrics, len(detections), errors, messages)
+
+    async def load_levels(
+        self, target: str, make_inputs, progress: Progress, step_models: Sequence[str] = ()
+    ) -> list[LevelResult]:
+        options = self.options
+        gone = await self.load.server_gone_reason(target)
+        if gone:
+            raise ServerGone(gone)
+        if options.warmup_requests:  # a level whose numbers are dropped: it also lets the statistics settle
+            await self.load.run_level(
+                target, make_inputs, max(options.concurrency), requests=options.warmup_requests, step_models=step_models
+            )
+        levels = []
+        for concurrency in options.concurrency:
+            total = options.requests_per_level if options.duration_s is None else None
+            task = progress.add_task(f"load {target} c={concurrency}", total=total, status="")
+            errors = 0
+
+            def done(outcome, task=task) -> None:
+                nonlocal errors
+                errors += outcome.error is not None
+                progress.update(task, advance=1, status=f"{errors} errors" if errors else "")
+
+            level = await self.load.run_level(
+                target,
+                make_inputs,
+                concurrency,
+                requests=total,
+                duration_s=options.duration_s,
+                step_models=step_models,
+                on_done=done,
+            )
+            progress.update(
+                task, status=f"{level.throughput:.1f} img/s p99 {level.latency.p99_ms:.0f} ms, {level.errors} errors"
+            )
+            levels.append(level)
+        return levels
+
+
+def _real_rows(output: np.ndarray) -> np.ndarray:
+    """DETECTIONS [1, n, 6] -> (n, 6) without batch padding rows (class_id -1)."""
+    rows = np.asarray(output, dtype=np.float32).reshape(-1, 6)
+    return rows[rows[:, 5] >= 0]
+
+
+def run_verify(options: VerifyOptions, console: Console | None = None) -> VerifyResult:
+    """Verify every ensemble of a running server; writes the report and returns the result (never raises for
+    gate failures or a server that disappears mid-run - those are the result's status)."""
+    from . import report  # the report module imports verify's dataclasses
+
+    console = console or Console(stderr=True)
+    _check_options(options)
+    ground_truth = coco_eval.CocoGroundTruth(options.annotations)
+    images = scan_images(Path(options.images_dir), ground_truth, options.max_images)
+    for skipped in images.skipped:
+        console.print(f"[yellow]image {skipped.file}: {skipped.reason}[/yellow]")
+    result = asyncio.run(_verify(options, console, ground_truth, images))
+    result.report_files = report.write_report(result, Path(options.report_dir))
+    return result
+
+
+async def _verify(
+    options: VerifyOptions, console: Console, ground_truth: coco_eval.CocoGroundTruth, images: ImageSet
+) -> VerifyResult:
+    started, began = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    session = _Session(options, console)
+    accuracy: list[ServedAccuracy] = []
+    load: dict[str, list[LevelResult]] = {}
+    detector_load: dict[str, list[LevelResult]] = {}
+    models: list[ServedModel] = []
+    server: dict = {}
+    incomplete = None
+    try:
+        await session.wait_ready()
+        server = await session.server_metadata()
+        models = await session.discover()
+        console.print(f"verifying {', '.join(m.name for m in models)} on {options.url} "
+                      f"({server.get('name')} {server.get('version')})")
+        with session.progress() as progress:
+            for model in models:
+                accuracy.append(await session.accuracy(model, images, ground_truth, progress))
+            for model in models:
+                load[model.name] = await session.load_levels(
+                    model.name, image_inputs(images.load_payloads), progress, model.steps
+                )
+            if options.detector_load:
+                for model in models:
+                    if model.detector and model.detector_dims and len(model.detector_dims) == 3:
+                        tensor, _ = preprocess_bytes(images.load_payloads[0], tuple(model.detector_dims[1:]))
+                        detector_load[model.detector] = await session.load_levels(
+                            model.detector, tensor_inputs(tensor, model.detector_input), progress
+                        )
+    except ServerGone as gone:
+        incomplete = str(gone)
+    except InferenceServerException as error:
+        if not server:  # never reached a ready server: a setup problem, not an interrupted run
+            raise VerifyError(f"cannot talk to Triton at {options.url}: {error.message() or error}") from error
+        incomplete = f"server error mid-run: {error.message() or error}"
+    finally:
+        await session.load.close()
+
+    comparisons = compare_precisions(accuracy, load)
+    gates = evaluate_gates(options.gates, accuracy, comparisons, load, detector_load)
+    status = decide_status(gates, incomplete)
+    from .report import collect_versions
+
+    return VerifyResult(
+        status=status,
+        incomplete_reason=incomplete,
+        url=options.url,
+        server=server,
+        models=models,
+        accuracy=accuracy,
+        load=load,
+        detector_load=detector_load,
+        comparisons=comparisons,
+        gates=gates,
+        images={
+            "folder_files": images.folder_files,
+            "accuracy": len(images.accuracy_files),
+            "load_payloads": len(images.load_payloads),
+            "annotations": str(options.annotations),
+            "images_dir": str(options.images_dir),
+        },
+        skipped_images=images.skipped,
+        settings=_settings(options),
+        versions=collect_versions(),
+        started=started,
+        wall_time_s=time.perf_counter() - began,
+    )
+
+
+def _check_options(options: VerifyOptions) -> None:
+    if not options.concurrency or any(int(c) < 1 for c in options.concurrency):
+        raise ValueError(f"concurrency levels must be positive integers, got {list(options.concurrency)}")
+    if options.duration_s is None and (options.requests_per_level or 0) < 1:
+        raise ValueError("give --requests N (>= 1) or --duration SECONDS per load level")
+    if options.duration_s is not None and options.duration_s <= 0:
+        raise ValueError(f"--duration must be positive, got {options.duration_s}")
+    if options.timeout_s is not None and options.timeout_s <= 0:
+        raise ValueError(f"--timeout must be positive, got {options.timeout_s}")
+    if not Path(options.annotations).is_file():
+        raise FileNotFoundError(f"annotation file not found: {options.annotations}")
+
+
+def _settings(options: VerifyOptions) -> dict:
+    return {
+        "concurrency": list(options.concurrency),
+        "requests_per_level": options.requests_per_level if options.duration_s is None else None,
+        "duration_s": options.duration_s,
+        "warmup_requests": options.warmup_requests,
+        "accuracy_concurrency": options.accuracy_concurrency,
+        "timeout_s": options.timeout_s,
+        "eval_parameters": EVAL_PARAMETERS,
+        "gates": asdict(options.gates),
+        "models": list(options.models) if options.models else None,
+        "build_dir": str(options.build_dir) if options.build_dir else None,
+    }

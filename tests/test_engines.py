@@ -1,0 +1,482 @@
+"""GPU engine path, everything that runs without a GPU: rendered gpu/gpu-ort configs against Triton's schema and
+the real ONNX, trtexec command lines, the engine cache key, and failure handling.
+
+No TensorRT here: the cache/failure tests drive build_engine with `stand_in_trtexec`, a small executable that
+writes a plan file (or fails with a long log) — what is under test is yqpack's own logic around the builder
+(key, rebuild decisions, no broken plan left, log tail), not TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import onnx
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from packager import engines
+from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
+from packager.cli import main
+from packager.engines import EngineBuildError, TensorRTVersion
+
+TRT10 = TensorRTVersion(10, 8, 0)
+TRT86 = TensorRTVersion(8, 6, 1)
+MAX_BATCH = 8
+PREFERRED = [2, 4, 8]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def onnx_io(path: Path) -> dict:
+    """Names, element types and dims (without batch) of a real ONNX model's first input and output."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(value):
+        tensor = value.type.tensor_type
+        return value.name, tensor.elem_type, [d.dim_value for d in tensor.shape.dim][1:]
+
+    (in_name, in_type, in_dims), (out_name, out_type, out_dims) = describe(graph.input[0]), describe(graph.output[0])
+    return {"input_name": in_name, "input_type": in_type, "input_dims": in_dims,
+            "output_name": out_name, "output_type": out_type, "output_dims": out_dims}
+
+
+def detector_context(io: dict, precision: str, target: str, name: str = "yolov8n") -> dict:
+    """The detector template context of docs/architecture.md, made from a real ONNX."""
+    return {
+        "name": f"{name}_{precision}_detector",
+        "max_batch_size": MAX_BATCH,
+        "preferred_batch_sizes": PREFERRED,
+        "max_queue_delay_us": 2000,
+        "instance_count": 1,
+        "precision": precision,
+        "input_name": io["input_name"],
+        "input_dims": io["input_dims"],
+        "output_name": io["output_name"],
+        "output_dims": io["output_dims"],
+        "model_filename": "model.plan" if target == "gpu" else "model.onnx",
+        "intra_op_threads": 0,
+    }
+
+
+def render(target: str, context: dict) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)), undefined=jinja2.StrictUndefined)
+    return env.get_template(f"detector/{target}/config.pbtxt.j2").render(**context)
+
+
+def parse_model_config(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def accelerator_parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    return dict(accelerator.parameters)
+
+
+def batch_of(shape_spec: str) -> int:
+    """'images:8x3x640x640' -> 8"""
+    return int(shape_spec.split(":", 1)[1].split("x")[0])
+
+
+@pytest.fixture(scope="module")
+def sample_onnx(assets) -> Path:
+    return assets / "weights" / "yolov8n.onnx"
+
+
+@pytest.fixture(scope="module")
+def sample_io(sample_onnx) -> dict:
+    return onnx_io(sample_onnx)
+
+
+def make_gpu_repository(root: Path, source_onnx: Path, io: dict, precisions=("fp16", "int8"),
+                        max_batch: int = MAX_BATCH) -> Path:
+    """A gpu-target repository of detectors only: rendered config + the source ONNX as <detector>/1/model.onnx."""
+    repository = root / "model_repository"
+    for precision in precisions:
+        context = {**detector_context(io, precision, "gpu"), "max_batch_size": max_batch,
+                   "preferred_batch_sizes": [b for b in PREFERRED if b <= max_batch] or [max_batch]}
+        model_dir = repository / context["name"]
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(render("gpu", context))
+        shutil.copy2(source_onnx, model_dir / "1" / "model.onnx")
+    return repository
+
+
+STAND_IN = """#!/bin/sh
+# Stand-in for trtexec: records each call, then writes the plan named by --saveEngine (or fails loudly).
+echo "$@" >> "{calls}"
+for arg in "$@"; do case "$arg" in --saveEngine=*) plan="${{arg#--saveEngine=}}";; esac; done
+if [ -f "{fail_flag}" ]; then
+    printf 'partial' > "$plan"
+    i=1; while [ $i -le 100 ]; do echo "builder line $i"; i=$((i+1)); done
+    echo "[E] Error[2]: Assertion failed: extreme preset"
+    exit 1
+fi
+echo "&&&& RUNNING TensorRT.trtexec [TensorRT v100800] # trtexec $@"
+printf 'PLAN-BYTES' > "$plan"
+"""
+
+
+@pytest.fixture
+def stand_in_trtexec(tmp_path):
+    calls, fail_flag = tmp_path / "calls.txt", tmp_path / "fail"
+    script = tmp_path / "bin" / "trtexec"
+    script.parent.mkdir()
+    script.write_text(STAND_IN.format(calls=calls, fail_flag=fail_flag))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+    class StandIn:
+        path = script
+
+        @staticmethod
+        def calls() -> list[str]:
+            return calls.read_text().splitlines() if calls.exists() else []
+
+        @staticmethod
+        def fail(on: bool = True) -> None:
+            fail_flag.touch() if on else fail_flag.unlink(missing_ok=True)
+
+    return StandIn
+
+
+def build_all(repository: Path, trtexec, version=TRT10, cc="8.9", allow_missing=False):
+    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version,
+                                            compute_capability=cc, allow_missing=allow_missing,
+                                            report=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------- versions / detection
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v100800] # trtexec --help", (10, 8, 0)),
+        ("[TensorRT v101100]", (10, 11, 0)),
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec", (8, 6, 1)),
+        ("[TensorRT v8503]", (8, 5, 3)),
+        ("10.8.0.43", (10, 8, 0)),
+        ("8.6", (8, 6, 0)),
+    ],
+)
+def test_tensorrt_version_parsing(text, expected):
+    assert engines.parse_tensorrt_version(text) == TensorRTVersion(*expected)
+
+
+def test_tensorrt_version_rejects_garbage():
+    assert engines.parse_tensorrt_version("no version here") is None
+    with pytest.raises(ValueError, match="not a TensorRT version"):
+        TensorRTVersion.parse("ten")
+    assert TensorRTVersion(10, 0).strongly_typed and not TensorRTVersion(9, 3).strongly_typed
+
+
+def test_compute_capability_parsing():
+    assert engines.parse_compute_capability("8.9\n") == "8.9"
+    assert engines.parse_compute_capability("7.5\n8.6\n") == "7.5"  # the first GPU
+    with pytest.raises(ValueError):
+        engines.parse_compute_capability("[N/A]\n")
+
+
+def test_no_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines"):
+        engines.detect_compute_capability()
+
+
+def test_missing_trtexec_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRTEXEC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    if any(Path(p).is_file() for p in engines.TRTEXEC_CANDIDATES):
+        pytest.skip("a real trtexec is installed here")
+    with pytest.raises(FileNotFoundError, match="trtexec not found.*compose"):
+        engines.find_trtexec()
+
+
+# ------------------------------------------------------------------------------ rendered configs (schema)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_gpu_config_parses_and_matches_onnx(sample_io, precision):
+    config = parse_model_config(render("gpu", detector_context(sample_io, precision, "gpu")))
+    assert config.platform == "tensorrt_plan"
+    assert config.default_model_filename == "model.plan"
+    assert config.max_batch_size == MAX_BATCH
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    (model_input,), (model_output,) = config.input, config.output
+    assert (model_input.name, list(model_input.dims)) == (sample_io["input_name"], sample_io["input_dims"])
+    assert (model_output.name, list(model_output.dims)) == (sample_io["output_name"], sample_io["output_dims"])
+    assert sample_io["input_type"] == onnx.TensorProto.FLOAT and model_input.data_type == model_config_pb2.TYPE_FP32
+    assert sample_io["output_type"] == onnx.TensorProto.FLOAT and model_output.data_type == model_config_pb2.TYPE_FP32
+    assert list(config.dynamic_batching.preferred_batch_size) == PREFERRED
+
+
+@pytest.mark.parametrize("precision, mode", [("fp32", "FP32"), ("fp16", "FP16"), ("int8", "INT8")])
+def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, mode):
+    context = detector_context(sample_io, precision, "gpu-ort")
+    config = parse_model_config(render("gpu-ort", context))
+    assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
+    assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    (model_input,), (model_output,) = config.input, config.output
+    assert (model_input.name, list(model_input.dims)) == (sample_io["input_name"], sample_io["input_dims"])
+    assert (model_output.name, list(model_output.dims)) == (sample_io["output_name"], sample_io["output_dims"])
+    parameters = accelerator_parameters(config)
+    assert parameters["precision_mode"] == mode
+    assert parameters["trt_engine_cache_enable"] == "1"
+    # The repository is mounted read-only: the engine cache must live in the writable /trt_cache volume.
+    assert parameters["trt_engine_cache_path"] == f"/trt_cache/{context['name']}"
+    assert batch_of(parameters["trt_profile_min_shapes"]) == 1
+    assert batch_of(parameters["trt_profile_max_shapes"]) >= config.max_batch_size
+    expected_tail = "x".join(str(d) for d in sample_io["input_dims"])
+    for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+        name, shape = parameters[key].split(":")
+        assert name == sample_io["input_name"] and shape.split("x", 1)[1] == expected_tail
+
+
+def test_trtexec_profile_from_rendered_gpu_config(sample_io, tmp_path):
+    """The engine's optimization profile is derived from the rendered config, so it always covers max_batch."""
+    text = render("gpu", detector_context(sample_io, "int8", "gpu"))
+    config = parse_model_config(text)
+    detector = engines.parse_detector_config(text)
+    assert (detector.name, detector.backend, detector.precision) == (config.name, "tensorrt", "int8")
+    assert detector.max_batch_size == config.max_batch_size
+    assert list(detector.input_dims) == list(config.input[0].dims)
+    spec = engines.engine_spec(detector, tmp_path / "1")
+    command = engines.trtexec_command("trtexec", spec, TRT10, spec.plan_path)
+    flags = dict(arg.split("=", 1) for arg in command[1:] if "=" in arg)
+    assert batch_of(flags["--maxShapes"]) >= config.max_batch_size
+    assert batch_of(flags["--minShapes"]) == 1
+    assert batch_of(flags["--optShapes"]) == max(config.dynamic_batching.preferred_batch_size)
+    assert flags["--onnx"] == str(tmp_path / "1" / "model.onnx")
+
+
+def test_non_tensorrt_configs_are_not_engine_builds(sample_io):
+    detector = engines.parse_detector_config(render("gpu-ort", detector_context(sample_io, "fp16", "gpu-ort")))
+    assert detector.backend == "onnxruntime"
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+
+def spec_for(precision: str, tmp_path: Path) -> engines.EngineSpec:
+    config = engines.DetectorConfig(f"yolov8n_{precision}_detector", "tensorrt", 8, "images", (3, 640, 640), (2, 4, 8))
+    return engines.engine_spec(config, tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_trtexec_strongly_typed_on_tensorrt_10(precision, tmp_path):
+    spec = spec_for(precision, tmp_path)
+    command = engines.trtexec_command("/usr/src/tensorrt/bin/trtexec", spec, TRT10, tmp_path / "out.plan",
+                                      timing_cache=tmp_path / "timing.cache")
+    assert command == [
+        "/usr/src/tensorrt/bin/trtexec",
+        f"--onnx={tmp_path / 'model.onnx'}",
+        f"--saveEngine={tmp_path / 'out.plan'}",
+        "--stronglyTyped",
+        "--minShapes=images:1x3x640x640",
+        "--optShapes=images:8x3x640x640",
+        "--maxShapes=images:8x3x640x640",
+        f"--timingCacheFile={tmp_path / 'timing.cache'}",
+        "--skipInference",
+    ]
+
+
+@pytest.mark.parametrize("precision, flags", [("fp32", []), ("fp16", ["--fp16"]), ("int8", ["--fp16", "--int8"])])
+def test_trtexec_legacy_flags_before_tensorrt_10(precision, flags, tmp_path):
+    command = engines.trtexec_command("trtexec", spec_for(precision, tmp_path), TRT86, tmp_path / "p")
+    assert "--stronglyTyped" not in command
+    assert [a for a in command if a in ("--fp16", "--int8")] == flags
+    assert "--skipInference" in command
+    older = engines.trtexec_command("trtexec", spec_for(precision, tmp_path), TensorRTVersion(8, 5, 3), tmp_path / "p")
+    assert "--buildOnly" in older and "--skipInference" not in older
+
+
+def test_opt_batch_never_exceeds_max_batch(tmp_path):
+    config = engines.DetectorConfig("m_fp16_detector", "tensorrt", 4, "images", (3, 320, 320), (2, 4, 8))
+    spec = engines.engine_spec(config, tmp_path)
+    assert (spec.min_batch, spec.opt_batch, spec.max_batch) == (1, 4, 4)
+
+
+def test_timing_cache_is_per_version_and_gpu(tmp_path):
+    assert engines.timing_cache_path(tmp_path, TRT10, "8.9").name == "timing-trt10.8.0-sm89.cache"
+    assert engines.timing_cache_path(tmp_path, TRT10, "8.9") != engines.timing_cache_path(tmp_path, TRT10, "7.5")
+
+
+# ---------------------------------------------------------------------------- cache key and build loop
+
+
+def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
+    plan = repository / "yolov8n_int8_detector" / "1" / "model.plan"
+
+    first = build_all(repository, stand_in_trtexec)
+    assert [r.status for r in first] == ["built"] and plan.read_bytes() == b"PLAN-BYTES"
+    key = json.loads((plan.parent / "model.plan.key.json").read_text())
+    assert key["onnx_sha256"] == engines.sha256_file(sample_onnx)
+    assert (key["tensorrt_version"], key["compute_capability"], key["strongly_typed"]) == ("10.8.0", "8.9", True)
+    assert key["profile"]["max"] == "images:8x3x640x640"
+    assert len(stand_in_trtexec.calls()) == 1 and "--stronglyTyped" in stand_in_trtexec.calls()[0]
+
+    assert [r.status for r in build_all(repository, stand_in_trtexec)] == ["cached"]
+    assert len(stand_in_trtexec.calls()) == 1  # nothing rebuilt
+
+    assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0))] == ["built"]
+    assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
+                                        cc="7.5")] == ["built"]
+    onnx_path = plan.parent / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # a re-quantized model: new sha256
+    assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
+                                        cc="7.5")] == ["built"]
+    assert len(stand_in_trtexec.calls()) == 4
+
+    make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",), max_batch=4)  # new profile
+    rebuilt = build_all(repository, stand_in_trtexec)
+    assert [r.status for r in rebuilt] == ["built"] and rebuilt[0].key.profile["max"] == "images:4x3x640x640"
+
+
+def test_legacy_build_logs_the_fallback(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
+    messages = []
+    engines.build_repository_engines(repository, trtexec=stand_in_trtexec.path, version=TRT86,
+                                     compute_capability="7.5", report=messages.append)
+    assert any("falling back to --fp16 / --fp16 --int8" in m for m in messages)
+    assert "--fp16 --int8" in stand_in_trtexec.calls()[0] and "--stronglyTyped" not in stand_in_trtexec.calls()[0]
+
+
+def test_failed_build_leaves_no_plan_and_reports_log_tail(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io)
+    assert all(r.status == "built" for r in build_all(repository, stand_in_trtexec))
+    stand_in_trtexec.fail()
+    onnx_path = repository / "yolov8n_int8_detector" / "1" / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # forces a rebuild of int8 only
+
+    with pytest.raises(EngineBuildError) as failure:
+        build_all(repository, stand_in_trtexec)
+    assert "yolov8n_int8_detector" in str(failure.value) and "--allow-missing" in str(failure.value)
+    version_dir = onnx_path.parent
+    # The stale plan of the old ONNX and the partial new one are both gone; the log stays for the user.
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.onnx", "model.plan.log"]
+    assert (repository / "yolov8n_fp16_detector" / "1" / "model.plan").is_file()  # untouched, still cached
+
+    results = build_all(repository, stand_in_trtexec, allow_missing=True)
+    failed = {r.name: r for r in results}["yolov8n_int8_detector"]
+    assert failed.status == "failed" and failed.message == "trtexec exited with 1"
+    assert "Assertion failed: extreme preset" in failed.log_tail
+    assert "builder line 1\n" not in failed.log_tail and len(failed.log_tail.splitlines()) == engines.LOG_TAIL_LINES
+    assert {r.name: r.status for r in results}["yolov8n_fp16_detector"] == "cached"
+
+
+def test_missing_source_onnx_fails_that_detector(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    (repository / "yolov8n_fp16_detector" / "1" / "model.onnx").unlink()
+    with pytest.raises(EngineBuildError, match="source ONNX missing"):
+        build_all(repository, stand_in_trtexec)
+
+
+def test_entry_script_runs_with_the_standard_library_only(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    """deploy/build_engines.py as the image runs it: a bare python3 (-S: no site-packages), exit codes."""
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    env = {"PATH": os.environ["PATH"], "YQPACK_TENSORRT_VERSION": "10.8.0", "YQPACK_GPU_COMPUTE_CAPABILITY": "8.6"}
+    script = PROJECT_ROOT / "deploy" / "build_engines.py"
+    command = [sys.executable, "-S", "-I", str(script), str(repository), "--trtexec", str(stand_in_trtexec.path),
+               "--timing-cache-dir", str(tmp_path)]
+    ok = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "engines: 1 built, 0 reused, 0 failed" in ok.stdout
+    assert f"--timingCacheFile={tmp_path / 'timing-trt10.8.0-sm86.cache'}" in stand_in_trtexec.calls()[0]
+
+    stand_in_trtexec.fail()
+    (repository / "yolov8n_fp16_detector" / "1" / "model.plan.key.json").unlink()  # invalidates the cache
+    failed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and "Error: 1 engine build(s) failed" in failed.stderr
+    assert "Assertion failed: extreme preset" in failed.stdout
+    allowed = subprocess.run(command, env={**env, "YQPACK_ALLOW_MISSING": "1"}, capture_output=True, text=True)
+    assert allowed.returncode == 0 and "0 built, 0 reused, 1 failed" in allowed.stdout
+
+
+def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io)
+    build_all(repository, stand_in_trtexec)
+    build_dir = tmp_path / "build"
+    build_dir.mkdir()
+    (build_dir / "manifest.json").write_text(json.dumps({"model_name": "yolov8n", "max_batch": 8}))
+    recorded = engines.record_engines(build_dir, repository)
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    assert manifest["model_name"] == "yolov8n" and manifest["engines"] == recorded
+    assert set(recorded) == {"yolov8n_fp16_detector", "yolov8n_int8_detector"}
+    assert recorded["yolov8n_int8_detector"]["onnx_sha256"] == engines.sha256_file(sample_onnx)
+    assert recorded["yolov8n_int8_detector"]["precision"] == "int8"
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def test_engines_local_without_tensorrt_says_so(sample_onnx, sample_io, tmp_path):
+    if engines.tensorrt_api_status()[0]:
+        pytest.skip("tensorrt and a GPU are present here")
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    result = CliRunner().invoke(main, ["engines", "--repository", str(repository), "--engines", "local"])
+    assert result.exit_code != 0
+    assert "Error:" in result.output and "docker compose" in result.output
+
+
+def test_engines_print_shows_the_trtexec_commands(sample_onnx, sample_io, tmp_path):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io)
+    result = CliRunner().invoke(main, ["engines", "--repository", str(repository), "--engines", "print",
+                                       "--tensorrt-version", "10.8.0"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2 and all("--stronglyTyped" in line and "--maxShapes=images:8x3x640x640" in line
+                                   for line in lines)
+    legacy = CliRunner().invoke(main, ["engines", "--repository", str(repository), "--engines", "print",
+                                       "--tensorrt-version", "8.6.1"])
+    assert "--fp16 --int8" in legacy.output
+
+
+def test_engines_on_a_missing_repository_is_a_plain_error(tmp_path):
+    result = CliRunner().invoke(main, ["engines", "--repository", str(tmp_path / "nope"), "--engines", "print"])
+    assert result.exit_code != 0 and "Error: model repository not found" in result.output
+
+
+# ------------------------------------------------------------ with the real build (session fixture)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["gpu", "gpu-ort"])
+def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target):
+    """repository.py renders these templates from a real build; every detector config matches its ONNX."""
+    from packager.repository import ONNX_VARIANT, render_repository
+
+    build_dir = Path(getattr(yolov8n_build, "build_dir", yolov8n_build))
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    result = render_repository(build_dir, tmp_path / "repo", target=target, precisions=("fp32", "fp16", "int8"))
+    for precision in ("fp32", "fp16", "int8"):
+        config_path = result.path / f"{result.model_name}_{precision}_detector" / "config.pbtxt"
+        config = parse_model_config(config_path.read_text())
+        io = onnx_io(build_dir / manifest["artifacts"][ONNX_VARIANT[target][precision]]["path"])
+        assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+        assert (config.input[0].name, list(config.input[0].dims)) == (io["input_name"], io["input_dims"])
+        assert (config.output[0].name, list(config.output[0].dims)) == (io["output_name"], io["output_dims"])
+        if target == "gpu":
+            spec = engines.engine_spec(engines.parse_detector_config(config_path.read_text()), config_path.parent / "1")
+            assert spec.max_batch >= config.max_batch_size
+        else:
+            assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
+
+    if target == "gpu":
+        staged = engines.stage_engine_sources(build_dir, result.path)
+        assert len(staged) == 3
+        for path in staged:
+            precision = path.parent.parent.name.split("_")[-2]
+            artifact = manifest["artifacts"][ONNX_VARIANT["gpu"][precision]]
+            assert engines.sha256_file(path) == artifact["sha256"]

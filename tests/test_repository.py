@@ -1,0 +1,207 @@
+"""Rendering the Triton model repository: Triton's own config schema, wiring, names, atomic swap."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from packager import letterbox, postprocess
+from packager.assets import TEMPLATES_DIR
+from packager.repository import (
+    LABELS_FILE,
+    TARGETS,
+    detector_name,
+    ensemble_name,
+    load_repository_info,
+    render_repository,
+)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _build_dir(yolov8n_build) -> Path:
+    return Path(yolov8n_build)
+
+
+def _configs(repository: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    configs = {}
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert config.name == path.parent.name, f"{path}: name {config.name!r} differs from its folder"
+        configs[config.name] = config
+    return configs
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def rendered(request, yolov8n_build, tmp_path_factory):
+    target = request.param
+    if not (TEMPLATES_DIR / "detector" / target / "config.pbtxt.j2").is_file():
+        pytest.skip(f"templates/detector/{target} not written yet (GPU issue)")
+    out = tmp_path_factory.mktemp(f"repo-{target}") / "model_repository"
+    return render_repository(_build_dir(yolov8n_build), out, target=target, precisions=PRECISIONS)
+
+
+def test_every_config_parses_with_tritons_schema(rendered):
+    configs = _configs(rendered.path)
+    assert sorted(configs) == sorted(rendered.models)
+    name = rendered.model_name
+    expected = {f"{name}_preprocess", f"{name}_postprocess"}
+    for precision in PRECISIONS:
+        expected |= {detector_name(name, precision), ensemble_name(name, precision)}
+    assert set(configs) == expected
+
+
+def test_batching_is_consistent(rendered):
+    configs = _configs(rendered.path)
+    for config in configs.values():
+        assert config.max_batch_size > 0, f"{config.name}: max_batch_size must be > 0"
+        if config.HasField("dynamic_batching"):
+            for size in config.dynamic_batching.preferred_batch_size:
+                assert 1 <= size <= config.max_batch_size, f"{config.name}: preferred batch {size}"
+    for precision in PRECISIONS:
+        ensemble = configs[ensemble_name(rendered.model_name, precision)]
+        detector = configs[detector_name(rendered.model_name, precision)]
+        assert detector.HasField("dynamic_batching"), "the detector must batch dynamically"
+        assert list(detector.dynamic_batching.preferred_batch_size), "the detector needs preferred batch sizes"
+        assert detector.instance_group and detector.instance_group[0].count >= 1
+        for step in ensemble.ensemble_scheduling.step:
+            assert ensemble.max_batch_size <= configs[step.model_name].max_batch_size, step.model_name
+
+
+def test_ensembles_are_wired(rendered):
+    configs = _configs(rendered.path)
+    for precision in PRECISIONS:
+        ensemble = configs[ensemble_name(rendered.model_name, precision)]
+        assert ensemble.platform == "ensemble"
+        assert [(t.name, t.data_type) for t in ensemble.input] == [("IMAGE", model_config_pb2.TYPE_STRING)]
+        assert [(t.name, list(t.dims)) for t in ensemble.output] == [("DETECTIONS", [-1, 6])]
+        available = {t.name for t in ensemble.input}
+        steps = list(ensemble.ensemble_scheduling.step)
+        assert [s.model_name for s in steps] == [
+            f"{rendered.model_name}_preprocess",
+            detector_name(rendered.model_name, precision),
+            f"{rendered.model_name}_postprocess",
+        ]
+        for step in steps:
+            model = configs[step.model_name]
+            assert set(step.input_map) == {t.name for t in model.input}, f"{step.model_name}: unmapped inputs"
+            assert set(step.output_map) <= {t.name for t in model.output}, f"{step.model_name}: unknown outputs"
+            missing = set(step.input_map.values()) - available
+            assert not missing, f"{step.model_name} consumes {missing} before any step produces it"
+            available |= set(step.output_map.values())
+        assert {t.name for t in ensemble.output} <= available
+
+
+def test_detector_names_and_dims_match_the_onnx(rendered, yolov8n_build):
+    manifest = json.loads((_build_dir(yolov8n_build) / "manifest.json").read_text())
+    configs = _configs(rendered.path)
+    for precision in PRECISIONS:
+        config = configs[detector_name(rendered.model_name, precision)]
+        onnx_path = rendered.path / config.name / "1" / "model.onnx"
+        if rendered.target == "gpu":  # model.onnx is the engine source; the plan is built on the serving host
+            assert config.platform == "tensorrt_plan" or config.backend == "tensorrt"
+            assert not (rendered.path / config.name / "1" / "model.plan").exists()
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        (onnx_input,) = [i for i in graph.input if i.name not in initializers]
+        (onnx_output,) = graph.output
+        assert [t.name for t in config.input] == [onnx_input.name] == [manifest["input"]["name"]]
+        assert [t.name for t in config.output] == [onnx_output.name] == [manifest["output"]["name"]]
+        onnx_in_dims = [d.dim_value for d in onnx_input.type.tensor_type.shape.dim][1:]
+        onnx_out_dims = [d.dim_value for d in onnx_output.type.tensor_type.shape.dim][1:]
+        assert list(config.input[0].dims) == onnx_in_dims
+        assert list(config.output[0].dims) == onnx_out_dims
+        assert config.input[0].data_type == config.output[0].data_type == model_config_pb2.TYPE_FP32
+        # pre/post must agree with the detector's tensors
+        pre, post = configs[f"{rendered.model_name}_preprocess"], configs[f"{rendered.model_name}_postprocess"]
+        assert list(pre.output[0].dims) == onnx_in_dims
+        assert [t.name for t in post.input][0] == onnx_output.name and list(post.input[0].dims) == onnx_out_dims
+
+
+def test_ensembles_carry_the_class_names(rendered, yolov8n_build):
+    """Clients (yqpack verify) map class ids to names from the served config alone."""
+    manifest = json.loads((_build_dir(yolov8n_build) / "manifest.json").read_text())
+    configs = _configs(rendered.path)
+    for ensemble in rendered.ensembles.values():
+        names = json.loads(configs[ensemble].parameters["class_names"].string_value)
+        assert names == manifest["class_names"] and len(names) == 80
+
+
+def test_local_target_serves_the_documented_artifacts(yolov8n_build, tmp_path):
+    build = _build_dir(yolov8n_build)
+    manifest = json.loads((build / "manifest.json").read_text())
+    result = render_repository(build, tmp_path / "repo", target="local", precisions=PRECISIONS)
+    for precision, variant in {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"}.items():
+        served = result.path / detector_name(result.model_name, precision) / "1" / "model.onnx"
+        assert filecmp.cmp(served, build / manifest["artifacts"][variant]["path"], shallow=False), precision
+        assert (served.parent / "model.py").is_file()
+    # pre/post run yqpack's own modules, byte for byte
+    pre_dir = result.path / f"{result.model_name}_preprocess" / "1"
+    post_dir = result.path / f"{result.model_name}_postprocess" / "1"
+    assert filecmp.cmp(pre_dir / "letterbox.py", letterbox.__file__, shallow=False)
+    assert filecmp.cmp(post_dir / "postprocess.py", postprocess.__file__, shallow=False)
+    assert filecmp.cmp(post_dir / "letterbox.py", letterbox.__file__, shallow=False)
+    labels = (result.path / ensemble_name(result.model_name, "int8") / LABELS_FILE).read_text().splitlines()
+    assert labels == manifest["class_names"]
+    info = load_repository_info(result.path)
+    assert info["ensembles"] == {p: ensemble_name(result.model_name, p) for p in PRECISIONS}
+    assert info["target"] == "local"
+
+
+def test_production_thresholds_are_the_postprocess_defaults(yolov8n_build, tmp_path):
+    result = render_repository(_build_dir(yolov8n_build), tmp_path / "repo", precisions=("fp32",))
+    post = _configs(result.path)[f"{result.model_name}_postprocess"]
+    params = {key: value.string_value for key, value in post.parameters.items()}
+    assert (float(params["conf_threshold"]), float(params["iou_threshold"]), int(params["max_det"])) == (0.25, 0.45, 100)
+
+
+def test_render_is_atomic(yolov8n_build, tmp_path, monkeypatch):
+    build = _build_dir(yolov8n_build)
+    repository = tmp_path / "model_repository"
+    render_repository(build, repository, precisions=("fp32",))
+    before = sorted(str(p.relative_to(repository)) for p in repository.rglob("*"))
+
+    # A failure halfway through (disk full while copying the second precision's ONNX) ...
+    copies = []
+    real_copy = shutil.copy2
+
+    def failing_copy(src, dst, *args, **kwargs):
+        copies.append(dst)
+        if str(src).endswith(".onnx") and len([c for c in copies if str(c).endswith(".onnx")]) == 2:
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copy2", failing_copy)
+    with pytest.raises(OSError, match="No space left"):
+        render_repository(build, repository, precisions=("fp32", "fp16"))
+    monkeypatch.undo()
+    # ... leaves the previous repository as it was, and no staging folder behind.
+    assert sorted(str(p.relative_to(repository)) for p in repository.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
+
+    # A successful render replaces it entirely.
+    render_repository(build, repository, precisions=("int8",))
+    info = load_repository_info(repository)
+    assert info["ensembles"] == {"int8": ensemble_name(info["model_name"], "int8")}
+    assert not any(p.name.endswith("_fp32") for p in repository.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
+
+
+def test_clear_errors(yolov8n_build, tmp_path):
+    build = _build_dir(yolov8n_build)
+    with pytest.raises(ValueError, match="unknown target 'tpu'"):
+        render_repository(build, tmp_path / "r", target="tpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        render_repository(build, tmp_path / "r", precisions=("int4",))
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        render_repository(tmp_path, tmp_path / "r")
+    with pytest.raises(ValueError, match="preferred batch sizes"):
+        render_repository(build, tmp_path / "r", max_batch=4, preferred_batch_sizes=[8])
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,322 @@
+"""`yqpack verify`: pure parts (statistics, gates, image scan, class mapping) and end to end against a real
+tritonserver serving the session build (accuracy vs local ONNX eval, load, gates, server killed mid-run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from packager import coco_eval
+from packager.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
+from packager.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
+from packager.verify import VerifyError, _real_rows, parse_class_names, scan_images, split_precision
+
+
+# --- pure parts -------------------------------------------------------------------------------------------------
+
+
+def test_latency_percentiles_match_known_values():
+    stats = latency_stats([ms / 1000 for ms in range(1, 101)])  # 1..100 ms
+    assert stats.count == 100
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.max_ms == pytest.approx(100.0) and stats.mean_ms == pytest.approx(50.5)
+    assert np.isnan(latency_stats([]).p99_ms)
+
+
+def test_level_summary_counts_errors_and_keeps_first_distinct_messages():
+    outcomes = [RequestOutcome(i, 0.010, None, None) for i in range(8)]
+    outcomes += [RequestOutcome(8 + i, 0.001, None, f"INTERNAL: bad image {i % 7}") for i in range(12)]
+    level = summarize_level("m", 4, outcomes, wall_s=2.0, steps=[])
+    assert (level.requests, level.errors) == (20, 12)
+    assert level.throughput == pytest.approx(4.0)  # successes only
+    assert level.error_messages == [f"INTERNAL: bad image {i}" for i in range(5)]
+    assert level.latency.count == 8 and level.latency.p99_ms == pytest.approx(10.0)
+
+
+def test_step_timings_from_statistics_snapshots():
+    # The shape tritonclient returns with as_json=True: 64-bit counters as strings.
+    def snapshot(count, queue_ns, infer_ns, executions):
+        return {"model_stats": [{
+            "name": "yolov8n_fp32_detector", "version": "1", "inference_count": str(count),
+            "execution_count": str(executions),
+            "inference_stats": {"success": {"count": str(count), "ns": "1"},
+                                "queue": {"count": str(count), "ns": str(queue_ns)},
+                                "compute_input": {"count": str(count), "ns": "0"},
+                                "compute_infer": {"count": str(count), "ns": str(infer_ns)},
+                                "compute_output": {"count": str(count), "ns": "0"}},
+        }]}
+
+    before, after = snapshot(10, 5_000_000, 100_000_000, 10), snapshot(50, 45_000_000, 900_000_000, 30)
+    (timing,) = step_timings(before, after, ["yolov8n_fp32_detector", "not_served"])
+    assert timing.requests == 40 and timing.executions == 20 and timing.avg_batch == pytest.approx(2.0)
+    assert timing.queue_ms == pytest.approx(1.0) and timing.compute_infer_ms == pytest.approx(20.0)
+    assert timing.compute_ms == pytest.approx(20.0)
+
+
+def test_names_and_class_name_parameters():
+    assert split_precision("yolov8n_int8") == ("yolov8n", "int8")
+    assert split_precision("my_model_fp16") == ("my_model", "fp16")
+    assert split_precision("custom") == ("custom", "unknown")
+    assert parse_class_names('["person", "traffic light"]') == ["person", "traffic light"]
+    assert parse_class_names("person\ntraffic light\n") == ["person", "traffic light"]
+    assert parse_class_names("person,car") == ["person", "car"]
+
+
+def test_padding_rows_are_dropped():
+    output = np.array([[[1, 2, 3, 4, 0.9, 0], [0, 0, 0, 0, 0, -1]]], dtype=np.float32)
+    assert _real_rows(output).shape == (1, 6)
+
+
+def test_coco_mapping_by_class_name_scores_ground_truth_perfectly(coco_ground_truth, coco_class_names):
+    """Ground-truth boxes sent through the served-detection path score ~1; a shifted class order does not."""
+    class_of = {cat: i for i, cat in enumerate(coco_ground_truth.category_ids_for(coco_class_names))}
+    names = {image_id: name for name, image_id in coco_ground_truth.image_ids.items()}
+    detections = {name: [] for name in coco_ground_truth.image_ids}
+    for ann in coco_ground_truth.coco.dataset["annotations"]:
+        if not ann["iscrowd"]:
+            x, y, w, h = ann["bbox"]
+            detections[names[ann["image_id"]]].append([x, y, x + w, y + h, 0.9, class_of[ann["category_id"]]])
+    served = {name: _real_rows(np.asarray(rows, dtype=np.float32).reshape(1, -1, 6))
+              for name, rows in detections.items()}
+    perfect = coco_eval.evaluate(served, coco_ground_truth, coco_class_names)
+    assert perfect.map50_95 > 0.99 and perfect.images == 128
+    rotated = coco_class_names[1:] + coco_class_names[:1]  # class ids mapped to the wrong categories
+    assert coco_eval.evaluate(served, coco_ground_truth, rotated).map50_95 < 0.1
+
+
+def test_scan_lists_unreadable_and_unannotated_files(tmp_path, assets, coco_ground_truth):
+    val = assets / "coco" / "val2017"
+    names = list(coco_ground_truth.image_ids)[:3]
+    for name in names:
+        shutil.copy(val / name, tmp_path / name)
+    truncated = (val / names[0]).read_bytes()[:200]
+    (tmp_path / names[1]).write_bytes(truncated)  # an annotated image, cut short
+    (tmp_path / "notes.txt").write_text("not an image")
+    shutil.copy(assets / "coco" / "calib2017" / sorted(p.name for p in (assets / "coco" / "calib2017").iterdir())[0],
+                tmp_path / "extra.jpg")
+    images = scan_images(tmp_path, coco_ground_truth, None)
+    reasons = {item.file: item.reason for item in images.skipped}
+    assert reasons[names[1]].startswith("unreadable") and reasons["notes.txt"].startswith("unreadable")
+    assert "load test only" in reasons["extra.jpg"]
+    assert [path.name for path in images.accuracy_files] == [names[0], names[2]]
+    assert len(images.load_payloads) == 3 and images.folder_files == 5
+
+
+def test_scan_without_any_annotated_image_is_a_plain_error(tmp_path, coco_ground_truth):
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(VerifyError, match="no readable image"):
+        scan_images(tmp_path, coco_ground_truth, None)
+    with pytest.raises(FileNotFoundError):
+        scan_images(tmp_path / "missing", coco_ground_truth, None)
+
+
+def _accuracy(precision, map50_95, errors=0):
+    metrics = coco_eval.CocoMetrics(map50_95, 0.5, 0.4, 0.2, 0.4, 0.5, 128, 1000)
+    return ServedAccuracy(f"yolov8n_{precision}", "yolov8n", precision, metrics, 128, errors, [])
+
+
+def _levels(model, throughputs, p99=50.0, errors=0):
+    levels = []
+    for concurrency, throughput in zip((1, 2, 4), throughputs):
+        count = 20
+        outcomes = [RequestOutcome(i, p99 / 1000, None, None) for i in range(count)]
+        outcomes += [RequestOutcome(count + i, 0.0, None, "DEADLINE_EXCEEDED: timeout") for i in range(errors)]
+        levels.append(summarize_level(model, concurrency, outcomes, count / throughput, []))
+    return levels
+
+
+def test_reference_is_fp32_when_served_else_fp16():
+    load = {"yolov8n_fp32": _levels("yolov8n_fp32", [10, 15, 16]),
+            "yolov8n_fp16": _levels("yolov8n_fp16", [12, 18, 20]),
+            "yolov8n_int8": _levels("yolov8n_int8", [20, 30, 32])}
+    accuracy = [_accuracy("fp32", 0.416), _accuracy("fp16", 0.415), _accuracy("int8", 0.405)]
+    by_model = {c.model: c for c in compare_precisions(accuracy, load)}
+    assert set(by_model) == {"yolov8n_fp16", "yolov8n_int8"}
+    assert by_model["yolov8n_int8"].map_delta == pytest.approx(-0.011)
+    assert by_model["yolov8n_int8"].speedup == pytest.approx(2.0)
+    assert by_model["yolov8n_int8"].speedup_per_concurrency == pytest.approx({1: 2.0, 2: 2.0, 4: 2.0})
+    without_fp32 = compare_precisions(accuracy[1:], load)
+    assert [c.reference_model for c in without_fp32] == ["yolov8n_fp16"]
+
+
+def test_gates_fail_with_names_and_margins():
+    load = {"yolov8n_fp32": _levels("yolov8n_fp32", [10, 15, 16]),
+            "yolov8n_int8": _levels("yolov8n_int8", [20, 30, 32], p99=80.0, errors=2)}
+    accuracy = [_accuracy("fp32", 0.416), _accuracy("int8", 0.405)]
+    comparisons = compare_precisions(accuracy, load)
+    lenient = evaluate_gates(GateThresholds(min_map_ratio=0.9, max_errors=6), accuracy, comparisons, load)
+    assert decide_status(lenient, None) == "pass"
+    assert decide_status(lenient, "server died") == "incomplete"
+    strict = GateThresholds(min_map_ratio=1.5, max_errors=0, min_throughput=20.0, max_p99_ms=60.0)
+    failed = {(g.gate, g.model): g for g in evaluate_gates(strict, accuracy, comparisons, load) if not g.passed}
+    assert set(failed) == {("--min-map-ratio", "yolov8n_int8"), ("--max-errors", "yolov8n_int8"),
+                           ("--min-throughput", "yolov8n_fp32"), ("--max-p99-ms", "yolov8n_int8")}
+    assert "below the minimum" in failed[("--min-map-ratio", "yolov8n_int8")].detail
+    assert failed[("--max-errors", "yolov8n_int8")].value == 6  # 2 per level
+    assert "4.00 img/s short" in failed[("--min-throughput", "yolov8n_fp32")].detail
+
+
+def test_unmeasured_accuracy_fails_its_gate():
+    accuracy = [_accuracy("fp32", 0.416), ServedAccuracy("yolov8n_int8", "yolov8n", "int8", None, 0, 128, ["x"])]
+    gates = evaluate_gates(GateThresholds(max_errors=1000), accuracy, compare_precisions(accuracy, {}), {})
+    assert decide_status(gates, None) == "fail"
+    assert any(g.gate == "--min-map-ratio" and g.model == "yolov8n_int8" and not g.passed for g in gates)
+
+
+# --- end to end: real tritonserver, real build ----------------------------------------------------------------
+
+
+def _run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "packager.cli", "verify", *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _served_map(result, precision: str) -> float:
+    return next(item.metrics.map50_95 for item in result.accuracy if item.precision == precision)
+
+
+@pytest.mark.slow
+def test_served_map_equals_local_onnx_eval(served_verify, onnx_eval_metrics):
+    assert {item.precision for item in served_verify.accuracy} == {"fp32", "fp16", "int8"}
+    # int8 is served on CPU from the fp32 twin, exactly what eval-onnx scores as int8-fp32.
+    for precision, variant in (("fp32", "fp32"), ("fp16", "fp16"), ("int8", "int8-fp32")):
+        served = _served_map(served_verify, precision)
+        local = onnx_eval_metrics[variant].map50_95
+        assert served == pytest.approx(local, abs=0.001), f"{precision}: served {served:.4f} vs local {local:.4f}"
+    for item in served_verify.accuracy:
+        assert item.images == 128 and item.errors == 0
+
+
+@pytest.mark.slow
+def test_served_fp32_map_matches_ultralytics_reference(served_verify, ultralytics_reference_metrics):
+    """Ultralytics' own evaluation of yolov8n.pt, computed in this run (square letterbox, as served)."""
+    served = _served_map(served_verify, "fp32")
+    reference = ultralytics_reference_metrics.map50_95
+    assert served == pytest.approx(reference, abs=0.005), f"served fp32 {served:.4f} vs Ultralytics {reference:.4f}"
+
+
+@pytest.mark.slow
+def test_int8_ratio_gate_is_measured_and_judged(served_verify):
+    (int8,) = [c for c in served_verify.comparisons if c.precision == "int8"]
+    assert int8.reference_precision == "fp32"
+    print(f"INT8 mAP50-95 {int8.map50_95:.4f} vs fp32 {int8.reference_map50_95:.4f}: ratio {int8.map_ratio:.4f}")
+    assert int8.map_ratio > 0.97, "INT8 lost more than 3% mAP: quantization is broken, not merely imprecise"
+    gate = next(g for g in served_verify.gates if g.gate == "--min-map-ratio" and g.model == int8.model)
+    assert gate.passed == (int8.map_ratio >= 0.99)
+    assert gate.passed, f"served INT8 (mixed preset) misses the default 0.99 gate: ratio {int8.map_ratio:.4f}"
+
+
+@pytest.mark.slow
+def test_zero_errors_up_to_concurrency_16_with_server_timings(served_verify):
+    assert served_verify.incomplete_reason is None
+    for model in ("yolov8n_fp32", "yolov8n_fp16", "yolov8n_int8"):
+        levels = served_verify.load[model]
+        assert [level.concurrency for level in levels] == [1, 2, 4, 8, 16]
+        for level in levels:
+            assert level.errors == 0 and level.requests == 16, level.error_messages
+            assert level.throughput > 0 and level.latency.p50_ms <= level.latency.p99_ms
+            steps = {step.model: step for step in level.server_steps}
+            assert set(steps) == {model, "yolov8n_preprocess", f"{model}_detector", "yolov8n_postprocess"}
+            assert steps[f"{model}_detector"].requests == 16 and steps[f"{model}_detector"].compute_infer_ms > 0
+        assert all(level.errors == 0 for level in served_verify.detector_load[f"{model}_detector"])
+    assert all(gate.passed for gate in served_verify.gates if gate.gate == "--max-errors")
+    expected = "pass" if all(gate.passed for gate in served_verify.gates) else "fail"
+    assert served_verify.status == expected and served_verify.exit_code == {"pass": 0, "fail": 1}[expected]
+
+
+@pytest.mark.slow
+def test_report_written_for_the_served_run(served_verify):
+    files = served_verify.report_files
+    data = json.loads(open(files["json"]).read())
+    assert data["server"]["version"] and data["versions"]["tritonclient"]
+    assert data["accuracy"][0]["metrics"]["map50_95"] == pytest.approx(served_verify.accuracy[0].metrics.map50_95)
+    markdown = open(files["markdown"]).read()
+    assert "yolov8n_int8" in markdown and "Ensemble vs bare detector" in markdown
+    for kind in ("throughput_latency", "map"):
+        assert os.path.getsize(files[kind]) > 10_000
+
+
+@pytest.mark.slow
+def test_impossible_map_ratio_fails_and_names_the_gate(local_server, yolov8n_build, sample_val, tmp_path):
+    images, annotations = sample_val
+    completed = _run_cli(
+        "--url", local_server.grpc_url, "--images", str(images), "--annotations", str(annotations),
+        "--build", str(getattr(yolov8n_build, "build_dir", yolov8n_build)), "--models", "yolov8n_fp32,yolov8n_int8",
+        "--max-images", "8", "--concurrency", "1", "--requests", "2", "--warmup", "0", "--no-detector-load",
+        "--min-map-ratio", "1.5", "--report-dir", str(tmp_path),
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert "gate failed: --min-map-ratio on yolov8n_int8" in completed.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "fail"
+    failed = [g for g in report["gates"] if not g["passed"]]
+    assert [(g["gate"], g["model"]) for g in failed] == [("--min-map-ratio", "yolov8n_int8")]
+    assert "| --min-map-ratio | yolov8n_int8 | **FAIL** |" in (tmp_path / "report.md").read_text()
+
+
+def test_no_server_is_a_clear_error_after_wait(sample_val, tmp_path):
+    from packager.serve import find_free_ports
+
+    images, annotations = sample_val
+    (port,) = find_free_ports(1)  # nothing listens there
+    completed = _run_cli("--url", f"127.0.0.1:{port}", "--images", str(images), "--annotations", str(annotations),
+                         "--wait", "2", "--report-dir", str(tmp_path), timeout=120)
+    assert completed.returncode == 1
+    assert "Error: Triton at" in completed.stderr and "not ready after 2 s" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.slow
+def test_server_killed_mid_verify_reports_incomplete(yolov8n_build, server_env, sample_val, tmp_path):
+    """Its own server (never the shared one): killed with SIGKILL while verify's load phase runs."""
+    import tritonclient.grpc as grpcclient
+
+    from packager.repository import render_repository
+    from packager.serve import LocalTritonServer, find_free_ports
+
+    build_dir = getattr(yolov8n_build, "build_dir", yolov8n_build)
+    repository = render_repository(build_dir, tmp_path / "repository", target="local", precisions=("fp32",))
+    grpc_port, http_port, metrics_port = find_free_ports(3)
+    server = LocalTritonServer(repository.path, server_env, grpc_port=grpc_port, http_port=http_port,
+                               metrics_port=metrics_port, log_path=tmp_path / "tritonserver.log")
+    images, annotations = sample_val
+    report_dir = tmp_path / "report"
+    with server:
+        verify = subprocess.Popen(
+            [sys.executable, "-m", "packager.cli", "verify", "--url", server.grpc_url, "--images", str(images),
+             "--annotations", str(annotations), "--build", str(build_dir), "--max-images", "4",
+             "--concurrency", "2", "--duration", "300", "--warmup", "0", "--no-detector-load",
+             "--report-dir", str(report_dir), "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            served = 0
+            while served < 8 and verify.poll() is None:  # 4 accuracy requests, then load requests
+                time.sleep(0.5)
+                stats = client.get_inference_statistics("yolov8n_fp32", as_json=True)
+                served = int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+            client.close()
+            assert verify.poll() is None, f"verify ended before the kill: {verify.communicate()}"
+            os.kill(server.pid, signal.SIGKILL)
+            stdout, stderr = verify.communicate(timeout=240)
+        finally:
+            if verify.poll() is None:
+                verify.kill()
+                verify.wait()
+    assert verify.returncode == 3, stderr
+    assert "incomplete:" in stderr
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["status"] == "incomplete" and report["incomplete_reason"]
+    markdown = (report_dir / "report.md").read_text()
+    assert markdown.startswith("# yqpack verify: INCOMPLETE") and "PASS" not in markdown
