@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -17,8 +18,7 @@ def main() -> None:
     """Take a YOLO detector to a served, verified Triton deployment."""
 
 
-# --- build / eval-onnx commands (issue 2) ---
-from pathlib import Path as _BuildPath  # noqa: E402  (build/eval-onnx section)
+# --- build / eval-onnx ---
 
 
 def _user_errors(action):
@@ -31,12 +31,12 @@ def _user_errors(action):
 
 
 @main.command()
-@click.option("--model", required=True, type=click.Path(path_type=_BuildPath),
+@click.option("--model", required=True, type=click.Path(path_type=Path),
               help="Ultralytics .pt checkpoint, model .yaml (random init) or an existing .onnx export.")
-@click.option("--out", default=_BuildPath("build"), show_default=True, type=click.Path(path_type=_BuildPath),
+@click.option("--out", default=Path("build"), show_default=True, type=click.Path(path_type=Path),
               help="Build directory (replaced atomically when the build succeeds).")
-@click.option("--calib-images", type=click.Path(path_type=_BuildPath), help="Folder of calibration images.")
-@click.option("--calib-data", type=click.Path(path_type=_BuildPath),
+@click.option("--calib-images", type=click.Path(path_type=Path), help="Folder of calibration images.")
+@click.option("--calib-data", type=click.Path(path_type=Path),
               help="Ready calibration tensor (.npy/.npz, N x 3 x H x W float32) instead of --calib-images.")
 @click.option("--calib-size", default=64, show_default=True, type=int, help="Calibration images to use.")
 @click.option("--imgsz", default="640", show_default=True, help="Input size: 640 or H,W (multiples of 32).")
@@ -55,11 +55,11 @@ def _user_errors(action):
 @click.option("--exclude-ops", multiple=True, help="Op type to keep out of INT8, e.g. Concat (repeatable).")
 @click.option("--calibrate-per-node", is_flag=True, help="ModelOpt per-node calibration (lower memory).")
 @click.option("--trt-plugins", multiple=True, help="TensorRT plugin library (.so) passed to ModelOpt (repeatable).")
-@click.option("--val-images", type=click.Path(path_type=_BuildPath), help="Evaluate the ONNX variants on these images.")
-@click.option("--val-annotations", type=click.Path(path_type=_BuildPath), help="COCO instances JSON for --val-images.")
+@click.option("--val-images", type=click.Path(path_type=Path), help="Evaluate the ONNX variants on these images.")
+@click.option("--val-annotations", type=click.Path(path_type=Path), help="COCO instances JSON for --val-images.")
 @click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
               help="Gate: INT8 mAP50-95 must be at least this fraction of FP32.")
-@click.option("--repository", type=click.Path(path_type=_BuildPath),
+@click.option("--repository", type=click.Path(path_type=Path),
               help="Also render a Triton model repository from the build into this folder.")
 @click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True,
               help="Serving target of the rendered repository (with --repository).")
@@ -89,15 +89,15 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
 
 
 @main.command("eval-onnx")
-@click.option("--build", "build_dir", default=_BuildPath("build"), show_default=True,
-              type=click.Path(path_type=_BuildPath), help="Build directory made by yqpack build.")
-@click.option("--val-images", required=True, type=click.Path(path_type=_BuildPath))
-@click.option("--val-annotations", required=True, type=click.Path(path_type=_BuildPath))
+@click.option("--build", "build_dir", default=Path("build"), show_default=True,
+              type=click.Path(path_type=Path), help="Build directory made by yqpack build.")
+@click.option("--val-images", required=True, type=click.Path(path_type=Path))
+@click.option("--val-annotations", required=True, type=click.Path(path_type=Path))
 @click.option("--variants", default="fp32,fp16,int8-fp32", show_default=True,
               help="Comma-separated ONNX variants (fp32, fp16, int8, int8-fp32).")
 @click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
               help="Gate: int8-fp32 mAP50-95 must be at least this fraction of FP32 (0 disables).")
-@click.option("--json", "json_path", type=click.Path(path_type=_BuildPath), help="Write the metrics to this JSON file.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics to this JSON file.")
 def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path) -> None:
     """COCO mAP of a build's ONNX variants with onnxruntime (CPU), plus the INT8 accuracy gate."""
     import json
@@ -116,19 +116,18 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
         gate = _user_errors(lambda: check_gate(metrics, min_map_ratio))
         click.echo(f"Gate passed: {gate.message()}")
 
-# --- serve / stop commands (issue 3) ---
-import pathlib  # noqa: E402  (serve/stop section)
 
-
+# --- serve / stop / server-env ---
 @main.command()
-@click.option("--repository", type=click.Path(path_type=pathlib.Path), default=pathlib.Path("model_repository"), show_default=True,
-              help="Triton model repository rendered by yqpack build.")
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"),
+              show_default=True, help="Triton model repository rendered by yqpack build.")
 @click.option("--local/--docker", "local", default=True, show_default=True,
               help="Embedded tritonserver on 127.0.0.1, or docker compose on deploy/ (GPU host).")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
-@click.option("--detach", is_flag=True, help="Return once ready and leave the server running (end it with yqpack stop).")
+@click.option("--detach", is_flag=True,
+              help="Return once ready and leave the server running (end it with yqpack stop).")
 @click.option("--timeout", "ready_timeout", type=float, default=None,
               help="Seconds to wait for all models to be ready [local: 300; docker: 1800, engine builds included].")
 @click.option("--allow-missing", is_flag=True,
@@ -146,7 +145,8 @@ def serve(repository, local, grpc_port, http_port, metrics_port, detach, ready_t
             except RuntimeError as error:  # e.g. deploy.DockerUnavailableError: no Docker engine here
                 raise YqpackError(str(error)) from None
             return
-        serving.serve_local(serving.ServeOptions(repository, grpc_port, http_port, metrics_port, detach, ready_timeout or 300.0))
+        options = serving.ServeOptions(repository, grpc_port, http_port, metrics_port, detach, ready_timeout or 300.0)
+        serving.serve_local(options)
     except (ValueError, FileNotFoundError) as error:
         raise YqpackError(str(error)) from None
 
@@ -175,11 +175,10 @@ def server_env() -> None:
     from packager.server_env import ensure_server_env
 
     env = ensure_server_env()
-    click.echo(f"server env ready: {env.root}")
+    click.echo(f"server env: {env.root} (tritonserver {env.tritonserver})")
 
 
-# --- verify command (issue 4) ---
-from pathlib import Path  # noqa: E402  (kept in this section: other sections are edited concurrently)
+# --- verify ---
 
 
 def _concurrency_levels(ctx, param, value: str) -> tuple[int, ...]:
@@ -246,15 +245,12 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_pro
     sys.exit(result.exit_code)
 
 
-# --- engines command (issue 5) ---
-import pathlib as _engines_pathlib  # noqa: E402  (engines section)
-
-
+# --- engines (GPU) ---
 @main.command("engines")
-@click.option("--repository", type=click.Path(path_type=_engines_pathlib.Path),
-              default=_engines_pathlib.Path("model_repository"), show_default=True,
+@click.option("--repository", type=click.Path(path_type=Path),
+              default=Path("model_repository"), show_default=True,
               help="Model repository rendered with --target gpu.")
-@click.option("--build", "build_dir", type=click.Path(path_type=_engines_pathlib.Path), default=None,
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), default=None,
               help="Build folder: stage each detector's source ONNX into the repository and record the engine "
                    "keys in its manifest.json.")
 @click.option("--engines", "mode", type=click.Choice(["compose", "trtexec", "local", "print"]), default="compose",

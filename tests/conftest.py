@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from packager.assets import assets_dir
@@ -15,9 +18,7 @@ def assets():
     return root
 
 
-# --- build fixtures (issue 2) ---
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
+# --- build ---
 
 BUILD_CALIB_IMAGES = 64
 
@@ -48,7 +49,8 @@ def yolov8n_build(assets, tmp_path_factory) -> Path:
     )
     return out
 
-# --- repository / server fixtures (issue 3) ---
+
+# --- repository / server ---
 @pytest.fixture(scope="session")
 def server_env():
     """The real server env (nvidia-pytriton, numpy<2) under $YQPACK_HOME, created once and reused."""
@@ -63,13 +65,10 @@ def model_repository(yolov8n_build, tmp_path_factory):
 
     `.path` is the repository folder, `.ensembles` maps precision -> ensemble model name.
     """
-    from pathlib import Path
-
     from packager.repository import render_repository
 
-    build_dir = Path(yolov8n_build)
     out = tmp_path_factory.mktemp("repository") / "model_repository"
-    return render_repository(build_dir, out, target="local", precisions=("fp32", "fp16", "int8"))
+    return render_repository(yolov8n_build, out, target="local", precisions=("fp32", "fp16", "int8"))
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +89,7 @@ def local_server(model_repository, server_env, tmp_path_factory):
         yield server
 
 
-# --- verify fixtures (issue 4) ---
+# --- verify ---
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +118,6 @@ def served_verify(local_server, model_repository, yolov8n_build, sample_val, tmp
 
     Short levels (a few requests each) keep CI time down; the README benchmark uses the CLI defaults.
     """
-    from pathlib import Path
-
     from packager.verify import VerifyOptions, run_verify
 
     images, annotations = sample_val
@@ -128,7 +125,7 @@ def served_verify(local_server, model_repository, yolov8n_build, sample_val, tmp
         images_dir=images,
         annotations=annotations,
         url=local_server.grpc_url,
-        build_dir=Path(getattr(yolov8n_build, "build_dir", yolov8n_build)),
+        build_dir=yolov8n_build,
         report_dir=tmp_path_factory.mktemp("verify-report"),
         concurrency=(1, 2, 4, 8, 16),
         requests_per_level=16,

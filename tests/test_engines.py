@@ -457,7 +457,7 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
     """repository.py renders these templates from a real build; every detector config matches its ONNX."""
     from packager.repository import ONNX_VARIANT, render_repository
 
-    build_dir = Path(getattr(yolov8n_build, "build_dir", yolov8n_build))
+    build_dir = yolov8n_build
     manifest = json.loads((build_dir / "manifest.json").read_text())
     result = render_repository(build_dir, tmp_path / "repo", target=target, precisions=("fp32", "fp16", "int8"))
     for precision in ("fp32", "fp16", "int8"):

@@ -26,10 +26,6 @@ from packager.repository import (
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def _build_dir(yolov8n_build) -> Path:
-    return Path(yolov8n_build)
-
-
 def _configs(repository: Path) -> dict[str, model_config_pb2.ModelConfig]:
     configs = {}
     for path in sorted(repository.glob("*/config.pbtxt")):
@@ -45,7 +41,7 @@ def rendered(request, yolov8n_build, tmp_path_factory):
     if not (TEMPLATES_DIR / "detector" / target / "config.pbtxt.j2").is_file():
         pytest.skip(f"templates/detector/{target} not written yet (GPU issue)")
     out = tmp_path_factory.mktemp(f"repo-{target}") / "model_repository"
-    return render_repository(_build_dir(yolov8n_build), out, target=target, precisions=PRECISIONS)
+    return render_repository(yolov8n_build, out, target=target, precisions=PRECISIONS)
 
 
 def test_every_config_parses_with_tritons_schema(rendered):
@@ -100,7 +96,7 @@ def test_ensembles_are_wired(rendered):
 
 
 def test_detector_names_and_dims_match_the_onnx(rendered, yolov8n_build):
-    manifest = json.loads((_build_dir(yolov8n_build) / "manifest.json").read_text())
+    manifest = json.loads((yolov8n_build / "manifest.json").read_text())
     configs = _configs(rendered.path)
     for precision in PRECISIONS:
         config = configs[detector_name(rendered.model_name, precision)]
@@ -127,7 +123,7 @@ def test_detector_names_and_dims_match_the_onnx(rendered, yolov8n_build):
 
 def test_ensembles_carry_the_class_names(rendered, yolov8n_build):
     """Clients (yqpack verify) map class ids to names from the served config alone."""
-    manifest = json.loads((_build_dir(yolov8n_build) / "manifest.json").read_text())
+    manifest = json.loads((yolov8n_build / "manifest.json").read_text())
     configs = _configs(rendered.path)
     for ensemble in rendered.ensembles.values():
         names = json.loads(configs[ensemble].parameters["class_names"].string_value)
@@ -135,7 +131,7 @@ def test_ensembles_carry_the_class_names(rendered, yolov8n_build):
 
 
 def test_local_target_serves_the_documented_artifacts(yolov8n_build, tmp_path):
-    build = _build_dir(yolov8n_build)
+    build = yolov8n_build
     manifest = json.loads((build / "manifest.json").read_text())
     result = render_repository(build, tmp_path / "repo", target="local", precisions=PRECISIONS)
     for precision, variant in {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"}.items():
@@ -156,14 +152,14 @@ def test_local_target_serves_the_documented_artifacts(yolov8n_build, tmp_path):
 
 
 def test_production_thresholds_are_the_postprocess_defaults(yolov8n_build, tmp_path):
-    result = render_repository(_build_dir(yolov8n_build), tmp_path / "repo", precisions=("fp32",))
+    result = render_repository(yolov8n_build, tmp_path / "repo", precisions=("fp32",))
     post = _configs(result.path)[f"{result.model_name}_postprocess"]
     params = {key: value.string_value for key, value in post.parameters.items()}
     assert (float(params["conf_threshold"]), float(params["iou_threshold"]), int(params["max_det"])) == (0.25, 0.45, 100)
 
 
 def test_render_is_atomic(yolov8n_build, tmp_path, monkeypatch):
-    build = _build_dir(yolov8n_build)
+    build = yolov8n_build
     repository = tmp_path / "model_repository"
     render_repository(build, repository, precisions=("fp32",))
     before = sorted(str(p.relative_to(repository)) for p in repository.rglob("*"))
@@ -195,7 +191,7 @@ def test_render_is_atomic(yolov8n_build, tmp_path, monkeypatch):
 
 
 def test_clear_errors(yolov8n_build, tmp_path):
-    build = _build_dir(yolov8n_build)
+    build = yolov8n_build
     with pytest.raises(ValueError, match="unknown target 'tpu'"):
         render_repository(build, tmp_path / "r", target="tpu")
     with pytest.raises(ValueError, match="unknown precision"):

@@ -251,7 +251,7 @@ def test_impossible_map_ratio_fails_and_names_the_gate(local_server, yolov8n_bui
     images, annotations = sample_val
     completed = _run_cli(
         "--url", local_server.grpc_url, "--images", str(images), "--annotations", str(annotations),
-        "--build", str(getattr(yolov8n_build, "build_dir", yolov8n_build)), "--models", "yolov8n_fp32,yolov8n_int8",
+        "--build", str(yolov8n_build), "--models", "yolov8n_fp32,yolov8n_int8",
         "--max-images", "8", "--concurrency", "1", "--requests", "2", "--warmup", "0", "--no-detector-load",
         "--min-map-ratio", "1.5", "--report-dir", str(tmp_path),
     )
@@ -284,7 +284,7 @@ def test_server_killed_mid_verify_reports_incomplete(yolov8n_build, server_env, 
     from packager.repository import render_repository
     from packager.serve import LocalTritonServer, find_free_ports
 
-    build_dir = getattr(yolov8n_build, "build_dir", yolov8n_build)
+    build_dir = yolov8n_build
     repository = render_repository(build_dir, tmp_path / "repository", target="local", precisions=("fp32",))
     grpc_port, http_port, metrics_port = find_free_ports(3)
     server = LocalTritonServer(repository.path, server_env, grpc_port=grpc_port, http_port=http_port,
