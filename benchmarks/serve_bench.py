@@ -27,6 +27,7 @@ import tritonclient.grpc.aio as aioclient
 
 from packager.assets import assets_dir
 from packager.letterbox import preprocess_bytes
+from packager.report import cpu_name
 from packager.repository import detector_name, render_repository
 from packager.serve import LocalTritonServer, find_free_ports
 from packager.server_env import ensure_server_env
@@ -197,7 +198,7 @@ def main() -> None:
                 print(f"c={level}: ceiling {ceiling} | served detector {bare} | ensemble {full} "
                       f"| ensemble/ceiling {results['ensemble_vs_ceiling'][level]:.1%} "
                       f"| pre/post per request {results['pre_post_ms'][level]}")
-    results["machine"] = {"cpus": _cpu_count(), "platform": platform.platform(), "processor": _cpu_model()}
+    results["machine"] = {"cpus": _cpu_count(), "platform": platform.platform(), "processor": cpu_name()}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -206,16 +207,6 @@ def main() -> None:
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

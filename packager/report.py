@@ -21,7 +21,7 @@ STATUS_LINE = {
 
 
 def collect_versions() -> dict:
-    versions = {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
+    versions = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
                 "cpu_count": os.cpu_count()}
     for package in ("yqpack", "tritonclient", "numpy", "pycocotools", "matplotlib", "grpcio"):
         try:
@@ -31,7 +31,7 @@ def collect_versions() -> dict:
     return versions
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

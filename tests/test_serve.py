@@ -265,21 +265,27 @@ def test_port_in_use_is_reported_before_starting(model_repository, server_env, f
         assert f"Error: http port {http_port} already in use" in result.output
 
 
-def test_model_load_failure_reports_the_log_tail(server_env, free_ports, tmp_path):
-    broken = tmp_path / "repo" / "broken" / "1"
-    broken.mkdir(parents=True)
-    (broken / "model.py").write_text(
-        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('deliberately broken model')\n"
-    )
-    (broken.parent / "config.pbtxt").write_text(
+def _server_for_one_python_model(server_env, free_ports, tmp_path, name: str, model_source: str) -> LocalTritonServer:
+    """A (not yet started) server for a repository holding one Python model `name` with the given model.py."""
+    version = tmp_path / "repo" / name / "1"
+    version.mkdir(parents=True)
+    (version / "model.py").write_text(model_source)
+    (version.parent / "config.pbtxt").write_text(
         'backend: "python"\nmax_batch_size: 1\n'
         'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
     )
     grpc_port, http_port, metrics_port = free_ports
-    server = LocalTritonServer(
+    return LocalTritonServer(
         tmp_path / "repo", server_env, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
         log_path=tmp_path / "server.log",
+    )
+
+
+def test_model_load_failure_reports_the_log_tail(server_env, free_ports, tmp_path):
+    server = _server_for_one_python_model(
+        server_env, free_ports, tmp_path, "broken",
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('deliberately broken model')\n",
     )
     with pytest.raises(YqpackError, match="(?s)before all models were ready.*deliberately broken model"):
         with server:
@@ -289,20 +295,9 @@ def test_model_load_failure_reports_the_log_tail(server_env, free_ports, tmp_pat
 
 
 def test_a_hanging_model_load_times_out_and_is_cleaned_up(server_env, free_ports, tmp_path):
-    slow = tmp_path / "repo" / "slow" / "1"
-    slow.mkdir(parents=True)
-    (slow / "model.py").write_text(
-        "import time\nclass TritonPythonModel:\n    def initialize(self, args):\n        time.sleep(600)\n"
-    )
-    (slow.parent / "config.pbtxt").write_text(
-        'backend: "python"\nmax_batch_size: 1\n'
-        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-    )
-    grpc_port, http_port, metrics_port = free_ports
-    server = LocalTritonServer(
-        tmp_path / "repo", server_env, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-        log_path=tmp_path / "server.log",
+    server = _server_for_one_python_model(
+        server_env, free_ports, tmp_path, "slow",
+        "import time\nclass TritonPythonModel:\n    def initialize(self, args):\n        time.sleep(600)\n",
     )
     server.start()
     try:
