@@ -20,8 +20,9 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
-        # Idle onnxruntime threads spin by default, stealing the CPU that preprocess/postprocess need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
+        # Spinning threads cost pre/post some CPU but save the detector its wake-up latency: measured on 2 cores,
+        # the ensemble keeps 81-93 % of in-process throughput with spinning vs 71-80 % without (README).
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
