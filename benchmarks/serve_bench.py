@@ -27,6 +27,7 @@ import tritonclient.grpc.aio as aioclient
 
 from packager.assets import assets_dir
 from packager.letterbox import preprocess_bytes
+from packager.loadtest import TritonLoad, latency_stats, step_timings
 from packager.report import cpu_name
 from packager.repository import detector_name, render_repository
 from packager.serve import LocalTritonServer, find_free_ports
@@ -66,64 +67,44 @@ class InProcessDetector:
 
 
 async def served(url: str, model: str, make_inputs, count: int, concurrency: int) -> tuple[list[float], float]:
-    """`count` requests kept `concurrency` in flight; returns the latencies and the wall time."""
-    async with aioclient.InferenceServerClient(url) as client:
-        for i in range(concurrency):  # warm the connection and the model
-            await client.infer(model, make_inputs(i))
-        latencies, queue = [], asyncio.Queue()
-        for i in range(count):
-            queue.put_nowait(i)
-
-        async def worker():
-            while not queue.empty():
-                i = queue.get_nowait()
-                begin = time.perf_counter()
-                await client.infer(model, make_inputs(i))
-                latencies.append(time.perf_counter() - begin)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return latencies, time.perf_counter() - start
+    """`count` requests kept `concurrency` in flight (yqpack's own load driver); returns latencies and wall time."""
+    load = TritonLoad(url)
+    try:
+        await load.drive(model, make_inputs, concurrency=concurrency, requests=concurrency)  # warm connection + model
+        outcomes, wall = await load.drive(model, make_inputs, concurrency=concurrency, requests=count)
+    finally:
+        await load.close()
+    errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+    if errors:
+        raise SystemExit(f"{len(errors)} failed request(s) on {model}, e.g. {errors[0]}")
+    return [outcome.latency_s for outcome in outcomes], wall
 
 
 def _summary(runs: list[tuple[list[float], float]]) -> dict:
     latencies, wall = [lat for run in runs for lat in run[0]], sum(run[1] for run in runs)
-    ms = np.asarray(latencies) * 1000
+    stats = latency_stats(latencies)
     return {
-        "requests": len(latencies),
-        "images_per_s": round(len(latencies) / wall, 2),
-        "p50_ms": round(float(np.percentile(ms, 50)), 1),
-        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "requests": stats.count,
+        "images_per_s": round(stats.count / wall, 2),
+        "p50_ms": round(stats.p50_ms, 1),
+        "p99_ms": round(stats.p99_ms, 1),
     }
 
 
-async def model_times(url: str, models: list[str]) -> dict:
-    """Triton's cumulative counters per model: successful requests and ns spent queued / computing."""
-    out = {}
-    async with aioclient.InferenceServerClient(url) as client:
-        for model in models:
-            stats = (await client.get_inference_statistics(model_name=model, as_json=True))["model_stats"][0]
-            inference = stats["inference_stats"]
-            out[model] = {
-                "requests": int(inference["success"].get("count", 0)),
-                "queue_ns": int(inference["queue"].get("ns", 0)),
-                "compute_ns": sum(
-                    int(inference[key].get("ns", 0)) for key in ("compute_input", "compute_infer", "compute_output")
-                ),
-            }
-    return out
+async def statistics(url: str) -> dict:
+    load = TritonLoad(url)
+    try:
+        return await load.statistics()
+    finally:
+        await load.close()
 
 
-def _per_request_delta(before: dict, after: dict) -> dict:
-    """Mean ms per request inside each model (compute; queue) between two snapshots."""
-    out = {}
-    for model, end in after.items():
-        requests = max(end["requests"] - before[model]["requests"], 1)
-        out[model] = {
-            "compute_ms": round((end["compute_ns"] - before[model]["compute_ns"]) / requests / 1e6, 2),
-            "queue_ms": round((end["queue_ns"] - before[model]["queue_ns"]) / requests / 1e6, 2),
-        }
-    return out
+def _per_request_ms(before: dict, after: dict, models: list[str]) -> dict:
+    """Mean ms per request inside each model (compute; queue) between two statistics snapshots."""
+    return {
+        step.model: {"compute_ms": round(step.compute_ms, 2), "queue_ms": round(step.queue_ms, 2)}
+        for step in step_timings(before, after, models)
+    }
 
 
 def main() -> None:
@@ -178,7 +159,7 @@ def main() -> None:
                 # Interleaved rounds: on a shared machine the load drifts, and all three should see the same.
                 chunk = max(args.requests // args.rounds, level)
                 runs = {"ceiling": [], "detector": [], "ensemble": []}
-                before = asyncio.run(model_times(server.grpc_url, [pre, detector, post]))
+                before = asyncio.run(statistics(server.grpc_url))
                 for _ in range(args.rounds):
                     runs["ceiling"].append(ceiling_detector.run(chunk))
                     runs["detector"].append(
@@ -187,14 +168,14 @@ def main() -> None:
                     runs["ensemble"].append(
                         asyncio.run(served(server.grpc_url, ensemble, ensemble_inputs, chunk, level))
                     )
-                after = asyncio.run(model_times(server.grpc_url, [pre, post]))
+                after = asyncio.run(statistics(server.grpc_url))
                 ceiling, bare, full = (_summary(runs[key]) for key in ("ceiling", "detector", "ensemble"))
                 results["ceiling_in_process"][level] = ceiling
                 results["served_detector"][level] = bare
                 results["ensemble"][level] = full
                 results["ensemble_vs_ceiling"][level] = round(full["images_per_s"] / ceiling["images_per_s"], 3)
                 results.setdefault("load_average_1min", {})[level] = round(os.getloadavg()[0], 2)
-                results.setdefault("pre_post_ms", {})[level] = _per_request_delta(before, after)
+                results.setdefault("pre_post_ms", {})[level] = _per_request_ms(before, after, [pre, post])
                 print(f"c={level}: ceiling {ceiling} | served detector {bare} | ensemble {full} "
                       f"| ensemble/ceiling {results['ensemble_vs_ceiling'][level]:.1%} "
                       f"| pre/post per request {results['pre_post_ms'][level]}")
