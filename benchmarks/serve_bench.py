@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from packager.loadtest import TritonLoad, latency_stats, step_timings
 from packager.report import cpu_name
 from packager.repository import detector_name, render_repository
 from packager.serve import LocalTritonServer, find_free_ports
-from packager.server_env import ensure_server_env
+from packager.server_env import MALLOC_ENV, ensure_server_env
 
 
 class InProcessDetector:
@@ -108,6 +109,9 @@ def _per_request_ms(before: dict, after: dict, models: list[str]) -> dict:
 
 
 def main() -> None:
+    if any(name not in os.environ for name in MALLOC_ENV):
+        # The server runs with these malloc settings; the in-process ceiling gets them too (read at process start).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--build", type=Path, default=Path("build/yolov8n"), help="build directory (manifest.json)")
     parser.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8"))
@@ -117,7 +121,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency level")
     parser.add_argument("--preprocess-instances", type=int, default=None, help="default: per target")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--max-queue-delay-us", type=int, default=None, help="default: per target")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]

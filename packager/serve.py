@@ -105,6 +105,7 @@ class LocalTritonServer:
         metrics_port: int = DEFAULT_PORTS["metrics"],
         log_path: Path | None = None,
         log_verbose: int = 0,
+        model_control_mode: str = "none",
     ):
         self.repository = Path(repository).resolve()
         self.server_env = server_env
@@ -112,6 +113,10 @@ class LocalTritonServer:
         self.shm_prefix = f"yqpack{uuid.uuid4().hex[:10]}"
         self.log_path = Path(log_path or serve_dir() / f"tritonserver-{grpc_port}.log").resolve()
         self.log_verbose = log_verbose
+        if model_control_mode not in ("none", "explicit"):
+            raise YqpackError(f"model_control_mode must be 'none' or 'explicit', got {model_control_mode!r}")
+        # explicit: every model still loads at start-up, and clients may then unload/load models.
+        self.model_control_mode = model_control_mode
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
 
@@ -167,6 +172,8 @@ class LocalTritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--model-control-mode={self.model_control_mode}",
+            *(["--load-model=*"] if self.model_control_mode == "explicit" else []),
         ]
 
     def start(self) -> "LocalTritonServer":

@@ -29,6 +29,10 @@ SERVER_REQUIREMENTS = (
     "opencv-python-headless==4.11.0.86",
     "onnxruntime==1.24.4",
 )
+# glibc hands every freed multi-MB buffer (a 4.9 MB letterboxed image, a 2.7 MB head output) back to the OS and
+# page-faults it in again on the next request: the served preprocess took 14 ms per image instead of 5.5.
+# Buffers below 64 MiB stay in the heap instead, for the server and, inherited, every Python backend stub.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
 MARKER_NAME = "yqpack-server-env.json"
 INSTALL_LOG_NAME = "install.log"
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -53,6 +57,8 @@ class ServerEnv:
         env["VIRTUAL_ENV"] = str(self.root)
         for name in ("PYTHONPATH", "PYTHONHOME"):  # the build env's paths must not leak into the stub
             env.pop(name, None)
+        for name, value in MALLOC_ENV.items():  # a user's own setting wins
+            env.setdefault(name, value)
         return env
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from packager import deploy
 from packager.assets import PROJECT_ROOT
+from packager.server_env import MALLOC_ENV
 
 DEPLOY = PROJECT_ROOT / "deploy"
 
@@ -106,6 +107,8 @@ def test_compose_structure(compose):
     assert [p.rsplit(":", 1)[1].strip('"') for p in triton["ports"]] == ["8000", "8001", "8002"]
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert "--model-repository=/models" in triton["command"]
+    # The same allocator settings as the embedded server (the Python steps page-fault without them).
+    assert {name: str(value) for name, value in triton["environment"].items()} == MALLOC_ENV
 
 
 def test_image_tag_is_set_in_one_place():

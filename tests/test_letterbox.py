@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from packager.assets import ultralytics_offline_env
-from packager.letterbox import LetterboxInfo, decode_image, letterbox, preprocess, preprocess_bytes
+from packager.letterbox import LetterboxInfo, decode_image, letterbox, preprocess, preprocess_bytes, to_chw_float
 
 ultralytics_offline_env()
 from ultralytics.data.augment import LetterBox  # noqa: E402
@@ -75,6 +75,13 @@ def test_detector_layout_is_rgb_chw_unit_range():
     letterboxed, _ = letterbox(image, (64, 64))
     assert chw.shape == (3, 64, 64) and chw.dtype == np.float32
     np.testing.assert_allclose(chw, letterboxed[:, :, ::-1].transpose(2, 0, 1) / 255.0, rtol=0, atol=1e-7)
+    # Bit for bit the float32 arithmetic of x * (1/255), whether allocated or written into a served batch.
+    expected = letterboxed[:, :, ::-1].transpose(2, 0, 1).astype(np.float32) * np.float32(1.0 / 255.0)
+    batch = np.full((2, 3, 64, 64), np.nan, dtype=np.float32)
+    assert np.shares_memory(to_chw_float(letterboxed, out=batch[1]), batch)
+    np.testing.assert_array_equal(chw, expected)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert np.isnan(batch[0]).all()
     # The served letterbox_info tensor is float32: the round trip keeps geometry to float32 precision.
     np.testing.assert_allclose(LetterboxInfo.from_array(info.as_array()), info, rtol=1e-6)
 

@@ -46,8 +46,11 @@ def assert_same_detections(ours: np.ndarray, theirs: np.ndarray) -> None:
     np.testing.assert_allclose(ours[key(ours)], theirs[key(theirs)], rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("thresholds", [EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds(0.1, 0.5, 20, True)],
-                         ids=["eval", "production", "tight-max-det"])
+@pytest.mark.parametrize(
+    "thresholds",
+    [EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds(0.1, 0.5, 20, True), Thresholds(0.001, 0.7, 300, False)],
+    ids=["eval", "production", "tight-max-det", "single-label-low-conf"],
+)
 def test_decode_matches_ultralytics_nms(raw_outputs, thresholds):
     total = 0
     for raw, _ in raw_outputs:

@@ -67,6 +67,9 @@ def test_batching_is_consistent(rendered):
         assert detector.HasField("dynamic_batching"), "the detector must batch dynamically"
         assert list(detector.dynamic_batching.preferred_batch_size), "the detector needs preferred batch sizes"
         assert detector.instance_group and detector.instance_group[0].count >= 1
+        # A CPU detector's ~100 ms batches gather waiting requests anyway; a GPU one needs a short window.
+        delay = detector.dynamic_batching.max_queue_delay_microseconds
+        assert delay == 0 if rendered.target in ("local", "cpu") else 0 < delay <= 10_000, (rendered.target, delay)
         for step in ensemble.ensemble_scheduling.step:
             assert ensemble.max_batch_size <= configs[step.model_name].max_batch_size, step.model_name
 

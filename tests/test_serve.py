@@ -26,6 +26,7 @@ from packager.letterbox import preprocess_bytes
 from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
 from packager.repository import detector_name
 from packager.serve import LocalTritonServer, find_free_ports, read_state, shm_regions, stub_processes
+from packager.server_env import MALLOC_ENV
 
 pytestmark = pytest.mark.slow
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -238,6 +239,11 @@ def test_shutdown_leaves_no_process_and_no_shm(model_repository, server_env, fre
         assert len(stubs) >= 5, "each Python-backend instance runs a stub process"
         assert shm_regions(server.shm_prefix), "the Python backend keeps its shm regions under our prefix"
         assert server.is_alive()
+        for process in (pid, *stubs):  # the stubs inherit the server's allocator settings
+            environ = dict(
+                item.split("=", 1) for item in Path(f"/proc/{process}/environ").read_text().split("\0") if "=" in item
+            )
+            assert {name: environ.get(name) for name in MALLOC_ENV} == MALLOC_ENV
     assert server.process.returncode == 0, server.log_tail()
     assert not Path(f"/proc/{pid}").exists()
     assert not any(Path(f"/proc/{stub}").exists() for stub in stubs)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,47 +277,85 @@ def test_no_server_is_a_clear_error_after_wait(sample_val, tmp_path):
     assert "Traceback" not in completed.stderr
 
 
-@pytest.mark.slow
-def test_server_killed_mid_verify_reports_incomplete(yolov8n_build, server_env, sample_val, tmp_path):
-    """Its own server (never the shared one): killed with SIGKILL while verify's load phase runs."""
+def _verify_interrupted(server, build_dir, sample_val, report_dir, interrupt) -> tuple[int, str]:
+    """Run `yqpack verify` against `server`, call `interrupt()` once its load phase is under way; (exit code, stderr)."""
     import tritonclient.grpc as grpcclient
 
-    from packager.repository import render_repository
-    from packager.serve import LocalTritonServer, find_free_ports
-
-    build_dir = yolov8n_build
-    repository = render_repository(build_dir, tmp_path / "repository", target="local", precisions=("fp32",))
-    grpc_port, http_port, metrics_port = find_free_ports(3)
-    server = LocalTritonServer(repository.path, server_env, grpc_port=grpc_port, http_port=http_port,
-                               metrics_port=metrics_port, log_path=tmp_path / "tritonserver.log")
     images, annotations = sample_val
-    report_dir = tmp_path / "report"
-    with server:
-        verify = subprocess.Popen(
-            [sys.executable, "-m", "packager.cli", "verify", "--url", server.grpc_url, "--images", str(images),
-             "--annotations", str(annotations), "--build", str(build_dir), "--max-images", "4",
-             "--concurrency", "2", "--duration", "300", "--warmup", "0", "--no-detector-load",
-             "--report-dir", str(report_dir), "--no-progress"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            client = grpcclient.InferenceServerClient(server.grpc_url)
-            served = 0
-            while served < 8 and verify.poll() is None:  # 4 accuracy requests, then load requests
-                time.sleep(0.5)
-                stats = client.get_inference_statistics("yolov8n_fp32", as_json=True)
-                served = int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
-            client.close()
-            assert verify.poll() is None, f"verify ended before the kill: {verify.communicate()}"
-            os.kill(server.pid, signal.SIGKILL)
-            stdout, stderr = verify.communicate(timeout=240)
-        finally:
-            if verify.poll() is None:
-                verify.kill()
-                verify.wait()
-    assert verify.returncode == 3, stderr
-    assert "incomplete:" in stderr
+    verify = subprocess.Popen(
+        [sys.executable, "-m", "packager.cli", "verify", "--url", server.grpc_url, "--images", str(images),
+         "--annotations", str(annotations), "--build", str(build_dir), "--max-images", "4",
+         "--concurrency", "2", "--duration", "300", "--warmup", "0", "--no-detector-load",
+         "--report-dir", str(report_dir), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        served = 0
+        while served < 8 and verify.poll() is None:  # 4 accuracy requests, then load requests
+            time.sleep(0.5)
+            stats = client.get_inference_statistics("yolov8n_fp32", as_json=True)
+            served = int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+        client.close()
+        assert verify.poll() is None, f"verify ended before the interruption: {verify.communicate()}"
+        interrupt()
+        _, stderr = verify.communicate(timeout=240)
+    finally:
+        if verify.poll() is None:
+            verify.kill()
+            verify.wait()
+    return verify.returncode, stderr
+
+
+def _assert_incomplete_report(report_dir: Path) -> dict:
     report = json.loads((report_dir / "report.json").read_text())
     assert report["status"] == "incomplete" and report["incomplete_reason"]
     markdown = (report_dir / "report.md").read_text()
     assert markdown.startswith("# yqpack verify: INCOMPLETE") and "PASS" not in markdown
+    return report
+
+
+@pytest.fixture
+def own_server(yolov8n_build, server_env, tmp_path):
+    """A server of this test's own (never the shared one), fp32 only, whose models clients may unload."""
+    from packager.repository import render_repository
+    from packager.serve import LocalTritonServer, find_free_ports
+
+    repository = render_repository(yolov8n_build, tmp_path / "repository", target="local", precisions=("fp32",))
+    grpc_port, http_port, metrics_port = find_free_ports(3)
+    server = LocalTritonServer(repository.path, server_env, grpc_port=grpc_port, http_port=http_port,
+                               metrics_port=metrics_port, log_path=tmp_path / "tritonserver.log",
+                               model_control_mode="explicit")
+    with server:
+        yield server
+
+
+@pytest.mark.slow
+def test_server_killed_mid_verify_reports_incomplete(own_server, yolov8n_build, sample_val, tmp_path):
+    """SIGKILL to the server while verify's load phase runs."""
+    report_dir = tmp_path / "report"
+    code, stderr = _verify_interrupted(
+        own_server, yolov8n_build, sample_val, report_dir, lambda: os.kill(own_server.pid, signal.SIGKILL)
+    )
+    assert code == 3, stderr
+    assert "incomplete:" in stderr
+    _assert_incomplete_report(report_dir)
+
+
+@pytest.mark.slow
+def test_model_unloaded_mid_verify_reports_incomplete(own_server, yolov8n_build, sample_val, tmp_path):
+    """The ensemble is unloaded (explicit model control) while verify's load phase runs: never a pass."""
+    import tritonclient.grpc as grpcclient
+
+    def unload():
+        client = grpcclient.InferenceServerClient(own_server.grpc_url)
+        client.unload_model("yolov8n_fp32")
+        client.close()
+
+    report_dir = tmp_path / "report"
+    code, stderr = _verify_interrupted(own_server, yolov8n_build, sample_val, report_dir, unload)
+    assert code == 3, stderr
+    assert "incomplete:" in stderr and "yolov8n_fp32" in stderr
+    report = _assert_incomplete_report(report_dir)
+    assert "yolov8n_fp32" in report["incomplete_reason"]
+    assert own_server.is_alive(), "unloading a model must not take the server down"

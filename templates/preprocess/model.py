@@ -34,7 +34,7 @@ class TritonPythonModel:
             infos = np.empty((len(encoded), 5), dtype=np.float32)
             for index, data in enumerate(encoded):
                 boxed, info = letterbox(decode_image(_as_bytes(data)), self.size)
-                images[index] = to_chw_float(boxed)
+                to_chw_float(boxed, out=images[index])
                 infos[index] = info.as_array()
         except Exception as error:  # noqa: BLE001  (any failure is this request's error, not the server's)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess: {error}"))
