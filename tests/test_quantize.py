@@ -167,3 +167,31 @@ def test_derived_fp16_twin_equals_modelopt_fp16_quantization(yolov8n_build, tmp_
     derived = onnx_session(ours.int8_path).run(None, {"images": x})[0]
     direct = onnx_session(tmp_path / "direct.onnx").run(None, {"images": x})[0]
     np.testing.assert_array_equal(derived, direct)
+
+
+@pytest.mark.slow
+def test_dq_only_stores_int8_weights_and_computes_the_same(yolov8n_build, tmp_path):
+    """--dq-only: weights become INT8 initializers read by DequantizeLinear (no weight QuantizeLinear left), in both
+    twins, and the model computes exactly what the Q/DQ-weights model of the same calibration computes."""
+    from packager.onnx_eval import onnx_session
+
+    calib = np.load(yolov8n_build / "calib.npy", mmap_mode="r")[:8].copy()
+    source = artifact_path(yolov8n_build, "fp32")
+    twins = {dq_only: quantize_int8_twins(source, calib, tmp_path / str(dq_only), QuantizeOptions(dq_only=dq_only))
+             for dq_only in (False, True)}
+
+    def weight_quantizers(model) -> int:
+        initializers = {init.name for init in model.graph.initializer}
+        return sum(node.op_type == "QuantizeLinear" and node.input[0] in initializers for node in model.graph.node)
+
+    def int8_conv_weights(model) -> int:
+        return sum(init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4 for init in model.graph.initializer)
+
+    with_q, dq_only = (onnx.load(str(twins[flag].int8_fp32_path)) for flag in (False, True))
+    assert weight_quantizers(with_q) > 0 and int8_conv_weights(with_q) == 0
+    assert weight_quantizers(dq_only) == 0 and int8_conv_weights(dq_only) == weight_quantizers(with_q)
+    assert int8_conv_weights(onnx.load(str(twins[True].int8_path))) == int8_conv_weights(dq_only)
+    assert quantized_node_names(dq_only) == quantized_node_names(with_q)
+    x = calib[:2]
+    outputs = [onnx_session(twins[flag].int8_fp32_path).run(None, {"images": x})[0] for flag in (False, True)]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
