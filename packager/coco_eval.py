@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .bootstrap import PerImageResults, ground_truth_only_results, per_image_results
+
 
 @dataclass
 class CocoMetrics:
@@ -87,6 +89,24 @@ def evaluate(
     results_json: str | Path | None = None,
 ) -> CocoMetrics:
     """mAP of `detections` over exactly the images they cover (every image needs an entry, even empty)."""
+    return evaluate_images(detections, ground_truth, class_names, results_json).metrics
+
+
+@dataclass
+class CocoEvaluation:
+    """The summary metrics and pycocotools' per-image results behind them (for the bootstrap intervals)."""
+
+    metrics: CocoMetrics
+    per_image: PerImageResults
+
+
+def evaluate_images(
+    detections: dict[str, np.ndarray],
+    ground_truth: CocoGroundTruth,
+    class_names: list[str],
+    results_json: str | Path | None = None,
+) -> CocoEvaluation:
+    """Like `evaluate`, also keeping COCOeval's per-image matching results."""
     from pycocotools.cocoeval import COCOeval
 
     results = to_coco_results(detections, ground_truth, class_names)
@@ -94,7 +114,8 @@ def evaluate(
         Path(results_json).write_text(json.dumps(results))
     image_ids = sorted(ground_truth.image_ids[Path(name).name] for name in detections)
     if not results:
-        return CocoMetrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, len(image_ids), 0)
+        return CocoEvaluation(CocoMetrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, len(image_ids), 0),
+                              ground_truth_only_results(ground_truth.coco, image_ids))
     with contextlib.redirect_stdout(io.StringIO()):
         predictions = ground_truth.coco.loadRes(results)
         evaluator = COCOeval(ground_truth.coco, predictions, "bbox")
@@ -103,4 +124,5 @@ def evaluate(
         evaluator.accumulate()
         evaluator.summarize()
     stats = [float(v) for v in evaluator.stats]
-    return CocoMetrics(stats[0], stats[1], stats[2], stats[3], stats[4], stats[5], len(image_ids), len(results))
+    metrics = CocoMetrics(stats[0], stats[1], stats[2], stats[3], stats[4], stats[5], len(image_ids), len(results))
+    return CocoEvaluation(metrics, per_image_results(evaluator))
