@@ -122,3 +122,46 @@ def load_calibration_file(path: str | Path, imgsz: tuple[int, int] | None = None
     if not np.isfinite(data).all():
         raise ValueError(f"calibration data in {path.name} contains NaN or infinite values")
     return data
+
+
+class DataOverlapError(ValueError):
+    """A validation image is also a calibration (or tuning) image: the accuracy gate would be measured on
+    images the recipe has seen."""
+
+
+def image_hashes(files) -> dict[str, str]:
+    """{sha256 of the file bytes: file name}: the identity of an image whatever it is called."""
+    from .manifest import sha256_file
+
+    return {sha256_file(path): Path(path).name for path in files}
+
+
+def find_overlap(validation_files, used: dict[str, dict[str, str]]) -> list[str]:
+    """Validation images whose bytes equal an image in `used` ({role: {sha256: name}}, role e.g. "calibration"),
+    as readable lines "val.jpg = calibration image calib_007.jpg"."""
+    overlaps = []
+    for digest, name in image_hashes(validation_files).items():
+        for role, hashes in used.items():
+            if digest in hashes:
+                overlaps.append(f"{name} = {role} image {hashes[digest]}")
+    return overlaps
+
+
+def check_no_overlap(validation_files, used: dict[str, dict[str, str]], allow: bool = False) -> list[str]:
+    """Raise DataOverlapError when a validation image is also a calibration/tuning image (by content hash);
+    with `allow` only log a loud warning. Returns the overlaps found."""
+    overlaps = find_overlap(validation_files, used)
+    if overlaps:
+        message = (f"{len(overlaps)} validation image(s) were also used to build the model, so the accuracy "
+                   f"gate would be measured on seen data: {'; '.join(overlaps[:5])}"
+                   f"{' ...' if len(overlaps) > 5 else ''}. Use disjoint image sets")
+        if not allow:
+            raise DataOverlapError(message + " (or --allow-overlap to go on anyway)")
+        log.warning("OVERLAP: %s", message)
+    return overlaps
+
+
+def calibration_files(images_dir: str | Path, result: CalibrationResult) -> list[Path]:
+    """The files `build_calibration` letterboxed into `result`: the first readable ones, sorted by name."""
+    skipped = set(result.skipped)
+    return [p for p in list_images(images_dir) if p.name not in skipped][: result.count]

@@ -63,9 +63,14 @@ def _user_errors(action):
               help="Also render a Triton model repository from the build into this folder.")
 @click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True,
               help="Serving target of the rendered repository (with --repository).")
+@click.option("--fp8/--no-fp8", default=None,
+              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 [default: only with "
+                   "--target gpu, the one target that serves FP8].")
+@click.option("--allow-overlap", is_flag=True,
+              help="Warn instead of refusing when a --val-images image is also a calibration image (by content).")
 def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, preset,
           calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
-          val_images, val_annotations, min_map_ratio, repository, target) -> None:
+          val_images, val_annotations, min_map_ratio, repository, target, fp8, allow_overlap) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
 
@@ -82,7 +87,7 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
             trt_plugins=list(trt_plugins),
         ),
         val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
-        repository=repository, repository_target=target,
+        repository=repository, repository_target=target, fp8=fp8, allow_overlap=allow_overlap,
     )
     result = _user_errors(lambda: run_build(options))
     Console().print(summary_table(result))
@@ -94,27 +99,32 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
 @click.option("--val-images", required=True, type=click.Path(path_type=Path))
 @click.option("--val-annotations", required=True, type=click.Path(path_type=Path))
 @click.option("--variants", default="fp32,fp16,int8-fp32", show_default=True,
-              help="Comma-separated ONNX variants (fp32, fp16, int8, int8-fp32).")
+              help="Comma-separated ONNX variants (fp32, fp16, int8, int8-fp32, fp8, fp8-fp32).")
 @click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
-              help="Gate: int8-fp32 mAP50-95 must be at least this fraction of FP32 (0 disables).")
+              help="Gate: int8-fp32 (and fp8-fp32) mAP50-95 must be at least this fraction of FP32 (0 disables).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics to this JSON file.")
-def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path) -> None:
-    """COCO mAP of a build's ONNX variants with onnxruntime (CPU), plus the INT8 accuracy gate."""
+@click.option("--allow-overlap", is_flag=True,
+              help="Warn instead of refusing when a validation image is one of the build's calibration images.")
+def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path, allow_overlap) -> None:
+    """COCO mAP of a build's ONNX variants with onnxruntime (CPU), ratios vs FP32 with 95 % intervals, gates."""
     import json
 
     from rich.console import Console
 
-    from packager.onnx_eval import check_gate, evaluate_build
+    from packager.onnx_eval import check_gate, evaluate_build_detailed
     from packager.pipeline import metrics_table
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    metrics = _user_errors(lambda: evaluate_build(build_dir, val_images, val_annotations, names))
-    Console().print(metrics_table(metrics))
+    evaluation = _user_errors(lambda: evaluate_build_detailed(build_dir, val_images, val_annotations, names,
+                                                              allow_overlap=allow_overlap))
+    Console().print(metrics_table(evaluation.metrics, evaluation.intervals, evaluation.coverage))
     if json_path is not None:
-        json_path.write_text(json.dumps({v: m.as_dict() for v, m in metrics.items()}, indent=2) + "\n")
-    if min_map_ratio > 0 and "fp32" in metrics and "int8-fp32" in metrics:
-        gate = _user_errors(lambda: check_gate(metrics, min_map_ratio))
-        click.echo(f"Gate passed: {gate.message()}")
+        json_path.write_text(json.dumps(evaluation.as_dict(), indent=2) + "\n")
+    for variant in ("int8-fp32", "fp8-fp32"):
+        if min_map_ratio > 0 and "fp32" in evaluation.metrics and variant in evaluation.metrics:
+            gate = _user_errors(lambda: check_gate(evaluation.metrics, min_map_ratio, variant,  # noqa: B023
+                                                   evaluation.intervals.get(variant)))
+            click.echo(f"Gate passed: {gate.message()}")
 
 
 # --- serve / stop / server-env ---

@@ -9,13 +9,15 @@ from importlib import metadata
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
-ONNX_VARIANTS = ("fp32", "fp16", "int8", "int8-fp32")
+ONNX_VARIANTS = ("fp32", "fp16", "int8", "int8-fp32", "fp8", "fp8-fp32")
 # Relative paths inside a build directory, per artifact variant.
 ARTIFACT_FILES = {
     "fp32": "onnx/model.fp32.onnx",
     "fp16": "onnx/model.fp16.onnx",
     "int8": "onnx/model.int8.onnx",
     "int8-fp32": "onnx/model.int8-fp32.onnx",
+    "fp8": "onnx/model.fp8.onnx",  # only with --fp8 (TensorRT, compute capability >= 8.9)
+    "fp8-fp32": "onnx/model.fp8-fp32.onnx",
     "calib": "calib.npy",
 }
 _VERSIONED_PACKAGES = {

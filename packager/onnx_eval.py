@@ -6,19 +6,25 @@ the faithful stand-in for INT8 accuracy is the `int8-fp32` twin (identical scale
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.progress import track
 
-from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate
+from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, PerImageResults, RatioInterval, paired_ratio
+from .calibration import check_no_overlap
+from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate_images
+from .coverage import conv_coverage
 from .letterbox import preprocess, read_image
 from .manifest import artifact_path, load_manifest
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
 GATED_VARIANT = "int8-fp32"
+# ModelOpt's FP8 Q/DQ runs on onnxruntime CPU only unoptimized: with graph optimizations on, onnxruntime fuses
+# Q/DQ pairs into QLinear* kernels that reject float8 types.
+UNOPTIMIZED_VARIANTS = ("fp8", "fp8-fp32")
 DEFAULT_MIN_MAP_RATIO = 0.99
 
 
@@ -32,6 +38,7 @@ class GateResult:
     reference_map: float
     variant_map: float
     min_ratio: float
+    interval: RatioInterval | None = None  # paired bootstrap over images
 
     @property
     def ratio(self) -> float:
@@ -41,17 +48,68 @@ class GateResult:
     def passed(self) -> bool:
         return self.variant_map >= self.min_ratio * self.reference_map
 
+    @property
+    def margin(self) -> float:
+        """What the gate tests: a loss of at most 1 - min_ratio."""
+        return abs(1.0 - self.min_ratio)
+
+    @property
+    def decidable(self) -> bool | None:
+        """False when the interval is wider than the margin tested: too few images to tell pass from fail."""
+        return None if self.interval is None else not self.interval.too_small_to_decide(self.margin)
+
     def message(self) -> str:
-        return (
-            f"{self.variant} mAP50-95 {self.variant_map:.4f} vs fp32 {self.reference_map:.4f} "
-            f"(ratio {self.ratio:.4f}, required >= {self.min_ratio})"
-        )
+        text = f"{self.variant} mAP50-95 {self.variant_map:.4f} vs fp32 {self.reference_map:.4f} (ratio {self.ratio:.4f}"
+        interval = self.interval
+        if interval is None:
+            return text + f", required >= {self.min_ratio})"
+        text += (f", {interval.confidence:.0%} interval {interval.low:.4f}-{interval.high:.4f} over {interval.images} "
+                 f"images, {interval.resamples} paired bootstrap resamples; required >= {self.min_ratio})")
+        if not self.decidable:
+            text += (f"; TOO FEW IMAGES TO DECIDE: the interval is {interval.width:.3f} wide, wider than the "
+                     f"{self.margin:.3f} margin tested (about {interval.images_needed(self.margin / 2):,} images "
+                     f"would narrow it to +-{self.margin / 2:.3f}, extrapolated)")
+        return text
 
 
-def onnx_session(path: str | Path, threads: int = 0):
+@dataclass
+class BuildEvaluation:
+    """COCO metrics of each variant, pycocotools' per-image results behind them, each variant's ratio vs fp32
+    with its paired bootstrap interval, the quantized share of convolution MACs, and any overlap found between
+    the validation images and the build's calibration images."""
+
+    metrics: dict[str, CocoMetrics]
+    per_image: dict[str, PerImageResults]
+    intervals: dict[str, RatioInterval] = field(default_factory=dict)
+    coverage: dict[str, float] = field(default_factory=dict)
+    overlaps: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """{variant: metrics + ratio_vs_fp32 (with interval) + quantized_mac_coverage} (eval-onnx --json)."""
+        out = {}
+        for variant, metrics in self.metrics.items():
+            out[variant] = metrics.as_dict()
+            if variant in self.intervals:
+                out[variant]["ratio_vs_fp32"] = self.intervals[variant].as_dict()
+            if variant in self.coverage:
+                out[variant]["quantized_mac_coverage"] = round(self.coverage[variant], 5)
+        return out
+
+    def ratios(self, reference: str = "fp32", resamples: int = DEFAULT_RESAMPLES,
+               seed: int = DEFAULT_SEED) -> dict[str, RatioInterval]:
+        """Every other variant against `reference`: mAP50-95 ratio with its paired bootstrap interval."""
+        if reference not in self.per_image:
+            return {}
+        return {variant: paired_ratio(results, self.per_image[reference], variant, reference, resamples, seed)
+                for variant, results in self.per_image.items() if variant != reference}
+
+
+def onnx_session(path: str | Path, threads: int = 0, optimize: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # onnxruntime's own warnings about unused initializers are noise here
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -64,9 +122,10 @@ def detect_images(
     thresholds: Thresholds = EVAL_THRESHOLDS,
     label: str = "",
     show_progress: bool = True,
+    optimize: bool = True,
 ) -> dict[str, np.ndarray]:
     """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}."""
-    session = onnx_session(model_path)
+    session = onnx_session(model_path, optimize=optimize)
     input_name = session.get_inputs()[0].name
     detections = {}
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
@@ -84,29 +143,65 @@ def evaluate_build(
     show_progress: bool = True,
 ) -> dict[str, CocoMetrics]:
     """mAP of each ONNX variant of a build on the annotated images found in `images_dir`."""
-    manifest = load_manifest(build_dir)
+    return evaluate_build_detailed(build_dir, images_dir, annotations, variants, show_progress).metrics
+
+
+def validation_files(images_dir: str | Path, annotations: str | Path) -> tuple[CocoGroundTruth, list[Path]]:
+    """The annotation file and the annotated images present in `images_dir` (what the evaluation uses)."""
     ground_truth = CocoGroundTruth(annotations)
     if not Path(images_dir).is_dir():
         raise FileNotFoundError(f"validation image folder not found: {images_dir}")
     image_files = ground_truth.image_files(images_dir)
     if not image_files:
         raise ValueError(f"none of the images listed in {Path(annotations).name} are in {images_dir}")
+    return ground_truth, image_files
+
+
+def evaluate_build_detailed(
+    build_dir: str | Path,
+    images_dir: str | Path,
+    annotations: str | Path,
+    variants=DEFAULT_VARIANTS,
+    show_progress: bool = True,
+    allow_overlap: bool = False,
+) -> BuildEvaluation:
+    """Like `evaluate_build`, plus ratios vs fp32 with bootstrap intervals and MAC coverage. Refuses (or, with
+    `allow_overlap`, warns) when a validation image is one of the build's calibration images."""
+    manifest = load_manifest(build_dir)
+    ground_truth, image_files = validation_files(images_dir, annotations)
+    used = {role: manifest.get(role, {}).get("image_sha256") or {} for role in ("calibration", "tuning")}
+    overlaps = check_no_overlap(image_files, {k: v for k, v in used.items() if v}, allow=allow_overlap)
     imgsz = tuple(manifest["imgsz"])
-    results = {}
+    metrics, per_image = {}, {}
     for variant in variants:
         detections = detect_images(artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress)
-        results[variant] = evaluate(detections, ground_truth, manifest["class_names"])
-    return results
+                                   show_progress=show_progress, optimize=variant not in UNOPTIMIZED_VARIANTS)
+        evaluation = evaluate_images(detections, ground_truth, manifest["class_names"])
+        metrics[variant], per_image[variant] = evaluation.metrics, evaluation.per_image
+    result = BuildEvaluation(metrics, per_image, overlaps=overlaps)
+    result.intervals = result.ratios()
+    result.coverage = coverage_by_variant(build_dir, variants)
+    return result
+
+
+def coverage_by_variant(build_dir: str | Path, variants) -> dict[str, float]:
+    """Share of convolution MACs each quantized variant runs in its quantized type (int8 or fp8)."""
+    return {variant: conv_coverage(artifact_path(build_dir, variant)).share(variant.split("-")[0])
+            for variant in variants if variant.split("-")[0] in ("int8", "fp8")}
 
 
 def check_gate(
-    metrics: dict[str, CocoMetrics], min_ratio: float = DEFAULT_MIN_MAP_RATIO, variant: str = GATED_VARIANT
+    metrics: dict[str, CocoMetrics],
+    min_ratio: float = DEFAULT_MIN_MAP_RATIO,
+    variant: str = GATED_VARIANT,
+    interval: RatioInterval | None = None,
 ) -> GateResult:
-    """Raise AccuracyGateError unless `variant` mAP50-95 >= min_ratio x fp32 mAP50-95."""
+    """Raise AccuracyGateError unless `variant` mAP50-95 >= min_ratio x fp32 mAP50-95 (on the point estimate;
+    the interval, when given, is reported with a plain warning when it is wider than the margin tested)."""
     if "fp32" not in metrics or variant not in metrics:
         raise ValueError(f"the accuracy gate needs fp32 and {variant} results, got {', '.join(metrics)}")
-    gate = GateResult(variant, metrics["fp32"].map50_95, metrics[variant].map50_95, min_ratio)
+    gate = GateResult(variant, metrics["fp32"].map50_95, metrics[variant].map50_95, min_ratio, interval)
     if not gate.passed:
-        raise AccuracyGateError(f"INT8 accuracy gate failed: {gate.message()}")
+        kind = "FP8" if variant.startswith("fp8") else "INT8"
+        raise AccuracyGateError(f"{kind} accuracy gate failed: {gate.message()}")
     return gate

@@ -16,19 +16,32 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .calibration import DEFAULT_CALIB_SIZE, CalibrationResult, build_calibration, list_images, load_calibration_file
+from .bootstrap import RatioInterval
+from .calibration import (
+    DEFAULT_CALIB_SIZE,
+    CalibrationResult,
+    build_calibration,
+    calibration_files,
+    check_no_overlap,
+    image_hashes,
+    list_images,
+    load_calibration_file,
+)
 from .coco_eval import CocoMetrics
+from .coverage import ConvCoverage, conv_coverage
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
 from .manifest import ARTIFACT_FILES, MANIFEST_NAME, artifact_entries, library_versions, write_manifest
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
     DEFAULT_VARIANTS,
+    GATED_VARIANT,
     AccuracyGateError,
     GateResult,
     check_gate,
-    evaluate_build,
+    evaluate_build_detailed,
+    validation_files,
 )
-from .quantize import QuantizeOptions, QuantizeResult, convert_fp16, quantize_int8_twins
+from .quantize import Fp8Result, QuantizeOptions, QuantizeResult, convert_fp16, quantize_fp8_twins, quantize_int8_twins
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
 BATCHNORM_IMAGES = 16
@@ -52,6 +65,12 @@ class BuildOptions:
     repository: Path | None = None  # render a Triton model repository from the finished build
     repository_target: str = "local"
     show_progress: bool = True
+    fp8: bool | None = None  # None: only when the repository target is gpu (the one target that serves FP8)
+    allow_overlap: bool = False  # validation images shared with calibration: warn instead of refusing
+
+    @property
+    def build_fp8(self) -> bool:
+        return self.fp8 if self.fp8 is not None else (self.repository is not None and self.repository_target == "gpu")
 
 
 @dataclass
@@ -64,6 +83,10 @@ class BuildResult:
     gate: GateResult | None = None
     repository: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    coverage: dict[str, ConvCoverage] = field(default_factory=dict)  # int8 / fp8 artifact -> MAC coverage
+    fp8: Fp8Result | None = None
+    intervals: dict[str, RatioInterval] = field(default_factory=dict)  # variant -> ratio vs fp32 with interval
+    gates: list[GateResult] = field(default_factory=list)
 
 
 def validate_options(options: BuildOptions) -> None:
@@ -128,6 +151,7 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     if calibration.skipped:
         console.print(f"[yellow]Skipped {len(calibration.skipped)} unreadable calibration image(s):[/] "
                       + ", ".join(calibration.skipped))
+    calibration_hashes = _check_disjoint(options, calibration, console)
 
     started = time.perf_counter()
     random_init = Path(options.model).suffix.lower() in (".yaml", ".yml")
@@ -153,6 +177,15 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
                       + ", ".join(quantization.excluded_nodes))
     if quantization.excluded_ops:
         console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    coverage = {"int8": conv_coverage(quantization.int8_fp32_path)}
+    fp8 = None
+    if options.build_fp8:
+        started = time.perf_counter()
+        with console.status(f"ModelOpt FP8 PTQ (same calibration, {calibration.count} images)"):
+            fp8 = quantize_fp8_twins(build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx",
+                                     quantization.excluded_nodes, quantization.excluded_ops, options.quantize)
+        timings["fp8"] = time.perf_counter() - started
+        coverage["fp8"] = conv_coverage(fp8.fp8_fp32_path)
 
     started = time.perf_counter()
     with console.status("FP16 baseline (ModelOpt AutoCast)"):
@@ -160,24 +193,74 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     timings["fp16"] = time.perf_counter() - started
 
     manifest = _manifest(build_dir, options, exported, calibration, quantization)
+    _record_quantization_extras(manifest, coverage, fp8, calibration_hashes)
     write_manifest(build_dir, manifest)
-    result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings)
+    result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings, coverage=coverage, fp8=fp8)
 
     if options.val_images is not None:
         started = time.perf_counter()
-        result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
-                                        show_progress=options.show_progress)
+        _evaluate_and_gate(result, options, console)
         timings["evaluation"] = time.perf_counter() - started
-        manifest["evaluation"] = {variant: m.as_dict() for variant, m in result.metrics.items()}
-        console.print(metrics_table(result.metrics))
-        try:
-            result.gate = check_gate(result.metrics, options.min_map_ratio)
-        except AccuracyGateError as failure:
-            raise AccuracyGateError(f"{failure}; nothing was written to {options.out}") from None
-        manifest["evaluation"]["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
-                                          "ratio": round(result.gate.ratio, 5), "passed": True}
         write_manifest(build_dir, manifest)
     return result
+
+
+def _check_disjoint(options: BuildOptions, calibration: CalibrationResult, console: Console) -> dict[str, str]:
+    """sha256 of the calibration images (recorded in the manifest for eval-onnx), and refuse validation images
+    that are calibration images too (same bytes, whatever their names)."""
+    if options.calib_images is None:
+        return {}
+    hashes = image_hashes(calibration_files(options.calib_images, calibration))
+    if options.val_images is not None:
+        _, val_files = validation_files(options.val_images, options.val_annotations)
+        overlaps = check_no_overlap(val_files, {"calibration": hashes}, allow=options.allow_overlap)
+        if overlaps:
+            console.print(f"[bold red]WARNING: {len(overlaps)} validation image(s) are calibration images; the "
+                          "accuracy gate below is measured partly on seen data[/]")
+    return hashes
+
+
+def _record_quantization_extras(manifest: dict, coverage: dict[str, ConvCoverage], fp8: Fp8Result | None,
+                                calibration_hashes: dict[str, str]) -> None:
+    manifest["quantization"]["int8_mac_coverage"] = round(coverage["int8"].share("int8"), 5)
+    manifest["quantization"]["conv_coverage"] = {k: c.as_dict() for k, c in coverage.items()}
+    manifest["calibration"]["image_sha256"] = calibration_hashes
+    if fp8 is not None:
+        manifest["fp8"] = {
+            "quantize_mode": "fp8", "format": "E4M3 (float8e4m3fn) Q/DQ",
+            "high_precision_dtype": {"fp8": "fp16", "fp8-fp32": "fp32"},
+            "same_calibration_and_exclusions_as_int8": True, "quantized_nodes": fp8.quantized_nodes,
+            "fp8_mac_coverage": round(coverage["fp8"].share("fp8"), 5), "wall_time_s": fp8.wall_time_s,
+            "served_on": "gpu target only (TensorRT, compute capability >= 8.9)",
+            "cpu_evaluation": "onnxruntime CPU with graph optimizations disabled",
+        }
+
+
+def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Console) -> None:
+    """mAP of every variant, ratios vs fp32 with paired bootstrap intervals, and the gate on each quantized one."""
+    gated = [GATED_VARIANT] + (["fp8-fp32"] if result.fp8 is not None else [])
+    evaluation = evaluate_build_detailed(result.build_dir, options.val_images, options.val_annotations,
+                                         tuple(DEFAULT_VARIANTS) + tuple(gated[1:]),
+                                         show_progress=options.show_progress, allow_overlap=options.allow_overlap)
+    result.metrics, result.intervals = evaluation.metrics, evaluation.intervals
+    manifest = result.manifest
+    manifest["evaluation"] = {variant: m.as_dict() for variant, m in result.metrics.items()}
+    manifest["evaluation"]["ratios_vs_fp32"] = {v: i.as_dict() for v, i in result.intervals.items()}
+    console.print(metrics_table(result.metrics, result.intervals, evaluation.coverage))
+    for variant in gated:
+        try:
+            gate = check_gate(result.metrics, options.min_map_ratio, variant, result.intervals.get(variant))
+        except AccuracyGateError as failure:
+            raise AccuracyGateError(f"{failure}; nothing was written to {options.out}") from None
+        if gate.decidable is False:
+            console.print(f"[bold yellow]Gate: {gate.message()}[/]")
+        result.gates.append(gate)
+    result.gate = result.gates[0]
+    manifest["evaluation"]["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
+                                      "ratio": round(result.gate.ratio, 5), "passed": True,
+                                      "decidable": result.gate.decidable}
+    manifest["evaluation"]["gates"] = [{"variant": g.variant, "ratio": round(g.ratio, 5), "passed": True,
+                                        "decidable": g.decidable} for g in result.gates]
 
 
 def _calibration(options: BuildOptions) -> CalibrationResult:
@@ -250,17 +333,34 @@ def _render_repository(build_dir: Path, options: BuildOptions, console: Console)
     with console.status(f"Rendering the Triton model repository into {options.repository}"):
         # TensorRT targets serve fp16/int8 engines; CPU targets can also serve the fp32 reference.
         gpu = options.repository_target.startswith("gpu")
+        # FP8 is served by TensorRT only (gpu target); CPU targets never serve it (see README).
+        fp8 = ("fp8",) if options.repository_target == "gpu" and (build_dir / ARTIFACT_FILES["fp8"]).is_file() else ()
         render_repository(build_dir, options.repository, options.repository_target,
-                          ("fp16", "int8") if gpu else ("fp32", "fp16", "int8"))
+                          ("fp16", "int8", *fp8) if gpu else ("fp32", "fp16", "int8"))
     return Path(options.repository)
 
 
-def metrics_table(metrics: dict[str, CocoMetrics]) -> Table:
+def metrics_table(metrics: dict[str, CocoMetrics], intervals: dict[str, RatioInterval] | None = None,
+                  coverage: dict[str, float] | None = None) -> Table:
+    """Per variant: mAP, the ratio vs fp32 with its 95 % paired bootstrap interval, and quantized MAC coverage."""
+    intervals, coverage = intervals or {}, coverage or {}
     table = Table(title="ONNX COCO evaluation (onnxruntime CPU)")
-    for column in ("variant", "mAP50-95", "mAP50", "images", "detections"):
+    columns = ["variant", "mAP50-95", "mAP50", "ratio vs fp32", "95% interval", "images", "detections"]
+    if coverage:
+        columns.append("quantized MACs")
+    for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     for variant, m in metrics.items():
-        table.add_row(variant, f"{m.map50_95:.4f}", f"{m.map50:.4f}", str(m.images), str(m.detections))
+        interval = intervals.get(variant)
+        row = [variant, f"{m.map50_95:.4f}", f"{m.map50:.4f}", f"{interval.ratio:.4f}" if interval else "-",
+               f"{interval.low:.4f}-{interval.high:.4f}" if interval else "-", str(m.images), str(m.detections)]
+        if coverage:
+            row.append(f"{coverage[variant]:.1%}" if variant in coverage else "-")
+        table.add_row(*row)
+    if intervals:
+        any_interval = next(iter(intervals.values()))
+        table.caption = (f"interval: paired bootstrap over images, {any_interval.resamples} resamples, "
+                         f"seed {any_interval.seed}")
     return table
 
 
@@ -277,7 +377,8 @@ def summary_table(result: BuildResult) -> Table:
     table.caption = (
         f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest['calibration']['count']} "
         f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise; "
+        + ", ".join(f"{k} {c.share(k):.1%} of conv MACs in {k.upper()}" for k, c in result.coverage.items()) + "; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
-        + (f"; gate {result.gate.message()}" if result.gate else "")
+        + "".join(f"; gate {gate.message()}" for gate in (result.gates or ([result.gate] if result.gate else [])))
     )
     return table
