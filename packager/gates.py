@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from .bootstrap import PerImageResults, RatioInterval, paired_ratio
 from .coco_eval import CocoMetrics
 from .loadtest import LevelResult
 
@@ -45,6 +46,8 @@ class Comparison:
     reference_peak_throughput: float
     speedup: float  # peak throughput over the reference's peak throughput
     speedup_per_concurrency: dict[int, float]
+    interval: RatioInterval | None = None  # paired bootstrap over images of map_ratio
+    mac_coverage: float | None = None  # share of conv MACs in this precision's quantized type (from --build)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,9 +79,15 @@ def peak_throughput(levels: Sequence[LevelResult]) -> float:
 
 
 def compare_precisions(
-    accuracy: Sequence[ServedAccuracy], load: dict[str, list[LevelResult]]
+    accuracy: Sequence[ServedAccuracy],
+    load: dict[str, list[LevelResult]],
+    per_image: dict[str, PerImageResults] | None = None,
+    coverage: dict[str, float] | None = None,
 ) -> list[Comparison]:
-    """Each non-reference precision against fp32 (if served) else fp16 of the same model family."""
+    """Each non-reference precision against fp32 (if served) else fp16 of the same model family; with
+    `per_image` (model -> pycocotools per-image results) the ratio gets a paired bootstrap interval, with
+    `coverage` (precision -> quantized MAC share) the coverage is attached."""
+    per_image, coverage = per_image or {}, coverage or {}
     comparisons = []
     for family in dict.fromkeys(item.family for item in accuracy):
         members = {item.precision: item for item in accuracy if item.family == family}
@@ -111,9 +120,31 @@ def compare_precisions(
                         for level in levels
                         if ref_levels.get(level.concurrency)
                     },
+                    interval=_served_interval(item, reference, per_image),
+                    mac_coverage=coverage.get(item.precision),
                 )
             )
     return comparisons
+
+
+def _served_interval(item: ServedAccuracy, reference: ServedAccuracy,
+                     per_image: dict[str, PerImageResults]) -> RatioInterval | None:
+    # Paired only over images both models answered; a failed request leaves an image out of one side.
+    a, b = per_image.get(item.model), per_image.get(reference.model)
+    if a is None or b is None or a.image_ids != b.image_ids:
+        return None
+    return paired_ratio(a, b, item.model, reference.model)
+
+
+def _interval_detail(comparison: Comparison, min_ratio: float) -> str:
+    interval = comparison.interval
+    if interval is None:
+        return ""
+    text = f", 95% interval {interval.low:.4f}-{interval.high:.4f} over {interval.images} images"
+    if interval.too_small_to_decide(abs(1 - min_ratio)):
+        text += (f"; too few images to decide: the interval ({interval.width:.3f} wide) is wider than the "
+                 f"{abs(1 - min_ratio):.3f} margin tested")
+    return text
 
 
 def evaluate_gates(
@@ -141,7 +172,8 @@ def evaluate_gates(
                     ratio,
                     thresholds.min_map_ratio,
                     f"mAP50-95 ratio vs {compared[item.model].reference_model} is {ratio:.4f}"
-                    + ("" if passed else f", {thresholds.min_map_ratio - ratio:.4f} below the minimum"),
+                    + ("" if passed else f", {thresholds.min_map_ratio - ratio:.4f} below the minimum")
+                    + _interval_detail(compared[item.model], thresholds.min_map_ratio),
                 )
             )
         elif item.metrics is None:

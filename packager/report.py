@@ -81,6 +81,11 @@ def _gate_number(gate: str, value: float) -> str:
     return _num(value, digits)
 
 
+def _interval_cell(comparison) -> str:
+    interval = comparison.interval
+    return "-" if interval is None else f"{interval.low:.4f}-{interval.high:.4f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -130,12 +135,18 @@ def render_markdown(result: "VerifyResult", plots: dict[str, str] | None = None)
     if result.comparisons:
         lines += ["## Precision vs reference", ""]
         lines += _table(
-            ["model", "reference", "mAP50-95", "reference mAP", "delta", "ratio", "peak img/s", "reference peak",
-             "speed-up"],
+            ["model", "reference", "mAP50-95", "reference mAP", "delta", "ratio", "95% interval",
+             "quantized MACs", "peak img/s", "reference peak", "speed-up"],
             [[c.model, c.reference_model, _num(c.map50_95, 4), _num(c.reference_map50_95, 4),
-              f"{c.map_delta:+.4f}", _num(c.map_ratio, 4), _num(c.peak_throughput), _num(c.reference_peak_throughput),
-              _num(c.speedup, 2) + "x"] for c in result.comparisons],
+              f"{c.map_delta:+.4f}", _num(c.map_ratio, 4), _interval_cell(c),
+              "-" if c.mac_coverage is None else f"{c.mac_coverage:.1%}", _num(c.peak_throughput),
+              _num(c.reference_peak_throughput), _num(c.speedup, 2) + "x"] for c in result.comparisons],
         )
+        first = next((c.interval for c in result.comparisons if c.interval), None)
+        if first is not None:
+            lines += [f"Interval: paired bootstrap over the {first.images} images, {first.resamples} resamples "
+                      f"(seed {first.seed}) of pycocotools' per-image results. Quantized MACs: share of "
+                      "convolution multiply-accumulates whose input and weight are quantized (from --build).", ""]
 
     if result.load:
         lines += ["## Load (ensemble, one encoded image per request)", ""]

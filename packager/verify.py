@@ -33,7 +33,7 @@ from .letterbox import decode_image, preprocess_bytes
 from .loadtest import LevelResult, ServerGone, TritonLoad, first_distinct, image_inputs, tensor_inputs
 from .postprocess import EVAL_THRESHOLDS
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Request parameters of the accuracy pass (see docs/architecture.md): Ultralytics' validation settings.
 EVAL_PARAMETERS = {
@@ -210,6 +210,24 @@ def manifest_class_names(build_dir: Path) -> list[str]:
     return list(names)
 
 
+def build_coverage(build_dir: Path | None) -> dict[str, float]:
+    """precision -> share of conv MACs it runs quantized, from the build's manifest (or its graphs, for builds
+    made before the manifest recorded it); empty without --build."""
+    if build_dir is None or not (Path(build_dir) / "manifest.json").is_file():
+        return {}
+    from .coverage import conv_coverage
+    from .manifest import artifact_path, load_manifest
+
+    manifest, coverage = load_manifest(build_dir), {}
+    for precision, variant in (("int8", "int8-fp32"), ("fp8", "fp8-fp32")):
+        recorded = manifest.get("quantization", {}).get("conv_coverage", {}).get(precision)
+        if recorded is not None:
+            coverage[precision] = recorded[f"{precision}_mac_coverage"]
+        elif variant in manifest.get("artifacts", {}):
+            coverage[precision] = conv_coverage(artifact_path(build_dir, variant)).share(precision)
+    return coverage
+
+
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
     """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
     from .repository import load_repository_info
@@ -233,6 +251,7 @@ class _Session:
         self.console = console
         self.load = TritonLoad(options.url, options.timeout_s)
         self.client = self.load.client
+        self.per_image: dict[str, object] = {}  # ensemble -> pycocotools per-image results (bootstrap intervals)
 
     def progress(self) -> Progress:
         return Progress(
@@ -357,8 +376,11 @@ class _Session:
             files[outcome.index].name: _real_rows(outcome.output) for outcome in outcomes if outcome.error is None
         }
         messages = first_distinct([o.error for o in outcomes if o.error is not None], 5)
-        metrics = coco_eval.evaluate(detections, ground_truth, model.class_names) if detections else None
-        return ServedAccuracy(model.name, model.family, model.precision, metrics, len(detections), errors, messages)
+        evaluation = coco_eval.evaluate_images(detections, ground_truth, model.class_names) if detections else None
+        if evaluation is not None:
+            self.per_image[model.name] = evaluation.per_image
+        return ServedAccuracy(model.name, model.family, model.precision, evaluation and evaluation.metrics,
+                              len(detections), errors, messages)
 
     async def load_levels(
         self, target: str, make_inputs, progress: Progress, step_models: Sequence[str] = ()
@@ -460,7 +482,7 @@ async def _verify(
     finally:
         await session.load.close()
 
-    comparisons = compare_precisions(accuracy, load)
+    comparisons = compare_precisions(accuracy, load, session.per_image, build_coverage(options.build_dir))
     gates = evaluate_gates(options.gates, accuracy, comparisons, load, detector_load)
     status = decide_status(gates, incomplete)
     from .report import collect_versions

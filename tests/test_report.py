@@ -125,3 +125,30 @@ def test_level_without_successes_has_null_latency_in_json(tmp_path, coco_ground_
     level = json.loads((tmp_path / "report.json").read_text())["load"]["yolov8n_int8"][-1]
     assert level["errors"] == 3 and level["latency"]["p99_ms"] is None and level["throughput"] == 0.0
     assert level["error_messages"] == ["UNAVAILABLE: gone"]
+
+
+def test_comparison_interval_and_coverage_in_the_report(tmp_path, coco_ground_truth, coco_class_names):
+    """Real per-image pycocotools results -> paired bootstrap interval on the ratio, in the gate detail, report.md
+    and report.json; the more jittered 'int8' model's whole interval lies below 1."""
+    per_image, accuracy = {}, []
+    for precision, jitter in (("fp32", 2.0), ("int8", 6.0)):
+        detections = _detections_from_ground_truth(coco_ground_truth, coco_class_names, jitter, seed=1)
+        evaluation = coco_eval.evaluate_images(detections, coco_ground_truth, coco_class_names)
+        per_image[f"yolov8n_{precision}"] = evaluation.per_image
+        accuracy.append(ServedAccuracy(f"yolov8n_{precision}", "yolov8n", precision, evaluation.metrics, 128, 0, []))
+    result = make_result(coco_ground_truth, coco_class_names)
+    result.comparisons = compare_precisions(accuracy, result.load, per_image, {"int8": 0.98})
+    result.gates = evaluate_gates(GateThresholds(min_map_ratio=0.5), accuracy, result.comparisons, result.load)
+    comparison = result.comparisons[0]
+    interval = comparison.interval
+    assert interval is not None and interval.images == 128 and interval.resamples == 1000
+    assert interval.ratio == pytest.approx(comparison.map_ratio, abs=1e-12)
+    assert interval.low < interval.ratio < interval.high < 1.0
+    gate = next(g for g in result.gates if g.gate == "--min-map-ratio")
+    assert f"95% interval {interval.low:.4f}-{interval.high:.4f}" in gate.detail
+    write_report(result, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"| {interval.low:.4f}-{interval.high:.4f} | 98.0% |" in markdown
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["comparisons"][0]["interval"]["high"] == pytest.approx(interval.high)
+    assert data["comparisons"][0]["mac_coverage"] == 0.98
