@@ -31,7 +31,8 @@ KEY_SUFFIX = ".key.json"
 LOG_SUFFIX = ".log"
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 30
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell
 
 
 class EngineBuildError(RuntimeError):
@@ -146,7 +147,7 @@ class DetectorConfig:
 
     @property
     def precision(self) -> str | None:
-        match = re.search(r"_(fp32|fp16|int8)_detector$", self.name)
+        match = re.search(r"_(fp32|fp16|int8|fp8)_detector$", self.name)
         return match.group(1) if match else None
 
 
@@ -206,7 +207,7 @@ def engine_spec(config: DetectorConfig, version_dir: Path, precision: str | None
     """The plan for one detector: profile 1 / largest preferred batch / max_batch_size (Triton never exceeds it)."""
     precision = precision or config.precision
     if precision not in PRECISIONS:
-        raise ValueError(f"cannot tell the precision of {config.name} (expected a name ending _<fp32|fp16|int8>_detector)")
+        raise ValueError(f"cannot tell the precision of {config.name} (expected a name ending _<fp32|fp16|int8|fp8>_detector)")
     max_batch = max(1, config.max_batch_size)
     opt = max([b for b in config.preferred_batch_sizes if b <= max_batch] or [max_batch])
     return EngineSpec(
@@ -272,7 +273,7 @@ def trtexec_command(
 
 
 def legacy_precision_flags(precision: str) -> list[str]:
-    return {"fp32": [], "fp16": ["--fp16"], "int8": ["--fp16", "--int8"]}[precision]
+    return {"fp32": [], "fp16": ["--fp16"], "int8": ["--fp16", "--int8"], "fp8": ["--fp16", "--fp8"]}[precision]
 
 
 def timing_cache_path(directory: Path, version: TensorRTVersion, compute_capability: str) -> Path:
@@ -380,6 +381,14 @@ def remove_plan(plan_path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def fp8_supported(compute_capability: str) -> bool:
+    try:
+        major, minor = (int(part) for part in compute_capability.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= FP8_MIN_COMPUTE_CAPABILITY
+
+
 def build_engine(
     spec: EngineSpec,
     trtexec: str | os.PathLike,
@@ -394,6 +403,11 @@ def build_engine(
         remove_plan(spec.plan_path)
         return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
                             message=f"source ONNX missing: {spec.onnx_path}")
+    if spec.precision == "fp8" and not fp8_supported(compute_capability):
+        remove_plan(spec.plan_path)
+        return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
+                            message=f"FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU is "
+                                    f"sm {compute_capability}: serve int8/fp16 (or --allow-missing)")
     key = engine_key(spec, version, compute_capability)
     if cached_plan_is_valid(spec.plan_path, key):
         return EngineResult(spec.name, spec.precision, "cached", spec.plan_path, key=key,

@@ -20,15 +20,18 @@ from packager.assets import TEMPLATES_DIR
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 
 TARGETS = ("local", "cpu", "gpu", "gpu-ort")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 # Which build artifact each target serves per precision (onnxruntime CPU mis-rounds FP16 Q/DQ inputs).
 ONNX_VARIANT = {
     "local": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     "cpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     # gpu-ort: TensorRT picks FP16 layers itself (precision_mode FP16) from the FP32 graph, see docs/architecture.md.
     "gpu-ort": {"fp32": "fp32", "fp16": "fp32", "int8": "int8"},
-    "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},
+    "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8"},
 }
+# FP8 is served by TensorRT only: onnxruntime CPU runs ModelOpt's float8 Q/DQ only with graph optimizations off
+# (several times slower than FP32); the CPU-side fp8-fp32 twin exists to measure accuracy, not to serve.
+FP8_TARGETS = ("gpu",)
 # Python pre/post instances per target: on a CPU target the detector needs the cores (one of each keeps up
 # with it); a GPU detector is fast enough that decoding JPEGs on several host cores becomes the bottleneck.
 PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
@@ -219,6 +222,9 @@ def _load_manifest(build_dir: Path) -> dict:
 
 def _detector_source(build_dir: Path, manifest: dict, target: str, precision: str) -> Path:
     """The ONNX a detector serves, or for `gpu` the ONNX its TensorRT engine is built from on the serving host."""
+    if precision not in ONNX_VARIANT[target]:
+        raise ValueError(f"{precision} is served only on the {', '.join(FP8_TARGETS)} target (TensorRT, compute "
+                         f"capability >= 8.9), not on {target}: serve fp32/fp16/int8 there")
     variant = ONNX_VARIANT[target][precision]
     artifact = manifest["artifacts"].get(variant)
     if artifact is None:
