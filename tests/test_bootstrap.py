@@ -116,3 +116,16 @@ def test_eval_onnx_refuses_validation_images_recorded_as_calibration(yolov8n_bui
                                        "--val-annotations",
                                        str(assets / "coco" / "annotations" / "instances_val2017_128.json")])
     assert result.exit_code != 0 and f"{first.name} = calibration image {first.name}" in result.output
+
+
+def test_subset_equals_evaluating_only_those_images(fp32_detections):
+    """Weight 0 outside a subset gives exactly pycocotools' mAP of the subset alone (what the README's image-count
+    extrapolation relies on)."""
+    detections, ground_truth, names = fp32_detections
+    full = evaluate_images(detections, ground_truth, names).per_image
+    names_sorted = sorted(detections, key=lambda n: ground_truth.image_ids[n])
+    subset = np.arange(0, len(names_sorted), 3)
+    alone = evaluate_images({names_sorted[i]: detections[names_sorted[i]] for i in subset}, ground_truth, names)
+    weights = np.zeros((1, full.images))
+    weights[0, subset] = 1
+    assert weighted_map(full, weights)[0] == pytest.approx(alone.metrics.map50_95, abs=1e-12)
