@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
+from .contracts import ConfigError
 from .letterbox import preprocess, read_image
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def load_calibration_file(path: str | Path, imgsz: tuple[int, int] | None = None
     return data
 
 
-class DataOverlapError(ValueError):
+class DataOverlapError(ConfigError):
     """A validation image is also a calibration (or tuning) image: the accuracy gate would be measured on
     images the recipe has seen."""
 

@@ -17,7 +17,7 @@ from .calibration import check_no_overlap
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate_images
 from .coverage import conv_coverage
 from .letterbox import preprocess, read_image
-from .manifest import artifact_path, load_manifest
+from .contracts import AccuracyGateError, BuildManifest
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
@@ -26,10 +26,6 @@ GATED_VARIANT = "int8-fp32"
 # Q/DQ pairs into QLinear* kernels that reject float8 types.
 UNOPTIMIZED_VARIANTS = ("fp8", "fp8-fp32")
 DEFAULT_MIN_MAP_RATIO = 0.99
-
-
-class AccuracyGateError(ValueError):
-    """INT8 lost more accuracy than allowed; the message shows both numbers."""
 
 
 @dataclass
@@ -167,26 +163,27 @@ def evaluate_build_detailed(
 ) -> BuildEvaluation:
     """Like `evaluate_build`, plus ratios vs fp32 with bootstrap intervals and MAC coverage. Refuses (or, with
     `allow_overlap`, warns) when a validation image is one of the build's calibration images."""
-    manifest = load_manifest(build_dir)
+    manifest = BuildManifest.load(build_dir)
     ground_truth, image_files = validation_files(images_dir, annotations)
-    used = {role: manifest.get(role, {}).get("image_sha256") or {} for role in ("calibration", "tuning")}
+    used = {"calibration": manifest.calibration.get("image_sha256") or {},
+            "tuning": manifest.calibration.get("tuning_image_sha256") or {}}
     overlaps = check_no_overlap(image_files, {k: v for k, v in used.items() if v}, allow=allow_overlap)
-    imgsz = tuple(manifest["imgsz"])
+    imgsz = manifest.model.imgsz
     metrics, per_image = {}, {}
     for variant in variants:
-        detections = detect_images(artifact_path(build_dir, variant), image_files, imgsz, label=variant,
+        detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
                                    show_progress=show_progress, optimize=variant not in UNOPTIMIZED_VARIANTS)
-        evaluation = evaluate_images(detections, ground_truth, manifest["class_names"])
+        evaluation = evaluate_images(detections, ground_truth, list(manifest.model.class_names))
         metrics[variant], per_image[variant] = evaluation.metrics, evaluation.per_image
     result = BuildEvaluation(metrics, per_image, overlaps=overlaps)
     result.intervals = result.ratios()
-    result.coverage = coverage_by_variant(build_dir, variants)
+    result.coverage = coverage_by_variant(build_dir, manifest, variants)
     return result
 
 
-def coverage_by_variant(build_dir: str | Path, variants) -> dict[str, float]:
+def coverage_by_variant(build_dir: str | Path, manifest: BuildManifest, variants) -> dict[str, float]:
     """Share of convolution MACs each quantized variant runs in its quantized type (int8 or fp8)."""
-    return {variant: conv_coverage(artifact_path(build_dir, variant)).share(variant.split("-")[0])
+    return {variant: conv_coverage(manifest.artifact_path(build_dir, variant)).share(variant.split("-")[0])
             for variant in variants if variant.split("-")[0] in ("int8", "fp8")}
 
 

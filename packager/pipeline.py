@@ -6,7 +6,6 @@ evaluation was asked for, only when the accuracy gate passed), so `--out` never 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 import time
@@ -30,12 +29,12 @@ from .calibration import (
 from .coco_eval import CocoMetrics
 from .coverage import ConvCoverage, conv_coverage
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
-from .manifest import ARTIFACT_FILES, MANIFEST_NAME, artifact_entries, library_versions, write_manifest
+from .contracts import ARTIFACT_FILES, MANIFEST_NAME, AccuracyGateError, BuildManifest, ModelSpec, TensorSpec
+from .manifest import artifact_entries, library_versions
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
     DEFAULT_VARIANTS,
     GATED_VARIANT,
-    AccuracyGateError,
     GateResult,
     check_gate,
     evaluate_build_detailed,
@@ -76,7 +75,7 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     build_dir: Path
-    manifest: dict
+    manifest: BuildManifest
     export: ExportResult
     quantization: QuantizeResult
     metrics: dict[str, CocoMetrics] = field(default_factory=dict)
@@ -194,14 +193,14 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
 
     manifest = _manifest(build_dir, options, exported, calibration, quantization)
     _record_quantization_extras(manifest, coverage, fp8, calibration_hashes)
-    write_manifest(build_dir, manifest)
+    manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings, coverage=coverage, fp8=fp8)
 
     if options.val_images is not None:
         started = time.perf_counter()
         _evaluate_and_gate(result, options, console)
         timings["evaluation"] = time.perf_counter() - started
-        write_manifest(build_dir, manifest)
+        manifest.save(build_dir)
     return result
 
 
@@ -220,13 +219,13 @@ def _check_disjoint(options: BuildOptions, calibration: CalibrationResult, conso
     return hashes
 
 
-def _record_quantization_extras(manifest: dict, coverage: dict[str, ConvCoverage], fp8: Fp8Result | None,
+def _record_quantization_extras(manifest: BuildManifest, coverage: dict[str, ConvCoverage], fp8: Fp8Result | None,
                                 calibration_hashes: dict[str, str]) -> None:
-    manifest["quantization"]["int8_mac_coverage"] = round(coverage["int8"].share("int8"), 5)
-    manifest["quantization"]["conv_coverage"] = {k: c.as_dict() for k, c in coverage.items()}
-    manifest["calibration"]["image_sha256"] = calibration_hashes
+    manifest.quantization["int8_mac_coverage"] = round(coverage["int8"].share("int8"), 5)
+    manifest.quantization["conv_coverage"] = {k: c.as_dict() for k, c in coverage.items()}
+    manifest.calibration["image_sha256"] = calibration_hashes
     if fp8 is not None:
-        manifest["fp8"] = {
+        manifest.quantization["fp8"] = {
             "quantize_mode": "fp8", "format": "E4M3 (float8e4m3fn) Q/DQ",
             "high_precision_dtype": {"fp8": "fp16", "fp8-fp32": "fp32"},
             "same_calibration_and_exclusions_as_int8": True, "quantized_nodes": fp8.quantized_nodes,
@@ -244,8 +243,8 @@ def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Cons
                                          show_progress=options.show_progress, allow_overlap=options.allow_overlap)
     result.metrics, result.intervals = evaluation.metrics, evaluation.intervals
     manifest = result.manifest
-    manifest["evaluation"] = {variant: m.as_dict() for variant, m in result.metrics.items()}
-    manifest["evaluation"]["ratios_vs_fp32"] = {v: i.as_dict() for v, i in result.intervals.items()}
+    manifest.evaluation = {variant: m.as_dict() for variant, m in result.metrics.items()}
+    manifest.evaluation["ratios_vs_fp32"] = {v: i.as_dict() for v, i in result.intervals.items()}
     console.print(metrics_table(result.metrics, result.intervals, evaluation.coverage))
     for variant in gated:
         try:
@@ -256,10 +255,10 @@ def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Cons
             console.print(f"[bold yellow]Gate: {gate.message()}[/]")
         result.gates.append(gate)
     result.gate = result.gates[0]
-    manifest["evaluation"]["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
-                                      "ratio": round(result.gate.ratio, 5), "passed": True,
-                                      "decidable": result.gate.decidable}
-    manifest["evaluation"]["gates"] = [{"variant": g.variant, "ratio": round(g.ratio, 5), "passed": True,
+    manifest.evaluation["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
+                                   "ratio": round(result.gate.ratio, 5), "passed": True,
+                                   "decidable": result.gate.decidable}
+    manifest.evaluation["gates"] = [{"variant": g.variant, "ratio": round(g.ratio, 5), "passed": True,
                                         "decidable": g.decidable} for g in result.gates]
 
 
@@ -270,22 +269,28 @@ def _calibration(options: BuildOptions) -> CalibrationResult:
     return build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress)
 
 
-def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> dict:
+def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> BuildManifest:
     versions = library_versions()
     max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
-    return {
-        "yqpack_version": versions["yqpack"],
-        "model_name": exported.model_name,
-        "source_model": exported.source_model,
-        "imgsz": list(exported.imgsz),
-        "class_names": exported.class_names,
-        "input": {"name": exported.input_name, "shape": exported.input_shape, "dtype": "float32"},
-        "output": {"name": exported.output_name, "shape": exported.output_shape, "dtype": "float32"},
-        "dynamic_batch": exported.dynamic_batch,
-        "max_batch": max_batch,
-        "opset": exported.opset,
-        "artifacts": artifact_entries(build_dir),
-        "quantization": {
+    spec = ModelSpec(
+        name=exported.model_name,
+        head=exported.head_format,
+        input=TensorSpec(exported.input_name, tuple(exported.input_shape)),
+        output=TensorSpec(exported.output_name, tuple(exported.output_shape)),
+        class_names=tuple(exported.class_names),
+        imgsz=tuple(exported.imgsz),
+        stride=exported.stride,
+        dynamic_batch=exported.dynamic_batch,
+        max_batch=max_batch,
+    )
+    return BuildManifest(
+        model=spec,
+        source_model=exported.source_model,
+        opset=exported.opset,
+        artifacts=artifact_entries(build_dir),
+        yqpack_version=versions["yqpack"],
+        versions=versions,
+        quantization={
             "tool": "nvidia-modelopt onnx PTQ",
             "quantize_mode": "int8",
             "preset": quantization.preset,
@@ -304,14 +309,13 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
         },
-        "calibration": {
+        calibration={
             "source": calibration.source,
             "count": calibration.count,
             "skipped": calibration.skipped,
             "letterbox": "packager.letterbox.preprocess",
         },
-        "versions": versions,
-    }
+    )
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -325,18 +329,15 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path | None:
-    if importlib.util.find_spec("packager.repository") is None:
-        raise ValueError("--repository needs packager.repository, which this yqpack does not include")
-    from .repository import render_repository
+def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
+    from .repository import RenderOptions, default_precisions, render
 
     with console.status(f"Rendering the Triton model repository into {options.repository}"):
-        # TensorRT targets serve fp16/int8 engines; CPU targets can also serve the fp32 reference.
-        gpu = options.repository_target.startswith("gpu")
+        target = options.repository_target
         # FP8 is served by TensorRT only (gpu target); CPU targets never serve it (see README).
-        fp8 = ("fp8",) if options.repository_target == "gpu" and (build_dir / ARTIFACT_FILES["fp8"]).is_file() else ()
-        render_repository(build_dir, options.repository, options.repository_target,
-                          ("fp16", "int8", *fp8) if gpu else ("fp32", "fp16", "int8"))
+        fp8 = ("fp8",) if target == "gpu" and (build_dir / ARTIFACT_FILES["fp8"]).is_file() else ()
+        render(build_dir, Path(options.repository),
+               RenderOptions(target=target, precisions=default_precisions(target) + fp8))
     return Path(options.repository)
 
 
@@ -366,16 +367,16 @@ def metrics_table(metrics: dict[str, CocoMetrics], intervals: dict[str, RatioInt
 
 def summary_table(result: BuildResult) -> Table:
     manifest = result.manifest
-    table = Table(title=f"yqpack build: {manifest['model_name']} -> {result.build_dir}")
+    table = Table(title=f"yqpack build: {manifest.model.name} ({manifest.model.head.value} head) -> {result.build_dir}")
     table.add_column("artifact")
     table.add_column("path")
     table.add_column("MB", justify="right")
-    for variant, entry in manifest["artifacts"].items():
-        size = (result.build_dir / entry["path"]).stat().st_size / 1e6
-        table.add_row(variant, entry["path"], f"{size:.1f}")
-    quant = manifest["quantization"]
+    for variant, entry in manifest.artifacts.items():
+        size = (result.build_dir / entry.path).stat().st_size / 1e6
+        table.add_row(variant, entry.path, f"{size:.1f}")
+    quant = manifest.quantization
     table.caption = (
-        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest['calibration']['count']} "
+        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
         f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise; "
         + ", ".join(f"{k} {c.share(k):.1%} of conv MACs in {k.upper()}" for k, c in result.coverage.items()) + "; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
