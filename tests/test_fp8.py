@@ -55,9 +55,13 @@ def test_fp8_artifacts_have_float8_qdq_on_convolutions(fp8_build):
         assert types == {TensorProto.FLOAT8E4M3FN}, f"{variant}: weight zero-point types {types}"
     coverage = conv_coverage(build / manifest["artifacts"]["fp8-fp32"]["path"])
     assert coverage.share("int8") == 0 and 0.5 < coverage.share("fp8") < 1
-    assert manifest["fp8"]["fp8_mac_coverage"] == round(coverage.share("fp8"), 5)
+    assert manifest["quantization"]["fp8"]["fp8_mac_coverage"] == round(coverage.share("fp8"), 5)
     assert 0.5 < manifest["quantization"]["int8_mac_coverage"] < 1
     assert len(manifest["calibration"]["image_sha256"]) == 16
+    from packager.pipeline import summary_table
+
+    caption = summary_table(fp8_build).caption
+    assert "of conv MACs in INT8" in caption and "of conv MACs in FP8" in caption and "fp8-fp32 mAP50-95" in caption
 
 
 def test_fp8_evaluates_with_an_interval_and_passes_its_gate(fp8_build):
