@@ -20,16 +20,17 @@ import numpy as np
 
 from packager.bootstrap import paired_ratio
 from packager.coco_eval import CocoGroundTruth, evaluate_images
-from packager.manifest import artifact_path, load_manifest
+from packager.contracts import BuildManifest
 from packager.onnx_eval import UNOPTIMIZED_VARIANTS, detect_images
 
 
 def detections(build: Path, files: list[Path], variants: list[str], cache: Path | None) -> dict:
     cached = pickle.loads(cache.read_bytes()) if cache and cache.is_file() else {}
-    imgsz = tuple(load_manifest(build)["imgsz"])
+    manifest = BuildManifest.load(build)
     for variant in variants:
         if variant not in cached:
-            cached[variant] = detect_images(artifact_path(build, variant), files, imgsz, label=variant,
+            cached[variant] = detect_images(manifest.artifact_path(build, variant), files, manifest.model.imgsz,
+                                            label=variant,
                                             optimize=variant not in UNOPTIMIZED_VARIANTS)
             if cache:
                 cache.write_bytes(pickle.dumps(cached))
@@ -50,7 +51,7 @@ def main() -> None:
     files = ground_truth.image_files(args.images)
     variants = [v for v in args.variants.split(",") if v]
     dets = detections(args.build, files, ["fp32", *variants], args.cache)
-    names = load_manifest(args.build)["class_names"]
+    names = list(BuildManifest.load(args.build).model.class_names)
     sizes = [int(n) for n in args.subsets.split(",")]
     rng = np.random.default_rng(0)
     report = {}
