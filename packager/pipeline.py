@@ -177,13 +177,8 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     if quantization.excluded_ops:
         console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
     coverage = {"int8": conv_coverage(quantization.int8_fp32_path)}
-    fp8 = None
-    if options.build_fp8:
-        started = time.perf_counter()
-        with console.status(f"ModelOpt FP8 PTQ (same calibration, {calibration.count} images)"):
-            fp8 = quantize_fp8_twins(build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx",
-                                     quantization.excluded_nodes, quantization.excluded_ops, options.quantize)
-        timings["fp8"] = time.perf_counter() - started
+    fp8 = _fp8_twins(build_dir, options, calibration, quantization, timings, console)
+    if fp8 is not None:
         coverage["fp8"] = conv_coverage(fp8.fp8_fp32_path)
 
     started = time.perf_counter()
@@ -202,6 +197,19 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
         timings["evaluation"] = time.perf_counter() - started
         manifest.save(build_dir)
     return result
+
+
+def _fp8_twins(build_dir: Path, options: BuildOptions, calibration: CalibrationResult, quantization: QuantizeResult,
+               timings: dict[str, float], console: Console) -> Fp8Result | None:
+    """FP8 from the same export, calibration tensor and exclusions as INT8 (when asked for or the target is gpu)."""
+    if not options.build_fp8:
+        return None
+    started = time.perf_counter()
+    with console.status(f"ModelOpt FP8 PTQ (same calibration, {calibration.count} images)"):
+        fp8 = quantize_fp8_twins(build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx",
+                                 quantization.excluded_nodes, quantization.excluded_ops, options.quantize)
+    timings["fp8"] = time.perf_counter() - started
+    return fp8
 
 
 def _check_disjoint(options: BuildOptions, calibration: CalibrationResult, console: Console) -> dict[str, str]:
