@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from packager import deploy
-from packager.assets import PROJECT_ROOT
+from packager.assets import DEPLOY_DIR, PROJECT_ROOT
 from packager.server_env import MALLOC_ENV
 
-DEPLOY = PROJECT_ROOT / "deploy"
+DEPLOY = DEPLOY_DIR
 
 
 def compose_v1() -> str:
@@ -54,8 +54,9 @@ def test_compose_file_is_valid_for_a_real_compose(tmp_path):
     run = compose_config(DEPLOY)
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)
-    assert resolved["services"]["engines"]["image"] == env_file()["TRITON_IMAGE"]
-    assert resolved["services"]["triton"]["build"]["args"]["TRITON_IMAGE"] == env_file()["TRITON_IMAGE"]
+    image = f"{env_file()['TRITON_IMAGE_NAME']}:{env_file()['TRITON_TAG']}"
+    assert resolved["services"]["engines"]["image"] == image
+    assert resolved["services"]["triton"]["build"]["args"]["TRITON_IMAGE"] == image
 
 
 def test_real_compose_rejects_a_broken_copy(tmp_path):
@@ -93,8 +94,8 @@ def test_compose_structure(compose):
     engines, triton = services["engines"], services["triton"]
     # engines first, with the very image the server is built from; the server only after it succeeded.
     assert triton["depends_on"] == {"engines": {"condition": "service_completed_successfully"}}
-    assert engines["image"].startswith("${TRITON_IMAGE")
-    assert triton["build"]["args"]["TRITON_IMAGE"].startswith("${TRITON_IMAGE")
+    assert engines["image"].startswith("${TRITON_IMAGE_NAME")
+    assert triton["build"]["args"]["TRITON_IMAGE"] == engines["image"]
     assert engines["command"][:3] == ["python3", "/yqpack/deploy/build_engines.py", "/models"]
     for service in (engines, triton):
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
@@ -112,9 +113,9 @@ def test_compose_structure(compose):
 
 
 def test_image_tag_is_set_in_one_place():
-    tag = env_file()["TRITON_IMAGE"]
+    tag = f"{env_file()['TRITON_IMAGE_NAME']}:{env_file()['TRITON_TAG']}"
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", tag)
-    mentions = [p.name for p in DEPLOY.iterdir() if p.is_file() and "nvcr.io/nvidia/tritonserver:" in p.read_text()]
+    mentions = [p.name for p in DEPLOY.iterdir() if p.is_file() and "nvcr.io/nvidia/tritonserver" in p.read_text()]
     assert mentions == [".env"], mentions
     assert "TensorRT 10.8" in (DEPLOY / ".env").read_text()  # the documented default's TensorRT version
 

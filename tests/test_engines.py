@@ -26,10 +26,11 @@ from tritonclient.grpc import model_config_pb2
 from packager import engines
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli import main
-from packager.engines import EngineBuildError, TensorRTVersion
+from packager.engines import EngineBuildError, GpuInfo, TensorRTVersion
 
 TRT10 = TensorRTVersion(10, 8, 0)
 TRT86 = TensorRTVersion(8, 6, 1)
+L4 = GpuInfo("NVIDIA L4", "8.9", "test")
 MAX_BATCH = 8
 PREFERRED = [2, 4, 8]
 
@@ -149,10 +150,9 @@ def stand_in_trtexec(tmp_path):
     return StandIn
 
 
-def build_all(repository: Path, trtexec, version=TRT10, cc="8.9", allow_missing=False):
-    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version,
-                                            compute_capability=cc, allow_missing=allow_missing,
-                                            report=lambda _: None)
+def build_all(repository: Path, trtexec, version=TRT10, gpu=L4, allow_missing=False, plugins=()):
+    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version, gpu=gpu,
+                                            allow_missing=allow_missing, plugins=plugins, report=lambda _: None)
 
 
 # ---------------------------------------------------------------------------------- versions / detection
@@ -190,8 +190,10 @@ def test_compute_capability_parsing():
 def test_no_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines"):
-        engines.detect_compute_capability()
+    if engines.gpu_probe.cuda_driver_gpu() is not None:
+        pytest.skip("a CUDA driver and GPU are present here")
+    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines.*YQPACK_GPU_COMPUTE_CAPABILITY"):
+        engines.detect_gpu()
 
 
 def test_missing_trtexec_is_a_clear_error(monkeypatch, tmp_path):
@@ -324,6 +326,7 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     key = json.loads((plan.parent / "model.plan.key.json").read_text())
     assert key["onnx_sha256"] == engines.sha256_file(sample_onnx)
     assert (key["tensorrt_version"], key["compute_capability"], key["strongly_typed"]) == ("10.8.0", "8.9", True)
+    assert key["gpu_name"] == "NVIDIA L4" and key["plugins"] == []
     assert key["profile"]["max"] == "images:8x3x640x640"
     assert len(stand_in_trtexec.calls()) == 1 and "--stronglyTyped" in stand_in_trtexec.calls()[0]
 
@@ -331,12 +334,13 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     assert len(stand_in_trtexec.calls()) == 1  # nothing rebuilt
 
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0))] == ["built"]
+    t4 = GpuInfo("Tesla T4", "7.5", "test")
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
-                                        cc="7.5")] == ["built"]
+                                        gpu=t4)] == ["built"]
     onnx_path = plan.parent / "model.onnx"
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # a re-quantized model: new sha256
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
-                                        cc="7.5")] == ["built"]
+                                        gpu=t4)] == ["built"]
     assert len(stand_in_trtexec.calls()) == 4
 
     make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",), max_batch=4)  # new profile
@@ -348,7 +352,7 @@ def test_legacy_build_logs_the_fallback(sample_onnx, sample_io, tmp_path, stand_
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
     messages = []
     engines.build_repository_engines(repository, trtexec=stand_in_trtexec.path, version=TRT86,
-                                     compute_capability="7.5", report=messages.append)
+                                     gpu=GpuInfo("Tesla T4", "7.5", "test"), report=messages.append)
     assert any("falling back to --fp16 / --fp16 --int8" in m for m in messages)
     assert "--fp16 --int8" in stand_in_trtexec.calls()[0] and "--stronglyTyped" not in stand_in_trtexec.calls()[0]
 
