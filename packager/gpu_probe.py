@@ -79,17 +79,19 @@ def cuda_driver_gpu(library: str = LIBCUDA) -> GpuInfo | None:
     """Device 0 through the CUDA driver API (ctypes); None when the library or a GPU is missing."""
     try:
         cuda = ctypes.CDLL(library)
-    except OSError:
+        init, get_device, get_attribute, get_name = (cuda.cuInit, cuda.cuDeviceGet, cuda.cuDeviceGetAttribute,
+                                                     cuda.cuDeviceGetName)
+    except (OSError, AttributeError):  # no such library, or not the CUDA driver
         return None
     major, minor, device = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
+    if init(0) != 0 or get_device(ctypes.byref(device), 0) != 0:
         return None
     for value, attribute in ((major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
                              (minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)):
-        if cuda.cuDeviceGetAttribute(ctypes.byref(value), attribute, device) != 0:
+        if get_attribute(ctypes.byref(value), attribute, device) != 0:
             return None
     name = ctypes.create_string_buffer(256)
-    named = cuda.cuDeviceGetName(name, len(name), device) == 0
+    named = get_name(name, len(name), device) == 0
     return GpuInfo(name.value.decode(errors="replace") if named else "unknown", f"{major.value}.{minor.value}",
                    "libcuda cuDeviceGetAttribute")
 
