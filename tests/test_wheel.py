@@ -135,7 +135,7 @@ def test_wheel_metadata_is_complete_and_renders(wheel):
     metadata = Metadata.from_email(raw, validate=True)  # raises on any invalid field
     assert (metadata.name, str(metadata.version)) == ("yqpack", "0.1.0")
     assert str(metadata.requires_python) == "<3.13,>=3.10"
-    assert metadata.license and metadata.classifiers
+    assert metadata.license_expression and metadata.classifiers
     assert all(" :: " in c for c in metadata.classifiers)
     assert metadata.description_content_type.startswith("text/markdown")
     message = email.parser.BytesParser().parsebytes(raw)
