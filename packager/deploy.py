@@ -20,6 +20,8 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from packager.assets import DEPLOY_DIR, PACKAGE_DIR
+from packager.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, MissingInputError,
+                                ServerError)
 
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
 ENV_FILE = DEPLOY_DIR / ".env"
@@ -30,10 +32,6 @@ DOCKER_HELP = (
     "the GPU path needs Docker Engine with the compose plugin and the NVIDIA Container Toolkit on an NVIDIA GPU "
     "host (see docs/gpu.md); without a GPU use `yqpack serve --local`"
 )
-
-
-class DockerUnavailableError(RuntimeError):
-    """No Docker engine or no compose implementation: the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -124,11 +122,11 @@ class TrtPlugins:
             return None
         missing = [str(p) for p in libraries if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"TensorRT plugin library not found on this host: {', '.join(missing)} "
+            raise MissingInputError(f"TensorRT plugin library not found on this host: {', '.join(missing)} "
                                     "(set YQPACK_TRT_PLUGINS to their paths here, separated by ':')")
         folders = {Path(p).resolve().parent for p in libraries}
         if len(folders) != 1:
-            raise ValueError("the TensorRT plugin libraries must share one folder (it is mounted at /plugins): "
+            raise ConfigError("the TensorRT plugin libraries must share one folder (it is mounted at /plugins): "
                              + ", ".join(map(str, libraries)))
         return cls(folders.pop(), tuple(Path(p).name for p in libraries))
 
@@ -139,11 +137,8 @@ def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] 
     environ = os.environ if environ is None else environ
     if environ.get("YQPACK_TRT_PLUGINS"):
         return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
-    if build_dir is not None and (Path(build_dir) / "manifest.json").is_file():
-        import json
-
-        manifest = json.loads((Path(build_dir) / "manifest.json").read_text())
-        return [Path(p) for p in manifest.get("quantization", {}).get("trt_plugins", [])]
+    if build_dir is not None:
+        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
     return []
 
 
@@ -209,7 +204,7 @@ def wait_for_ready(url: str, timeout_s: float, *, poll_s: float = 2.0,
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass  # not up yet
         if not still_starting():
-            raise RuntimeError(f"the server stopped before {url} reported ready")
+            raise ServerError(f"the server stopped before {url} reported ready")
         if waited >= timeout_s:
             raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
         if on_poll is not None:
@@ -251,7 +246,7 @@ def compose_up(
         # `up -d` returns after `engines` finished (service_completed_successfully) and triton was started.
         run = subprocess.run(command + ["up", "-d", "--build"], env=env, cwd=compose_file.parent)
         if run.returncode != 0:
-            raise RuntimeError(_failure_message(command, env, compose_file, run.returncode))
+            raise ServerError(_failure_message(command, env, compose_file, run.returncode))
         ready_after = _wait_with_progress(endpoints, timeout_s, lambda: True)
         _print_endpoints(endpoints, command, echo)
         return ComposeResult(endpoints, command, ready_after)
@@ -288,7 +283,7 @@ def compose_engines(
     env = compose_environment(repository, Ports(), allow_missing, trt_plugins=trt_plugins)
     run = subprocess.run(command + ["run", "--rm", "engines"], env=env, cwd=compose_file.parent)
     if run.returncode != 0:
-        raise RuntimeError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
+        raise EngineBuildError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
                            "builder's output. Pass --allow-missing to serve without the failed model(s)")
 
 
@@ -300,7 +295,7 @@ def compose_down(compose_file: Path = COMPOSE_FILE, echo: Callable[[str], None] 
         raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
     run = subprocess.run(command, cwd=compose_file.parent)
     if run.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {run.returncode}")
+        raise ServerError(f"`{' '.join(command)}` failed with exit code {run.returncode}")
     echo("docker compose: stopped")
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from packager import gpu_probe
-from packager.gpu_probe import GpuInfo, GpuProbeError, parse_compute_capability  # noqa: F401 (re-exported)
+from packager.contracts import EngineBuildError
+from packager.gpu_probe import GpuInfo, parse_compute_capability  # noqa: F401 (re-exported)
 
 PLAN_FILENAME = "model.plan"
 SOURCE_ONNX_FILENAME = "model.onnx"  # the renderer (or stage_engine_sources) puts the source ONNX here
@@ -36,10 +37,6 @@ LOG_SUFFIX = ".log"
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 30
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class EngineBuildError(RuntimeError):
-    """One or more engines failed to build (the message carries each builder log tail)."""
 
 
 # --------------------------------------------------------------------------------------------- versions
@@ -83,11 +80,9 @@ def parse_tensorrt_version(text: str) -> TensorRTVersion | None:
 
 
 def detect_gpu() -> GpuInfo:
-    """The serving GPU (name + compute capability, packager/gpu_probe.py), or EngineBuildError saying what to do."""
-    try:
-        return gpu_probe.detect_gpu()
-    except GpuProbeError as error:
-        raise EngineBuildError(str(error)) from None
+    """The serving GPU (name + compute capability, packager/gpu_probe.py); GpuProbeError (an EngineBuildError)
+    says what to set when nothing can tell."""
+    return gpu_probe.detect_gpu()
 
 
 def find_trtexec(explicit: str | os.PathLike | None = None) -> Path:

@@ -19,6 +19,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from packager.contracts import EngineBuildError
+
 # CUdevice_attribute values from cuda.h (CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR).
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
@@ -28,7 +30,7 @@ LIBCUDA = "libcuda.so.1"
 ARCHITECTURE_CAPABILITY = {"Turing": "7.5", "Ada Lovelace": "8.9", "Hopper": "9.0"}
 
 
-class GpuProbeError(RuntimeError):
+class GpuProbeError(EngineBuildError):
     """No source could tell the GPU's compute capability (the message says what to set)."""
 
 

@@ -66,6 +66,10 @@ def detector_context(io: dict, precision: str, target: str, name: str = "yolov8n
         "output_dims": io["output_dims"],
         "model_filename": "model.plan" if target == "gpu" else "model.onnx",
         "intra_op_threads": 0,
+        "role": "detector",
+        "target": target,
+        "head_format": "raw",
+        "model_name": name,
     }
 
 
@@ -594,7 +598,7 @@ def test_detect_gpu_refuses_to_guess(stand_in_smi, monkeypatch, q_text):
     monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
     if engines.gpu_probe.cuda_driver_gpu() is not None:
         pytest.skip("a CUDA driver and GPU are present here")
-    with pytest.raises(engines.GpuProbeError, match='compute_cap" is not a valid field.*YQPACK_GPU_COMPUTE_CAP'):
+    with pytest.raises(engines.gpu_probe.GpuProbeError, match='compute_cap" is not a valid field.*YQPACK_GPU_COMPUTE_CAP'):
         engines.gpu_probe.detect_gpu(stand_in_smi(q_text))
 
 
