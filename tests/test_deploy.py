@@ -352,7 +352,11 @@ def test_trt_plugins_reach_trtexec_and_triton(tmp_path):
 def test_trt_plugin_sources_and_mistakes(tmp_path):
     build = tmp_path / "build"
     build.mkdir()
-    (build / "manifest.json").write_text(json.dumps({"quantization": {"trt_plugins": ["/opt/x/libnms.so"]}}))
+    (build / "manifest.json").write_text(json.dumps({
+        "model_name": "m", "class_names": ["a"], "imgsz": [64, 64], "artifacts": {},
+        "input": {"name": "images", "shape": [-1, 3, 64, 64]}, "output": {"name": "output0", "shape": [-1, 5, 84]},
+        "quantization": {"trt_plugins": ["/opt/x/libnms.so"]},
+    }))
     assert deploy.trt_plugin_libraries(build, environ={}) == [Path("/opt/x/libnms.so")]
     assert deploy.trt_plugin_libraries(build, environ={"YQPACK_TRT_PLUGINS": "/a/l.so:/a/m.so"}) == [
         Path("/a/l.so"), Path("/a/m.so")]  # the environment wins: paths differ on the GPU host

@@ -87,10 +87,9 @@ def test_installed_package_finds_its_files_and_keeps_state_per_user(installed, t
 @pytest.mark.slow
 def test_installed_wheel_renders_gpu_repository_and_prints_engines(installed, yolov8n_build, tmp_path):
     repository = tmp_path / "model_repository"
-    render = ("import sys; from packager.repository import render_repository; "
-              f"r = render_repository({str(yolov8n_build)!r}, {str(repository)!r}, 'gpu', ('fp16', 'int8')); "
-              "print(r.path)")
-    rendered = run_installed(installed, tmp_path, render)
+    render = ("import sys; from packager.cli import main; sys.exit(main(['render', '--build', "
+              f"{str(yolov8n_build)!r}, '--repository', 'model_repository', '--target', 'gpu']))")
+    rendered = run_installed(installed, tmp_path, render)  # relative --repository: lands in the temp folder
     assert rendered.returncode == 0, rendered.stderr
     configs = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
     assert configs == ["yolov8n_fp16", "yolov8n_fp16_detector", "yolov8n_int8", "yolov8n_int8_detector",
