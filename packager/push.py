@@ -83,7 +83,7 @@ class PushedObject:
 @dataclass(frozen=True)
 class PushResult:
     location: S3Location
-    endpoint_url: str | None
+    endpoint_url: str | None  # None: AWS itself
     objects: list[PushedObject]
     stale: list[str] = field(default_factory=list)  # keys under the prefix that the repository does not have
     deleted: list[str] = field(default_factory=list)
@@ -174,8 +174,9 @@ def push_repository(
     check_repository(repository)
     location = S3Location.parse(destination)
     client = client or s3_client(endpoint_url)
-    endpoint = endpoint_url or client.meta.endpoint_url
-    with _s3_errors(location, endpoint):
+    # An S3-compatible store's endpoint (boto3 reads the variables itself; Triton needs it in the URL).
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    with _s3_errors(location, client.meta.endpoint_url):
         client.head_bucket(Bucket=location.bucket)
         remote = _remote_objects(client, location)
         pushed = []
@@ -226,7 +227,7 @@ def read_remote_info(destination: str, endpoint_url: str | None = None, client=N
     """yqpack_repository.json of a pushed repository (what `yqpack k8s --repository s3://...` renders from)."""
     location = S3Location.parse(destination)
     client = client or s3_client(endpoint_url)
-    with _s3_errors(location, endpoint_url or client.meta.endpoint_url):
+    with _s3_errors(location, client.meta.endpoint_url):
         try:
             body = client.get_object(Bucket=location.bucket, Key=location.key(REPOSITORY_INFO))["Body"].read()
         except client.exceptions.NoSuchKey:
@@ -276,8 +277,8 @@ def _join(directory: str, name: str) -> str:
 class _s3_errors:
     """Turn botocore's failures into one plain sentence naming the bucket and endpoint."""
 
-    def __init__(self, location: S3Location, endpoint: str | None):
-        self.where = f"{location.url} (endpoint {endpoint or 'AWS default'})"
+    def __init__(self, location: S3Location, endpoint: str):
+        self.where = f"{location.url} (endpoint {endpoint})"
 
     def __enter__(self):
         return self
@@ -338,3 +339,22 @@ def triton_endpoint_url(location: S3Location, endpoint_url: str) -> str:
     scheme = "https://" if endpoint.scheme == "https" else ""  # Triton speaks plain HTTP unless told otherwise
     path = f"{location.bucket}/{location.prefix}" if location.prefix else location.bucket
     return f"s3://{scheme}{endpoint.hostname}:{port}/{path}"
+
+
+def report_push(result: PushResult, echo: Callable[[str], None]) -> None:
+    """A short account of a push: what was uploaded, what was skipped, what is stale, and the Triton URL."""
+    placeholders = sum(o.placeholder for o in result.objects)
+    echo(
+        f"pushed {len(result.objects)} objects ({result.total_bytes / 1e6:.1f} MB) to {result.location.url}: "
+        f"{result.uploaded} uploaded, {result.unchanged} unchanged (skipped), {placeholders} folder placeholder(s); "
+        "sizes and hashes verified"
+    )
+    if result.uploaded == 0:
+        echo("nothing changed: the repository in S3 was already up to date")
+    for key in result.deleted:
+        echo(f"deleted stale {key}")
+    if result.stale:
+        echo(f"warning: {len(result.stale)} object(s) under the prefix are not in the repository "
+             f"(Triton would see them; --delete-stale removes them): {', '.join(result.stale[:5])}")
+    url = triton_endpoint_url(result.location, result.endpoint_url) if result.endpoint_url else result.location.url
+    echo(f"serve it: yqpack serve --repository {url}")

@@ -1,0 +1,192 @@
+"""Render Kubernetes manifests for a model repository (folder on a PVC, or S3) from `templates/k8s/*.yaml.j2`.
+
+The output folder is a Kustomize base (`kubectl apply -k OUT`): Namespace, Deployment (GPU, /dev/shm, probes,
+non-root, an init container building the TensorRT plans on the node's GPU like compose's `engines` service),
+Service, HorizontalPodAutoscaler on Triton queue time per request, ServiceMonitor, PodDisruptionBudget, the
+prometheus-adapter rule that feeds the HPA, and a KServe `InferenceService` variant in `OUT/kserve/`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
+from packager.push import S3Location, check_repository, read_remote_info, triton_endpoint_url
+from packager.repository import PRE_POST_INSTANCES
+from packager.serve import SHM_DEFAULT_BYTES
+
+MIB = 1024 * 1024
+AWS_CLI_IMAGE = "amazon/aws-cli:2.17.0"  # fetches an S3 repository for the engine build (the image has no S3 client)
+STARTUP_BUDGET_S = 600  # model download + load after the init containers; the startup probe allows this much
+ENGINE_BUDGET_S = 1800  # init containers (fetch + TensorRT builds) have no probe: the rollout deadline covers them
+MODELS_MOUNT = "/models"
+METRIC_NAME = "triton_queue_time_per_request_ms"  # what the adapter rule exposes and the HPA reads
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb")
+KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
+
+
+@dataclass(frozen=True)
+class K8sOptions:
+    repository: str  # a rendered repository folder (its copy lives on a PVC), or s3://BUCKET/PREFIX
+    image: str
+    namespace: str = "yqpack"
+    name: str | None = None  # default MODEL-triton
+    replicas: int = 1
+    max_replicas: int = 4
+    gpus: int = 1
+    queue_ms: float = 50.0
+    s3_secret: str = "yqpack-s3"
+    endpoint_url: str | None = None
+    pvc: str | None = None  # default NAME-models (folder repositories)
+
+
+@dataclass(frozen=True)
+class ServedRepository:
+    """What the manifests need to know about the repository, read from its yqpack_repository.json."""
+
+    model_name: str
+    target: str
+    ensembles: dict[str, str]  # precision -> ensemble name
+    s3: S3Location | None  # None: a folder, served from a PVC
+
+    @property
+    def builds_engines(self) -> bool:
+        return self.target == "gpu"
+
+
+@dataclass(frozen=True)
+class K8sResult:
+    out: Path
+    files: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def load_served_repository(options: K8sOptions) -> ServedRepository:
+    if options.repository.startswith("s3://"):
+        location = S3Location.parse(options.repository)
+        info = read_remote_info(options.repository, options.endpoint_url)
+    else:
+        location, info = None, check_repository(Path(options.repository))
+    return ServedRepository(info["model_name"], info["target"], dict(info["ensembles"]), location)
+
+
+def check_options(options: K8sOptions, repository: ServedRepository) -> None:
+    names = {"--namespace": options.namespace, "--name": options.name, "--s3-secret": options.s3_secret,
+             "--pvc": options.pvc}
+    bad = [f"{flag} {value!r}" for flag, value in names.items() if value is not None and not DNS_LABEL.match(value)]
+    if bad:
+        raise ValueError(f"not a Kubernetes name (lowercase letters, digits, '-', at most 63): {', '.join(bad)}")
+    if not options.image or any(c.isspace() for c in options.image):
+        raise ValueError(f"--image must be an image reference like registry/yqpack-triton:25.01, got {options.image!r}")
+    if options.max_replicas < options.replicas:
+        raise ValueError(f"--max-replicas {options.max_replicas} is below --replicas {options.replicas}")
+    if repository.builds_engines and options.gpus < 1:
+        raise ValueError("a gpu-target repository needs --gpus 1 or more (its TensorRT plans are built on the GPU)")
+
+
+def shm_bytes(target: str, ensembles: int) -> int:
+    """/dev/shm for the Python backend: one region per stub (pre/post instances, and the detectors on `local`),
+    each starting at SHM_DEFAULT_BYTES and growing with the batch; 4x headroom, at least 1 GiB."""
+    stubs = sum(PRE_POST_INSTANCES[target]) + (ensembles if target == "local" else 0)
+    return max(1024 * MIB, 4 * stubs * SHM_DEFAULT_BYTES)
+
+
+def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
+    name = options.name or f"{repository.model_name.lower().replace('_', '-')}-triton"
+    if not DNS_LABEL.match(name):
+        raise ValueError(f"derived name {name!r} is not a Kubernetes name: pass --name")
+    s3 = repository.s3
+    # Triton reads S3 itself unless the plans must be built first: then an init container copies the repository.
+    fetch = s3 is not None and repository.builds_engines
+    if s3 is None or fetch:
+        model_repository = MODELS_MOUNT
+    else:
+        model_repository = triton_endpoint_url(s3, options.endpoint_url) if options.endpoint_url else s3.url
+    shm = shm_bytes(repository.target, len(repository.ensembles))
+    return {
+        "name": name,
+        "namespace": options.namespace,
+        "image": options.image,
+        "replicas": options.replicas,
+        "max_replicas": options.max_replicas,
+        "gpus": options.gpus,
+        "queue_target": f"{options.queue_ms:g}",
+        "metric_name": METRIC_NAME,
+        "model_name": repository.model_name,
+        "target": repository.target,
+        "ensembles": sorted(repository.ensembles.values()),
+        "ensemble_regex": "|".join(sorted(repository.ensembles.values())),
+        "s3": s3,
+        "s3_secret": options.s3_secret,
+        "endpoint_url": options.endpoint_url,
+        "pvc": None if s3 is not None else (options.pvc or f"{name}-models"),
+        "fetch": fetch,
+        "aws_cli_image": AWS_CLI_IMAGE,
+        "engines": repository.builds_engines,
+        "model_repository": model_repository,
+        "models_mount": MODELS_MOUNT,
+        "shm_mib": shm // MIB,
+        "shm_default_bytes": SHM_DEFAULT_BYTES,
+        "memory_limit_mib": 8192 + shm // MIB,  # a memory emptyDir counts against the container's limit
+        "startup_failure_threshold": STARTUP_BUDGET_S // 10,
+        "progress_deadline_s": ENGINE_BUDGET_S + STARTUP_BUDGET_S,
+        "storage_uri": s3.url if s3 is not None else f"pvc://{options.pvc or f'{name}-models'}",
+    }
+
+
+def render_k8s(options: K8sOptions, out: Path) -> K8sResult:
+    """Render the Kustomize base (and `kserve/`) for `options.repository` into `out`; returns the files written."""
+    repository = load_served_repository(options)
+    check_options(options, repository)
+    context = manifest_context(options, repository)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR / "k8s")), undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["q"] = _quote
+    out = Path(out)
+    (out / "kserve").mkdir(parents=True, exist_ok=True)
+    (out / "prometheus-adapter").mkdir(exist_ok=True)
+    files = [_render(env, f"{m}.yaml.j2", context, out / f"{m}.yaml") for m in MANIFESTS]
+    if context["pvc"]:
+        files.append(_render(env, "pvc.yaml.j2", context, out / "pvc.yaml"))
+    if context["engines"]:
+        files += _copy_engine_scripts(out / "engines")
+    files.append(_render(env, "kustomization.yaml.j2", context, out / "kustomization.yaml"))
+    files.append(_render(env, "prometheus-adapter-values.yaml.j2", context, out / "prometheus-adapter" / "values.yaml"))
+    files.append(_render(env, "namespace.yaml.j2", context, out / "kserve" / "namespace.yaml"))  # no ../ in kustomize
+    files += [_render(env, f"kserve/{m}.yaml.j2", context, out / "kserve" / f"{m}.yaml") for m in KSERVE_MANIFESTS]
+    files.append(_render(env, "kserve/kustomization.yaml.j2", context, out / "kserve" / "kustomization.yaml"))
+    notes = []
+    if context["engines"]:
+        notes.append("KServe variant: it has no engine-build step; push a repository whose plans were built on the "
+                     "same GPU model and TensorRT version (yqpack engines), or use the Deployment")
+    return K8sResult(out, files, notes)
+
+
+def _render(env: jinja2.Environment, template: str, context: dict, destination: Path) -> Path:
+    text = env.get_template(template).render(**context)
+    list(yaml.safe_load_all(text))  # a template bug surfaces here, not in kubectl
+    destination.write_text(text)
+    return destination
+
+
+def _copy_engine_scripts(folder: Path) -> list[Path]:
+    """deploy/build_engines.py + packager/engines.py, the compose `engines` service's code, for a ConfigMap."""
+    folder.mkdir(exist_ok=True)
+    sources = (PROJECT_ROOT / "deploy" / "build_engines.py", PROJECT_ROOT / "packager" / "engines.py")
+    return [Path(shutil.copy2(source, folder / source.name)) for source in sources]
+
+
+def _quote(value) -> str:
+    """A YAML double-quoted scalar (JSON string syntax is valid YAML)."""
+    import json
+
+    return json.dumps(str(value))
