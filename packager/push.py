@@ -177,8 +177,7 @@ def push_repository(
     # An S3-compatible store's endpoint (boto3 reads the variables itself; Triton needs it in the URL).
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     with _s3_errors(location, client.meta.endpoint_url):
-        client.head_bucket(Bucket=location.bucket)
-        remote = _remote_objects(client, location)
+        remote = _remote_objects(client, location)  # a GET first: its error body names the cause, a HEAD's cannot
         pushed = []
         for item in local_objects(repository):
             key = location.key(item.relative)
