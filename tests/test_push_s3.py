@@ -4,7 +4,10 @@ from it: s3://127.0.0.1:PORT/bucket/prefix, credentials through the environment,
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -24,7 +27,7 @@ from packager.push import (
     verify_pushed,
 )
 from packager.repository import REPOSITORY_INFO, render_repository
-from packager.serve import LocalTritonServer, find_free_ports
+from packager.serve import LocalTritonServer, find_free_ports, read_state
 
 
 @pytest.fixture(scope="module")
@@ -197,35 +200,48 @@ def _server(repository: str, server_env, tmp_path: Path) -> LocalTritonServer:
 
 
 @pytest.mark.slow
-def test_tritonserver_serves_the_pushed_repository_and_verify_passes(
-    aws_env, fp32_repository, server_env, sample_val, yolov8n_build, tmp_path, monkeypatch
-):
-    from packager.verify import VerifyOptions, run_verify
-
+def test_push_serve_verify_stop_from_s3_with_the_cli(aws_env, fp32_repository, server_env, sample_val, yolov8n_build,
+                                                     tmp_path, monkeypatch):
+    """The user's path: yqpack push, yqpack serve --repository s3://BUCKET/PREFIX (endpoint in AWS_ENDPOINT_URL,
+    credentials in the environment), one inference through the ensemble, a short yqpack verify, yqpack stop."""
     server = aws_env
-    pushed = push_repository(fp32_repository, f"s3://{server['bucket']}/served/v1", server["endpoint"])
-    assert pushed.uploaded == len(pushed.objects)
-    # As a user runs it: s3://BUCKET/PREFIX, the endpoint in AWS_ENDPOINT_URL, credentials in the environment.
+    pushed = CliRunner().invoke(main, ["push", "--repository", str(fp32_repository),
+                                       "--to", f"s3://{server['bucket']}/served/v1", "--endpoint-url", server["endpoint"]])
+    assert pushed.exit_code == 0, pushed.output
     monkeypatch.setenv("AWS_ENDPOINT_URL", server["endpoint"])
-    triton = _server(f"s3://{server['bucket']}/served/v1", server_env, tmp_path)
-    assert f"--model-repository=s3://127.0.0.1:{server['port']}/{server['bucket']}/served/v1" in triton.command()
-    with triton:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "server-env").symlink_to(server_env.root)  # a private state file, the session's server env
+    env = {**os.environ, "YQPACK_HOME": str(home)}
+    grpc_port, http_port, metrics_port = find_free_ports(3)
+    cli = [sys.executable, "-m", "packager.cli"]
+    started = subprocess.run([*cli, "serve", "--repository", f"s3://{server['bucket']}/served/v1", "--detach",
+                              "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+                              "--metrics-port", str(metrics_port)], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr
+        state = read_state(home)
+        assert state.repository == f"s3://127.0.0.1:{server['port']}/{server['bucket']}/served/v1"
         images, annotations = sample_val
         jpeg = sorted(images.glob("*.jpg"))[0].read_bytes()
-        client = grpcclient.InferenceServerClient(triton.grpc_url)
-        request = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-        request.set_data_from_numpy(np.array([[jpeg]], dtype=object))
-        detections = client.infer("yolov8n_fp32", [request]).as_numpy("DETECTIONS")
+        with grpcclient.InferenceServerClient(state.grpc_url) as client:
+            request = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+            request.set_data_from_numpy(np.array([[jpeg]], dtype=object))
+            detections = client.infer("yolov8n_fp32", [request]).as_numpy("DETECTIONS")
         assert detections.shape[0] == 1 and detections.shape[2] == 6 and detections.shape[1] > 0
-        result = run_verify(VerifyOptions(
-            images_dir=images, annotations=annotations, url=triton.grpc_url, build_dir=yolov8n_build,
-            report_dir=tmp_path / "verify", concurrency=(1, 4), requests_per_level=8, warmup_requests=2,
-            max_images=32, detector_load=False, progress=False,
-        ))
-    assert result.status == "pass", (result.incomplete_reason, result.failed_gates)
-    served = {a.model: a for a in result.accuracy}
-    assert set(served) == {"yolov8n_fp32"} and served["yolov8n_fp32"].errors == 0
-    assert served["yolov8n_fp32"].metrics.map50_95 > 0.3  # yolov8n on COCO images: a real detector answered
+        report = tmp_path / "verify"
+        verified = subprocess.run([*cli, "verify", "--url", state.grpc_url, "--images", str(images),
+                                   "--annotations", str(annotations), "--build", str(yolov8n_build),
+                                   "--report-dir", str(report), "--max-images", "32", "--concurrency", "1,4",
+                                   "--requests", "8", "--warmup", "2", "--no-detector-load", "--no-progress"],
+                                  env=env, capture_output=True, text=True, timeout=600)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    finally:
+        stopped = subprocess.run([*cli, "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "stopped tritonserver" in stopped.stderr, stopped.stderr
+    accuracy = {a["model"]: a for a in json.loads((report / "report.json").read_text())["accuracy"]}
+    assert set(accuracy) == {"yolov8n_fp32"} and accuracy["yolov8n_fp32"]["errors"] == 0
+    assert accuracy["yolov8n_fp32"]["metrics"]["map50_95"] > 0.3  # yolov8n on COCO images: a real detector answered
 
 
 @pytest.mark.slow
