@@ -140,7 +140,7 @@ def serve(repository, local, grpc_port, http_port, metrics_port, detach, ready_t
     try:
         if not local:
             if repository.startswith("s3://"):
-                raise YqpackError("--docker serves a local folder; serve an s3:// repository with --local or yqpack k8s")
+                raise YqpackError("--docker serves a local folder; serve s3:// repositories with --local or yqpack k8s")
             try:
                 serving.docker_compose_up(Path(repository), detach, grpc_port=grpc_port, http_port=http_port,
                                           metrics_port=metrics_port, allow_missing=allow_missing,
@@ -190,16 +190,16 @@ def server_env() -> None:
 @click.option("--delete-stale", is_flag=True, help="Delete objects under the prefix that the repository lacks.")
 def push(repository, destination, endpoint_url, delete_stale) -> None:
     """Upload a model repository to S3, verify what landed, skip what is unchanged."""
-    from packager.push import S3Error, push_repository, report_push
+    from packager.push import S3Error, push_with_progress, report_push
 
     try:
-        report_push(push_repository(repository, destination, endpoint_url, delete_stale=delete_stale), click.echo)
+        report_push(push_with_progress(repository, destination, endpoint_url, delete_stale=delete_stale), click.echo)
     except (S3Error, ValueError, FileNotFoundError) as error:
         raise YqpackError(str(error)) from None
 
 
 @main.command()
-@click.option("--repository", required=True, help="Model repository: a folder (served from a PVC) or s3://BUCKET/PREFIX.")
+@click.option("--repository", required=True, help="Model repository: a folder (on a PVC) or s3://BUCKET/PREFIX.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the Kustomize manifests.")
 @click.option("--image", required=True, help="Serving image: deploy/Dockerfile built and pushed to your registry.")
 @click.option("--namespace", default="yqpack", show_default=True)

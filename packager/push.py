@@ -30,8 +30,10 @@ READ_TIMEOUT_S = 60
 MAX_ATTEMPTS = 2  # an unreachable endpoint fails in seconds, not after botocore's default minutes
 
 
-class S3Error(RuntimeError):
-    """A user-facing S3 failure (bad URL, credentials, unreachable endpoint, verification mismatch)."""
+class S3Error(ValueError):
+    """A user-facing S3 failure (bad URL, credentials, unreachable endpoint, verification mismatch).
+
+    A ValueError so that every CLI command that reports bad input plainly (serve included) reports it too."""
 
 
 @dataclass(frozen=True)
@@ -167,11 +169,16 @@ def push_repository(
     *,
     delete_stale: bool = False,
     client=None,
-    progress: Callable[[LocalObject, str], None] | None = None,
+    progress: Callable[[int, LocalObject, str], None] | None = None,
 ) -> PushResult:
-    """Upload `repository` to `destination` (s3://BUCKET/PREFIX), skip what is already there, verify all of it."""
+    """Upload `repository` to `destination` (s3://BUCKET/PREFIX), skip what is already there, verify all of it.
+
+    `progress(total_bytes, item, status)` is called after each object ("uploaded" or "unchanged").
+    """
     repository = Path(repository)
     check_repository(repository)
+    items = local_objects(repository)
+    total = sum(item.size for item in items)
     location = S3Location.parse(destination)
     client = client or s3_client(endpoint_url)
     # An S3-compatible store's endpoint (boto3 reads the variables itself; Triton needs it in the URL).
@@ -179,7 +186,7 @@ def push_repository(
     with _s3_errors(location, client.meta.endpoint_url):
         remote = _remote_objects(client, location)  # a GET first: its error body names the cause, a HEAD's cannot
         pushed = []
-        for item in local_objects(repository):
+        for item in items:
             key = location.key(item.relative)
             # Listing carries no metadata: ask for the recorded hash only where the size already matches.
             unchanged = remote.get(key) == item.size and _recorded_sha256(client, location, key) == item.sha256
@@ -193,7 +200,7 @@ def push_repository(
             status = "unchanged" if unchanged else "uploaded"
             pushed.append(PushedObject(key, item.size, item.sha256, item.md5, status, item.source is None))
             if progress is not None:
-                progress(item, status)
+                progress(total, item, status)
         wanted = {o.key for o in pushed}
         stale = sorted(k for k in remote if k not in wanted)
         deleted = []
@@ -338,6 +345,21 @@ def triton_endpoint_url(location: S3Location, endpoint_url: str) -> str:
     scheme = "https://" if endpoint.scheme == "https" else ""  # Triton speaks plain HTTP unless told otherwise
     path = f"{location.bucket}/{location.prefix}" if location.prefix else location.bucket
     return f"s3://{scheme}{endpoint.hostname}:{port}/{path}"
+
+
+def push_with_progress(repository: Path, destination: str, endpoint_url: str | None = None, *,
+                       delete_stale: bool = False) -> PushResult:
+    """push_repository with a rich progress bar (bytes) on stderr."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(f"push to {destination}", total=None)
+
+        def advance(total: int, item: LocalObject, status: str) -> None:
+            bar.update(task, total=total, advance=item.size, description=f"{status}: {item.relative}")
+
+        return push_repository(repository, destination, endpoint_url, delete_stale=delete_stale, progress=advance)
 
 
 def report_push(result: PushResult, echo: Callable[[str], None]) -> None:

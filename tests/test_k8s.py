@@ -40,7 +40,9 @@ SERVICEMONITOR_ENDPOINT = {
     "followRedirects", "honorLabels", "honorTimestamps", "interval", "metricRelabelings", "oauth2", "params", "path",
     "port", "proxyUrl", "relabelings", "scheme", "scrapeTimeout", "targetPort", "tlsConfig",
 }
-PROMETHEUS_DURATION = re.compile(r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$")
+PROMETHEUS_DURATION = re.compile(  # the CRD's Duration pattern
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
 KSERVE_COMPONENT_EXTENSION = {
     "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
     "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
@@ -121,7 +123,8 @@ def test_every_manifest_is_schema_valid(rendered, variant, version):
             except kv.SchemaNotFoundError:
                 not_schema_checked.append(document["kind"])
     assert set(not_schema_checked) == CRD_KINDS, "only the CRD kinds lack a bundled schema"
-    expected = {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceAccount"}
+    expected = {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                "ServiceAccount"}
     assert expected <= set(checked)
     assert ("PersistentVolumeClaim" in checked) == variant.startswith("pvc")
 
@@ -198,14 +201,16 @@ def test_deployment_gpu_shm_probes_and_non_root(rendered):
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     startup = triton["startupProbe"]
-    assert startup["httpGet"]["path"] == "/v2/health/ready" and startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     assert objects["Deployment"]["spec"]["progressDeadlineSeconds"] >= 1800  # init containers build engines first
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     for container in [*pod["containers"], *pod.get("initContainers", [])]:
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["resources"]["requests"]
     assert "--model-repository=/models" in triton["args"]
-    assert next(v for v in pod["volumes"] if v["name"] == "models")["persistentVolumeClaim"]["claimName"] == "shared-models"
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"]["claimName"] == "shared-models"
 
 
 def test_s3_repository_is_read_by_triton_or_fetched_for_the_engine_build(rendered, s3_server):
@@ -242,8 +247,8 @@ def test_engine_init_container_runs_the_compose_engines_code(rendered, repositor
     script = tmp_path / engines["command"][1].strip("/")
     repository = tmp_path / "models"
     shutil.copytree(repositories["gpu"], repository)
-    result = subprocess.run(["/usr/bin/python3", "-I", str(script), str(repository), "--trtexec", "/nonexistent/trtexec"],
-                            capture_output=True, text=True, timeout=60)
+    command = ["/usr/bin/python3", "-I", str(script), str(repository), "--trtexec", "/nonexistent/trtexec"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "trtexec" in result.stderr, result.stderr
 
 
@@ -294,7 +299,8 @@ def test_bad_options_are_clear_errors(repositories, tmp_path):
         ("--image", "my image"): "--image must be an image reference",
     }
     for extra, message in cases.items():
-        args = ["--repository", repo, "--out", str(tmp_path / "out"), *(() if "--image" in extra else ("--image", IMAGE))]
+        image = () if "--image" in extra else ("--image", IMAGE)
+        args = ["--repository", repo, "--out", str(tmp_path / "out"), *image]
         result = _cli(*args, *extra)
         assert result.exit_code == 1 and message in result.output, (extra, result.output)
     unknown = _cli("--repository", repo, "--out", str(tmp_path), "--image", IMAGE, "--gpu-count", "1")
@@ -319,7 +325,8 @@ def test_an_unreachable_s3_endpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     closed = f"http://127.0.0.1:{find_free_ports(1)[0]}"
-    result = _cli("--repository", "s3://models/none", "--endpoint-url", closed, "--out", str(tmp_path), "--image", IMAGE)
+    result = _cli("--repository", "s3://models/none", "--endpoint-url", closed, "--out", str(tmp_path),
+                  "--image", IMAGE)
     assert result.exit_code == 1 and "cannot reach s3://models/none" in result.output
 
 
@@ -327,3 +334,26 @@ def test_an_s3_prefix_without_a_repository_is_a_clear_error(aws_env, tmp_path):
     result = _cli("--repository", "s3://models/nothing-here", "--endpoint-url", aws_env["endpoint"],
                   "--out", str(tmp_path), "--image", IMAGE)
     assert result.exit_code == 1 and "is not a yqpack repository" in result.output
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+@pytest.mark.parametrize("variant", ["pvc-gpu", "s3-gpu", "s3-local"])
+def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, variant):
+    """`kubectl kustomize` (offline) builds what `kubectl apply -k` would send; the generated ConfigMap's hashed
+    name reaches the Deployment, and every built object still validates."""
+    for folder in (rendered[variant], rendered[variant] / "kserve"):
+        built = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+        assert built.returncode == 0, built.stderr
+        objects = list(yaml.safe_load_all(built.stdout))
+        namespace = objects[0]["metadata"]["name"]
+        assert all(o["metadata"].get("namespace", namespace) == namespace for o in objects)
+        for document in objects:
+            if document["kind"] not in CRD_KINDS:
+                kv.validate(document, "1.35.0", strict=True)
+        if variant.endswith("gpu") and folder == rendered[variant]:
+            (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
+            assert set(config_map["data"]) == {"build_engines.py", "engines.py"}
+            deployment = next(o for o in objects if o["kind"] == "Deployment")
+            volumes = deployment["spec"]["template"]["spec"]["volumes"]
+            assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \
+                config_map["metadata"]["name"]

@@ -128,8 +128,8 @@ def test_wrong_secret_key_is_a_clear_error(aws_env, repository_copy, monkeypatch
 
 def test_unknown_access_key_is_a_clear_error_in_the_cli(aws_env, repository_copy, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNUNKNOWN00")
-    result = CliRunner().invoke(main, ["push", "--repository", str(repository_copy),
-                                       "--to", f"s3://{aws_env['bucket']}/denied", "--endpoint-url", aws_env["endpoint"]])
+    result = CliRunner().invoke(main, ["push", "--repository", str(repository_copy), "--to",
+                                       f"s3://{aws_env['bucket']}/denied", "--endpoint-url", aws_env["endpoint"]])
     assert result.exit_code == 1 and "InvalidAccessKeyId" in result.output and "AWS_ACCESS_KEY_ID" in result.output
 
 
@@ -205,8 +205,8 @@ def test_push_serve_verify_stop_from_s3_with_the_cli(aws_env, fp32_repository, s
     """The user's path: yqpack push, yqpack serve --repository s3://BUCKET/PREFIX (endpoint in AWS_ENDPOINT_URL,
     credentials in the environment), one inference through the ensemble, a short yqpack verify, yqpack stop."""
     server = aws_env
-    pushed = CliRunner().invoke(main, ["push", "--repository", str(fp32_repository),
-                                       "--to", f"s3://{server['bucket']}/served/v1", "--endpoint-url", server["endpoint"]])
+    pushed = CliRunner().invoke(main, ["push", "--repository", str(fp32_repository), "--to",
+                                       f"s3://{server['bucket']}/served/v1", "--endpoint-url", server["endpoint"]])
     assert pushed.exit_code == 0, pushed.output
     monkeypatch.setenv("AWS_ENDPOINT_URL", server["endpoint"])
     home = tmp_path / "home"
@@ -217,7 +217,8 @@ def test_push_serve_verify_stop_from_s3_with_the_cli(aws_env, fp32_repository, s
     cli = [sys.executable, "-m", "packager.cli"]
     started = subprocess.run([*cli, "serve", "--repository", f"s3://{server['bucket']}/served/v1", "--detach",
                               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-                              "--metrics-port", str(metrics_port)], env=env, capture_output=True, text=True, timeout=300)
+                              "--metrics-port", str(metrics_port)],
+                             env=env, capture_output=True, text=True, timeout=300)
     try:
         assert started.returncode == 0, started.stderr
         state = read_state(home)
