@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 from urllib.parse import urlparse
 
 from packager.repository import REPOSITORY_INFO, load_repository_info
@@ -68,8 +69,9 @@ class LocalObject:
     md5: str  # hex: what S3 reports as the ETag of a single-part upload
     source: Path | None  # None: the placeholder body
 
-    def body(self) -> bytes:
-        return self.source.read_bytes() if self.source is not None else PLACEHOLDER_BODY
+    def open(self) -> BinaryIO:
+        """The body, streamed from disk (a model file can be large)."""
+        return open(self.source, "rb") if self.source is not None else io.BytesIO(PLACEHOLDER_BODY)
 
 
 @dataclass(frozen=True)
@@ -175,11 +177,11 @@ def push_repository(
 
     `progress(total_bytes, item, status)` is called after each object ("uploaded" or "unchanged").
     """
+    location = S3Location.parse(destination)
     repository = Path(repository)
     check_repository(repository)
     items = local_objects(repository)
     total = sum(item.size for item in items)
-    location = S3Location.parse(destination)
     client = client or s3_client(endpoint_url)
     # An S3-compatible store's endpoint (boto3 reads the variables itself; Triton needs it in the URL).
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -191,12 +193,13 @@ def push_repository(
             # Listing carries no metadata: ask for the recorded hash only where the size already matches.
             unchanged = remote.get(key) == item.size and _recorded_sha256(client, location, key) == item.sha256
             if not unchanged:
-                client.put_object(
-                    Bucket=location.bucket, Key=key, Body=item.body(),
-                    # Both hashes travel with the body: the store refuses it when either differs.
-                    ContentMD5=_b64(item.md5), ChecksumSHA256=_b64(item.sha256),
-                    Metadata={SHA256_METADATA: item.sha256},
-                )
+                with item.open() as body:
+                    client.put_object(
+                        Bucket=location.bucket, Key=key, Body=body,
+                        # Both hashes travel with the body: the store refuses it when either differs.
+                        ContentMD5=_b64(item.md5), ChecksumSHA256=_b64(item.sha256),
+                        Metadata={SHA256_METADATA: item.sha256},
+                    )
             status = "unchanged" if unchanged else "uploaded"
             pushed.append(PushedObject(key, item.size, item.sha256, item.md5, status, item.source is None))
             if progress is not None:
