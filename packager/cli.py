@@ -220,10 +220,12 @@ def k8s(out, **options) -> None:
 
     try:
         result = render_k8s(K8sOptions(**options), out)
-    except (S3Error, ValueError, FileNotFoundError) as error:
+    except (S3Error, ValueError, FileNotFoundError, FileExistsError) as error:
         raise YqpackError(str(error)) from None
     for path in result.files:
         click.echo(f"wrote {path}")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"apply: kubectl apply -k {out}   (KServe instead: kubectl apply -k {out / 'kserve'})")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.push import S3Location, check_repository, read_remote_info, triton_endpoint_url
-from packager.repository import PRE_POST_INSTANCES
+from packager.repository import PRE_POST_INSTANCES, _swap_in
 from packager.serve import SHM_DEFAULT_BYTES
 
 MIB = 1024 * 1024
@@ -30,6 +31,7 @@ METRIC_NAME = "triton_queue_time_per_request_ms"  # what the adapter rule expose
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb")
 KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
+MARKER = ".yqpack-k8s"  # marks a folder yqpack k8s may replace
 
 
 @dataclass(frozen=True)
@@ -142,18 +144,44 @@ def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
 
 
 def render_k8s(options: K8sOptions, out: Path) -> K8sResult:
-    """Render the Kustomize base (and `kserve/`) for `options.repository` into `out`; returns the files written."""
+    """Render the Kustomize base (and `kserve/`) for `options.repository` into `out`; returns the files written.
+
+    Rendered into a sibling folder and swapped in, so a failure leaves a previous rendering intact and a new one
+    carries no file left over from an earlier rendering. A non-empty `out` not written by yqpack is refused.
+    """
     repository = load_served_repository(options)
     check_options(options, repository)
     context = manifest_context(options, repository)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(f"{out} exists and was not written by yqpack k8s: choose an empty or new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.rendering-", dir=out.parent))
+    try:
+        written = _render_all(context, staging)
+        (staging / MARKER).write_text(f"written by yqpack k8s from {options.repository}\n")
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    notes = []
+    if repository.target == "local":
+        notes.append("the local target's detector runs onnxruntime in the Python backend, which the serving image "
+                     "lacks: render the repository with --target gpu, gpu-ort or cpu for a cluster")
+    if repository.builds_engines:
+        notes.append("KServe variant: it has no engine-build step; push a repository whose plans were built on the "
+                     "same GPU model and TensorRT version (yqpack engines), or use the Deployment")
+    return K8sResult(out, [out / path.relative_to(staging) for path in written], notes)
+
+
+def _render_all(context: dict, out: Path) -> list[Path]:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR / "k8s")), undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
     )
     env.filters["q"] = _quote
-    out = Path(out)
-    (out / "kserve").mkdir(parents=True, exist_ok=True)
-    (out / "prometheus-adapter").mkdir(exist_ok=True)
+    (out / "kserve").mkdir()
+    (out / "prometheus-adapter").mkdir()
     files = [_render(env, f"{m}.yaml.j2", context, out / f"{m}.yaml") for m in MANIFESTS]
     if context["pvc"]:
         files.append(_render(env, "pvc.yaml.j2", context, out / "pvc.yaml"))
@@ -164,11 +192,7 @@ def render_k8s(options: K8sOptions, out: Path) -> K8sResult:
     files.append(_render(env, "namespace.yaml.j2", context, out / "kserve" / "namespace.yaml"))  # no ../ in kustomize
     files += [_render(env, f"kserve/{m}.yaml.j2", context, out / "kserve" / f"{m}.yaml") for m in KSERVE_MANIFESTS]
     files.append(_render(env, "kserve/kustomization.yaml.j2", context, out / "kserve" / "kustomization.yaml"))
-    notes = []
-    if context["engines"]:
-        notes.append("KServe variant: it has no engine-build step; push a repository whose plans were built on the "
-                     "same GPU model and TensorRT version (yqpack engines), or use the Deployment")
-    return K8sResult(out, files, notes)
+    return files
 
 
 def _render(env: jinja2.Environment, template: str, context: dict, destination: Path) -> Path:

@@ -357,3 +357,29 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \
                 config_map["metadata"]["name"]
+
+
+def test_rerendering_replaces_the_folder_and_a_foreign_folder_is_refused(repositories, tmp_path):
+    out = tmp_path / "k8s"
+    _render(str(repositories["gpu"]), out)
+    assert (out / "pvc.yaml").is_file() and (out / "engines" / "engines.py").is_file()
+    _render(str(repositories["local"]), out, gpus=0, pvc="other-models")
+    assert not (out / "engines").exists()  # nothing left over from the gpu rendering
+    assert "other-models" in (out / "pvc.yaml").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["k8s"]  # no staging folder left behind
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = _cli("--repository", str(repositories["gpu"]), "--out", str(foreign), "--image", IMAGE)
+    assert result.exit_code == 1 and "was not written by yqpack k8s" in result.output
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_names_what_it_wrote_and_warns_about_the_local_target(repositories, tmp_path):
+    result = CliRunner().invoke(
+        main, ["k8s", "--repository", str(repositories["local"]), "--out", str(tmp_path / "k8s"), "--image", IMAGE,
+               "--gpus", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'k8s' / 'deployment.yaml'}" in result.output
+    assert "kubectl apply -k" in result.output
+    assert "note: the local target's detector runs onnxruntime" in result.stderr
