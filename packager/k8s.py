@@ -132,6 +132,7 @@ def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
         "fetch": fetch,
         "aws_cli_image": AWS_CLI_IMAGE,
         "engines": repository.builds_engines,
+        "trt_cache": repository.target in ("gpu", "gpu-ort"),
         "model_repository": model_repository,
         "models_mount": MODELS_MOUNT,
         "shm_mib": shm // MIB,

@@ -60,6 +60,7 @@ def repositories(yolov8n_build, tmp_path_factory) -> dict[str, Path]:
     return {
         "local": render_repository(yolov8n_build, root / "local", target="local", precisions=("fp32",)).path,
         "gpu": render_repository(yolov8n_build, root / "gpu", target="gpu", precisions=("fp16", "int8")).path,
+        "gpu-ort": render_repository(yolov8n_build, root / "gpu-ort", target="gpu-ort", precisions=("int8",)).path,
     }
 
 
@@ -86,6 +87,7 @@ def rendered(repositories, tmp_path_factory, s3_server) -> dict[str, Path]:
         }
     variants["pvc-local"] = _render(str(repositories["local"]), root / "pvc-local", gpus=0)
     variants["pvc-gpu"] = _render(str(repositories["gpu"]), root / "pvc-gpu", gpus=2, pvc="shared-models")
+    variants["pvc-gpu-ort"] = _render(str(repositories["gpu-ort"]), root / "pvc-gpu-ort")
     return variants
 
 
@@ -109,7 +111,7 @@ def _validate_fragment(instance: dict, schema_file: str, version: str) -> None:
 
 # -- schema validity --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("variant", ["pvc-local", "pvc-gpu", "s3-local", "s3-gpu"])
+@pytest.mark.parametrize("variant", ["pvc-local", "pvc-gpu", "pvc-gpu-ort", "s3-local", "s3-gpu"])
 def test_every_manifest_is_schema_valid(rendered, variant, version):
     folder = rendered[variant]
     checked, not_schema_checked = [], []
@@ -383,3 +385,14 @@ def test_cli_names_what_it_wrote_and_warns_about_the_local_target(repositories, 
     assert f"wrote {tmp_path / 'k8s' / 'deployment.yaml'}" in result.output
     assert "kubectl apply -k" in result.output
     assert "note: the local target's detector runs onnxruntime" in result.stderr
+
+
+def test_trt_cache_is_writable_where_tensorrt_builds(rendered):
+    """gpu: the engines init container's timing caches; gpu-ort: onnxruntime builds its engines at load in Triton."""
+    for variant, init in (("pvc-gpu", True), ("pvc-gpu-ort", False), ("pvc-local", False)):
+        pod = _pod(_documents(rendered[variant]))
+        triton_mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        wants_cache = variant != "pvc-local"
+        assert ("trt-cache" in triton_mounts) == wants_cache, variant
+        assert (not wants_cache) or not triton_mounts["trt-cache"].get("readOnly", False)
+        assert ("initContainers" in pod) == init, variant
