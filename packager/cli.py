@@ -211,7 +211,8 @@ def push(repository, destination, endpoint_url, delete_stale) -> None:
               help="HPA target: Triton queue time per request, ms.")
 @click.option("--s3-secret", default="yqpack-s3", show_default=True,
               help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_DEFAULT_REGION).")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint the cluster reaches [AWS_ENDPOINT_URL].")
+@click.option("--endpoint-url", envvar=["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], default=None,
+              help="S3-compatible endpoint the cluster reaches [AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL].")
 @click.option("--pvc", default=None, help="PersistentVolumeClaim holding a folder repository [NAME-models].")
 def k8s(out, **options) -> None:
     """Render Kubernetes manifests (Deployment, Service, HPA, ServiceMonitor, PDB; KServe variant) for a repository."""
