@@ -18,7 +18,8 @@ import jinja2
 import yaml
 
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
-from packager.push import S3Location, check_repository, read_remote_info, triton_endpoint_url
+from packager.contracts import ConfigError, RepositoryIndex, Role
+from packager.push import S3Location, check_repository, read_remote_index, triton_endpoint_url
 from packager.repository import PRE_POST_INSTANCES, _swap_in
 from packager.serve import SHM_DEFAULT_BYTES
 
@@ -31,6 +32,7 @@ METRIC_NAME = "triton_queue_time_per_request_ms"  # what the adapter rule expose
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb")
 KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
+ENGINE_MODULES = ("engines.py", "contracts.py")  # what deploy/build_engines.py imports from packager/
 MARKER = ".yqpack-k8s"  # marks a folder yqpack k8s may replace
 
 
@@ -56,6 +58,7 @@ class ServedRepository:
     model_name: str
     target: str
     ensembles: dict[str, str]  # precision -> ensemble name
+    python_detectors: int  # detectors running in the Python backend (the `local` target): one shm user each
     s3: S3Location | None  # None: a folder, served from a PVC
 
     @property
@@ -73,10 +76,12 @@ class K8sResult:
 def load_served_repository(options: K8sOptions) -> ServedRepository:
     if options.repository.startswith("s3://"):
         location = S3Location.parse(options.repository)
-        info = read_remote_info(options.repository, options.endpoint_url)
+        index: RepositoryIndex = read_remote_index(options.repository, options.endpoint_url)
     else:
-        location, info = None, check_repository(Path(options.repository))
-    return ServedRepository(info["model_name"], info["target"], dict(info["ensembles"]), location)
+        location, index = None, check_repository(Path(options.repository))
+    ensembles = {precision.value: name for precision, name in index.ensembles().items()}
+    python_detectors = sum(m.platform == "python" for m in index.by_role(Role.DETECTOR))
+    return ServedRepository(index.model.name, index.target, ensembles, python_detectors, location)
 
 
 def check_options(options: K8sOptions, repository: ServedRepository) -> None:
@@ -84,26 +89,26 @@ def check_options(options: K8sOptions, repository: ServedRepository) -> None:
              "--pvc": options.pvc}
     bad = [f"{flag} {value!r}" for flag, value in names.items() if value is not None and not DNS_LABEL.match(value)]
     if bad:
-        raise ValueError(f"not a Kubernetes name (lowercase letters, digits, '-', at most 63): {', '.join(bad)}")
+        raise ConfigError(f"not a Kubernetes name (lowercase letters, digits, '-', at most 63): {', '.join(bad)}")
     if not options.image or any(c.isspace() for c in options.image):
-        raise ValueError(f"--image must be an image reference like registry/yqpack-triton:25.01, got {options.image!r}")
+        raise ConfigError(f"--image must be an image reference like registry/yqpack-triton:25.01: {options.image!r}")
     if options.max_replicas < options.replicas:
-        raise ValueError(f"--max-replicas {options.max_replicas} is below --replicas {options.replicas}")
+        raise ConfigError(f"--max-replicas {options.max_replicas} is below --replicas {options.replicas}")
     if repository.builds_engines and options.gpus < 1:
-        raise ValueError("a gpu-target repository needs --gpus 1 or more (its TensorRT plans are built on the GPU)")
+        raise ConfigError("a gpu-target repository needs --gpus 1 or more (its TensorRT plans are built on the GPU)")
 
 
-def shm_bytes(target: str, ensembles: int) -> int:
-    """/dev/shm for the Python backend: one region per stub (pre/post instances, and the detectors on `local`),
-    each starting at SHM_DEFAULT_BYTES and growing with the batch; 4x headroom, at least 1 GiB."""
-    stubs = sum(PRE_POST_INSTANCES[target]) + (ensembles if target == "local" else 0)
+def shm_bytes(target: str, python_detectors: int) -> int:
+    """/dev/shm for the Python backend: one region per stub (pre/post instances, Python-backend detectors), each
+    starting at SHM_DEFAULT_BYTES and growing with the batch; 4x headroom, at least 1 GiB."""
+    stubs = sum(PRE_POST_INSTANCES[target]) + python_detectors
     return max(1024 * MIB, 4 * stubs * SHM_DEFAULT_BYTES)
 
 
 def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
     name = options.name or f"{repository.model_name.lower().replace('_', '-')}-triton"
     if not DNS_LABEL.match(name):
-        raise ValueError(f"derived name {name!r} is not a Kubernetes name: pass --name")
+        raise ConfigError(f"derived name {name!r} is not a Kubernetes name: pass --name")
     s3 = repository.s3
     # Triton reads S3 itself unless the plans must be built first: then an init container copies the repository.
     fetch = s3 is not None and repository.builds_engines
@@ -111,7 +116,7 @@ def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
         model_repository = MODELS_MOUNT
     else:
         model_repository = triton_endpoint_url(s3, options.endpoint_url) if options.endpoint_url else s3.url
-    shm = shm_bytes(repository.target, len(repository.ensembles))
+    shm = shm_bytes(repository.target, repository.python_detectors)
     return {
         "name": name,
         "namespace": options.namespace,
@@ -133,6 +138,7 @@ def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
         "aws_cli_image": AWS_CLI_IMAGE,
         "engines": repository.builds_engines,
         "trt_cache": repository.target in ("gpu", "gpu-ort"),
+        "engine_modules": ENGINE_MODULES,
         "model_repository": model_repository,
         "models_mount": MODELS_MOUNT,
         "shm_mib": shm // MIB,
@@ -155,7 +161,7 @@ def render_k8s(options: K8sOptions, out: Path) -> K8sResult:
     context = manifest_context(options, repository)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise FileExistsError(f"{out} exists and was not written by yqpack k8s: choose an empty or new --out")
+        raise ConfigError(f"{out} exists and was not written by yqpack k8s: choose an empty or new --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.rendering-", dir=out.parent))
     try:
@@ -204,9 +210,10 @@ def _render(env: jinja2.Environment, template: str, context: dict, destination: 
 
 
 def _copy_engine_scripts(folder: Path) -> list[Path]:
-    """deploy/build_engines.py + packager/engines.py, the compose `engines` service's code, for a ConfigMap."""
+    """The compose `engines` service's code for a ConfigMap: deploy/build_engines.py, packager/engines.py and the
+    standard-library-only packager/contracts.py it imports."""
     folder.mkdir(exist_ok=True)
-    sources = (PROJECT_ROOT / "deploy" / "build_engines.py", PROJECT_ROOT / "packager" / "engines.py")
+    sources = (PROJECT_ROOT / "deploy" / "build_engines.py", *(PROJECT_ROOT / "packager" / f for f in ENGINE_MODULES))
     return [Path(shutil.copy2(source, folder / source.name)) for source in sources]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import urlparse
 
-from packager.repository import REPOSITORY_INFO, load_repository_info
+from packager.contracts import REPOSITORY_INDEX, ConfigError, MissingInputError, RepositoryIndex, YqpackError
 
 PLACEHOLDER_NAME = ".yqpack-keep"
 PLACEHOLDER_BODY = b"yqpack: keeps this folder visible in S3 (S3 has no empty folders; Triton needs it)\n"
@@ -31,10 +31,8 @@ READ_TIMEOUT_S = 60
 MAX_ATTEMPTS = 2  # an unreachable endpoint fails in seconds, not after botocore's default minutes
 
 
-class S3Error(ValueError):
-    """A user-facing S3 failure (bad URL, credentials, unreachable endpoint, verification mismatch).
-
-    A ValueError so that every CLI command that reports bad input plainly (serve included) reports it too."""
+class S3Error(YqpackError):
+    """A user-facing S3 failure (bad URL, credentials, unreachable endpoint, verification mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -134,18 +132,19 @@ def file_digests(path: Path, chunk: int = 1 << 20) -> tuple[str, str]:
     return sha256.hexdigest(), md5.hexdigest()
 
 
-def check_repository(repository: Path) -> dict:
-    """The repository's summary; a folder that is not a yqpack repository with ensembles is refused."""
+def check_repository(repository: Path) -> RepositoryIndex:
+    """The repository's index; a folder that is not a yqpack repository with ensembles is refused."""
     repository = Path(repository)
     if not repository.is_dir():
-        raise FileNotFoundError(f"model repository not found: {repository} (run yqpack build with --repository)")
-    info = load_repository_info(repository)
-    if not info.get("ensembles"):
-        raise ValueError(f"{repository} has no ensembles in {REPOSITORY_INFO}: nothing to serve, re-render it")
-    missing = [name for name in info["ensembles"].values() if not (repository / name / "config.pbtxt").is_file()]
+        raise MissingInputError(f"model repository not found: {repository} (run yqpack build with --repository)")
+    index = RepositoryIndex.load(repository)
+    ensembles = index.ensembles()
+    if not ensembles:
+        raise ConfigError(f"{repository} has no ensembles in {REPOSITORY_INDEX}: nothing to serve, re-render it")
+    missing = [name for name in ensembles.values() if not (repository / name / "config.pbtxt").is_file()]
     if missing:
-        raise ValueError(f"{repository} lacks the ensemble folder(s) {', '.join(missing)}: re-render it")
-    return info
+        raise ConfigError(f"{repository} lacks the ensemble folder(s) {', '.join(missing)}: re-render it")
+    return index
 
 
 def s3_client(endpoint_url: str | None = None):
@@ -232,19 +231,24 @@ def verify_pushed(client, location: S3Location, pushed: list[PushedObject]) -> N
         raise S3Error(f"what landed in {location.url} differs from the repository:\n  " + "\n  ".join(problems))
 
 
-def read_remote_info(destination: str, endpoint_url: str | None = None, client=None) -> dict:
+def read_remote_index(destination: str, endpoint_url: str | None = None, client=None) -> RepositoryIndex:
     """yqpack_repository.json of a pushed repository (what `yqpack k8s --repository s3://...` renders from)."""
     location = S3Location.parse(destination)
     client = client or s3_client(endpoint_url)
     with _s3_errors(location, client.meta.endpoint_url):
         try:
-            body = client.get_object(Bucket=location.bucket, Key=location.key(REPOSITORY_INFO))["Body"].read()
+            body = client.get_object(Bucket=location.bucket, Key=location.key(REPOSITORY_INDEX))["Body"].read()
         except client.exceptions.NoSuchKey:
-            raise S3Error(f"{location.url} is not a yqpack repository (no {REPOSITORY_INFO}): yqpack push first")
-    info = json.loads(body)
-    if not info.get("ensembles"):
-        raise S3Error(f"{location.url} has no ensembles in {REPOSITORY_INFO}: nothing to serve")
-    return info
+            raise S3Error(f"{location.url} is not a yqpack repository (no {REPOSITORY_INDEX}): yqpack push first")
+    try:
+        index = RepositoryIndex.from_dict(json.loads(body), f"{location.url}/{REPOSITORY_INDEX}")
+    except ValueError as error:  # not JSON at all; RepositoryIndex's own errors are already plain
+        if isinstance(error, YqpackError):
+            raise
+        raise S3Error(f"{location.url}/{REPOSITORY_INDEX} is not JSON: {error}") from None
+    if not index.ensembles():
+        raise S3Error(f"{location.url} has no ensembles in {REPOSITORY_INDEX}: nothing to serve")
+    return index
 
 
 def _remote_objects(client, location: S3Location) -> dict[str, int]:

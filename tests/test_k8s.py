@@ -22,7 +22,8 @@ from packager.assets import PROJECT_ROOT
 from packager.cli import main
 from packager.k8s import METRIC_NAME, K8sOptions, render_k8s
 from packager.push import push_repository
-from packager.repository import REPOSITORY_INFO, render_repository
+from packager.contracts import REPOSITORY_INDEX
+from packager.repository import render_repository
 
 VERSIONS = ("1.30.0", "1.35.0")
 CRD_KINDS = {"ServiceMonitor", "InferenceService"}
@@ -313,8 +314,9 @@ def test_bad_options_are_clear_errors(repositories, tmp_path):
 
 def test_a_repository_without_ensembles_is_refused(repositories, tmp_path):
     copy = Path(shutil.copytree(repositories["local"], tmp_path / "repo"))
-    info = json.loads((copy / REPOSITORY_INFO).read_text())
-    (copy / REPOSITORY_INFO).write_text(json.dumps({**info, "ensembles": {}}))
+    info = json.loads((copy / REPOSITORY_INDEX).read_text())
+    info["models"] = [m for m in info["models"] if m["role"] != "ensemble"]
+    (copy / REPOSITORY_INDEX).write_text(json.dumps(info))
     result = _cli("--repository", str(copy), "--out", str(tmp_path / "out"), "--image", IMAGE)
     assert result.exit_code == 1 and "no ensembles" in result.output
     assert not (tmp_path / "out").exists()
@@ -354,7 +356,7 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
                 kv.validate(document, "1.35.0", strict=True)
         if variant.endswith("gpu") and folder == rendered[variant]:
             (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-            assert set(config_map["data"]) == {"build_engines.py", "engines.py"}
+            assert set(config_map["data"]) == {"build_engines.py", "engines.py", "contracts.py"}
             deployment = next(o for o in objects if o["kind"] == "Deployment")
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \

@@ -16,7 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from click.testing import CliRunner
 
-from packager.cli import YqpackError, main
+from packager.cli import main
+from packager.contracts import ConfigError, ServerError
 from packager.push import (
     PLACEHOLDER_NAME,
     S3Error,
@@ -26,7 +27,8 @@ from packager.push import (
     triton_s3_repository,
     verify_pushed,
 )
-from packager.repository import REPOSITORY_INFO, render_repository
+from packager.contracts import REPOSITORY_INDEX
+from packager.repository import render_repository
 from packager.serve import LocalTritonServer, find_free_ports, read_state
 
 
@@ -70,8 +72,8 @@ def test_push_lands_verified_then_skips_unchanged_objects(aws_env, repository_co
     assert first.uploaded == len(first.objects) and first.unchanged == 0
     landed = _keys(server, "idempotent/v1")
     assert landed == {Path(o.key).relative_to("idempotent/v1").as_posix(): o.size for o in first.objects}
-    info = _s3(server).get_object(Bucket=server["bucket"], Key=f"idempotent/v1/{REPOSITORY_INFO}")["Body"].read()
-    assert info == (repository_copy / REPOSITORY_INFO).read_bytes()
+    info = _s3(server).get_object(Bucket=server["bucket"], Key=f"idempotent/v1/{REPOSITORY_INDEX}")["Body"].read()
+    assert info == (repository_copy / REPOSITORY_INDEX).read_bytes()
 
     second = push_repository(repository_copy, f"s3://{server['bucket']}/idempotent/v1", server["endpoint"])
     assert second.uploaded == 0 and second.unchanged == len(first.objects)
@@ -145,10 +147,11 @@ def test_unreachable_endpoint_is_a_clear_error(aws_env, repository_copy):
 
 
 def test_a_repository_without_ensembles_is_refused(repository_copy):
-    info_path = repository_copy / REPOSITORY_INFO
+    info_path = repository_copy / REPOSITORY_INDEX
     info = json.loads(info_path.read_text())
-    info_path.write_text(json.dumps({**info, "ensembles": {}}))
-    with pytest.raises(ValueError, match="no ensembles"):
+    info["models"] = [m for m in info["models"] if m["role"] != "ensemble"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="no ensembles"):
         push_repository(repository_copy, "s3://models/x", "http://127.0.0.1:9")
     info_path.unlink()
     result = CliRunner().invoke(main, ["push", "--repository", str(repository_copy), "--to", "s3://models/x"])
@@ -254,7 +257,7 @@ def test_tritonserver_with_a_wrong_secret_fails_fast_and_says_why(aws_env, fp32_
     triton = _server(f"s3://127.0.0.1:{server['port']}/{server['bucket']}/denied-served", server_env, tmp_path)
     triton.start()
     try:
-        with pytest.raises(YqpackError, match="(?s)exited with code .*S3.*credentials"):
+        with pytest.raises(ServerError, match="(?s)exited with code .*S3.*credentials"):
             triton.wait_ready(timeout=120)  # the process exits on its own; the timeout is only a backstop
     finally:
         triton.stop()
