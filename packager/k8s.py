@@ -17,7 +17,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
+from packager.assets import DEPLOY_DIR, PACKAGE_DIR, TEMPLATES_DIR
 from packager.contracts import ConfigError, RepositoryIndex, Role
 from packager.push import S3Location, check_repository, read_remote_index, triton_endpoint_url
 from packager.repository import PRE_POST_INSTANCES, _swap_in
@@ -32,7 +32,7 @@ METRIC_NAME = "triton_queue_time_per_request_ms"  # what the adapter rule expose
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb")
 KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
-ENGINE_MODULES = ("engines.py", "contracts.py")  # what deploy/build_engines.py imports from packager/
+ENGINE_MODULES = ("engines.py", "contracts.py", "gpu_probe.py")  # what deploy/build_engines.py imports from packager/
 MARKER = ".yqpack-k8s"  # marks a folder yqpack k8s may replace
 
 
@@ -211,9 +211,9 @@ def _render(env: jinja2.Environment, template: str, context: dict, destination: 
 
 def _copy_engine_scripts(folder: Path) -> list[Path]:
     """The compose `engines` service's code for a ConfigMap: deploy/build_engines.py, packager/engines.py and the
-    standard-library-only packager/contracts.py it imports."""
+    standard-library-only packager/contracts.py and gpu_probe.py it imports."""
     folder.mkdir(exist_ok=True)
-    sources = (PROJECT_ROOT / "deploy" / "build_engines.py", *(PROJECT_ROOT / "packager" / f for f in ENGINE_MODULES))
+    sources = (DEPLOY_DIR / "build_engines.py", *(PACKAGE_DIR / f for f in ENGINE_MODULES))  # checkout or wheel
     return [Path(shutil.copy2(source, folder / source.name)) for source in sources]
 
 
