@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from packager import gpu_probe
-from packager.contracts import EngineBuildError
+from packager.contracts import (
+    BuildManifest,
+    EngineBuildError,
+    ManifestError,
+    MissingInputError,
+    RepositoryIndex,
+    Role,
+    ServedModel,
+)
 from packager.gpu_probe import GpuInfo, parse_compute_capability  # noqa: F401 (re-exported)
 
 PLAN_FILENAME = "model.plan"
@@ -36,7 +44,7 @@ KEY_SUFFIX = ".key.json"
 LOG_SUFFIX = ".log"
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 30
-PRECISIONS = ("fp32", "fp16", "int8")
+TENSORRT_PLATFORM = "tensorrt_plan"  # the index platform of detectors served from a TensorRT plan
 
 
 # --------------------------------------------------------------------------------------------- versions
@@ -113,53 +121,6 @@ def detect_tensorrt_version(trtexec: Path) -> TensorRTVersion:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
-    """What the engine build needs from a rendered detector config.pbtxt."""
-
-    name: str
-    backend: str  # "tensorrt" for tensorrt_plan configs
-    max_batch_size: int
-    input_name: str
-    input_dims: tuple[int, ...]
-    preferred_batch_sizes: tuple[int, ...] = ()
-
-    @property
-    def precision(self) -> str | None:
-        match = re.search(r"_(fp32|fp16|int8)_detector$", self.name)
-        return match.group(1) if match else None
-
-
-def parse_detector_config(text: str) -> DetectorConfig:
-    """Parse the fields of a Triton config.pbtxt the engine build needs (stdlib only: no protobuf in the image)."""
-    text = re.sub(r"#[^\n]*", "", text)  # comments may mention any of the keys below
-    name = re.search(r'^\s*name\s*:\s*"([^"]+)"', text, re.M)
-    if name is None:
-        raise ValueError("config.pbtxt has no model name")
-    platform = re.search(r'^\s*platform\s*:\s*"([^"]+)"', text, re.M)
-    backend = re.search(r'^\s*backend\s*:\s*"([^"]+)"', text, re.M)
-    kind = "tensorrt" if is_tensorrt_config(text) else (backend.group(1) if backend else (platform.group(1) if platform else ""))
-    max_batch = re.search(r"^\s*max_batch_size\s*:\s*(\d+)", text, re.M)
-    inputs = re.search(r"\binput\s*\[(.*?)\]\s*\n\s*output\b", text, re.S)
-    if inputs is None:
-        raise ValueError(f"config of {name.group(1)} has no input section")
-    input_name = re.search(r'name\s*:\s*"([^"]+)"', inputs.group(1))
-    dims = re.search(r"dims\s*:\s*\[([^\]]*)\]", inputs.group(1))
-    if input_name is None or dims is None:
-        raise ValueError(f"config of {name.group(1)} lacks the input name or dims")
-    preferred = re.search(r"preferred_batch_size\s*:\s*\[([^\]]*)\]", text)
-    return DetectorConfig(
-        name=name.group(1),
-        backend=kind,
-        max_batch_size=int(max_batch.group(1)) if max_batch else 0,
-        input_name=input_name.group(1),
-        input_dims=tuple(int(d) for d in dims.group(1).replace(" ", "").split(",") if d),
-        preferred_batch_sizes=tuple(int(b) for b in preferred.group(1).replace(" ", "").split(",") if b)
-        if preferred
-        else (),
-    )
-
-
-@dataclass(frozen=True)
 class EngineSpec:
     """One plan to build: which ONNX, where the plan goes, and the optimization profile."""
 
@@ -172,6 +133,7 @@ class EngineSpec:
     min_batch: int
     opt_batch: int
     max_batch: int
+    artifact: str | None = None  # the build artifact variant the plan is built from (e.g. int8)
 
     def shape(self, batch: int) -> str:
         return f"{self.input_name}:" + "x".join(str(d) for d in (batch, *self.input_dims))
@@ -181,42 +143,35 @@ class EngineSpec:
         return {"min": self.shape(self.min_batch), "opt": self.shape(self.opt_batch), "max": self.shape(self.max_batch)}
 
 
-def engine_spec(config: DetectorConfig, version_dir: Path, precision: str | None = None) -> EngineSpec:
+def engine_spec(model: ServedModel, version_dir: Path) -> EngineSpec:
     """The plan for one detector: profile 1 / largest preferred batch / max_batch_size (Triton never exceeds it)."""
-    precision = precision or config.precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"cannot tell the precision of {config.name} (expected a name ending _<fp32|fp16|int8>_detector)")
-    max_batch = max(1, config.max_batch_size)
-    opt = max([b for b in config.preferred_batch_sizes if b <= max_batch] or [max_batch])
+    if model.precision is None or not model.inputs:
+        raise ManifestError(f"the repository index lists {model.name} without a precision or an input")
+    max_batch = max(1, model.max_batch_size)
+    opt = max([b for b in model.preferred_batch_sizes if b <= max_batch] or [max_batch])
+    tensor = model.inputs[0]
     return EngineSpec(
-        name=config.name,
-        precision=precision,
+        name=model.name,
+        precision=model.precision.value,
         onnx_path=version_dir / SOURCE_ONNX_FILENAME,
         plan_path=version_dir / PLAN_FILENAME,
-        input_name=config.input_name,
-        input_dims=tuple(config.input_dims),
+        input_name=tensor.name,
+        input_dims=tuple(tensor.dims),
         min_batch=1,
         opt_batch=opt,
         max_batch=max_batch,
+        artifact=model.artifact,
     )
 
 
 def repository_engine_specs(repository: Path) -> list[EngineSpec]:
-    """Every tensorrt_plan detector of a model repository (other models are not built here)."""
+    """Every TensorRT-plan detector the repository index lists (other models need no engine build)."""
     repository = Path(repository)
     if not repository.is_dir():
-        raise FileNotFoundError(f"model repository not found: {repository}")
-    specs = []
-    for config_path in sorted(repository.glob("*/config.pbtxt")):
-        text = config_path.read_text()
-        if is_tensorrt_config(text):  # python/ensemble/onnxruntime configs need no parsing here
-            specs.append(engine_spec(parse_detector_config(text), config_path.parent / "1"))
-    return specs
-
-
-def is_tensorrt_config(text: str) -> bool:
-    text = re.sub(r"#[^\n]*", "", text)
-    return bool(re.search(r'^\s*(platform\s*:\s*"tensorrt_plan"|backend\s*:\s*"tensorrt")', text, re.M))
+        raise MissingInputError(f"model repository not found: {repository}")
+    index = RepositoryIndex.load(repository)
+    return [engine_spec(model, repository / model.name / "1") for model in index.by_role(Role.DETECTOR)
+            if model.platform == TENSORRT_PLATFORM]
 
 
 # ------------------------------------------------------------------------------------------- command lines
@@ -572,33 +527,20 @@ def collect_engine_keys(repository: Path) -> dict[str, dict]:
 
 def record_engines(build_dir: Path, repository: Path) -> dict[str, dict]:
     """Write the engine keys found in `repository` into the build manifest's `engines` entry."""
-    manifest_path = Path(build_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {build_dir}: run `yqpack build` first")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["engines"] = collect_engine_keys(repository)
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
-    return manifest["engines"]
+    manifest = BuildManifest.load(build_dir)
+    manifest.engines = collect_engine_keys(repository)
+    manifest.save(build_dir)
+    return manifest.engines
 
 
 def stage_engine_sources(build_dir: Path, repository: Path) -> list[Path]:
-    """Copy each gpu detector's source ONNX (fp16 -> model.fp16.onnx, int8 -> model.int8.onnx) to <detector>/1/."""
-    from packager.repository import ONNX_VARIANT  # build env only
-
-    manifest_path = Path(build_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {build_dir}: run `yqpack build` first")
-    artifacts = json.loads(manifest_path.read_text()).get("artifacts", {})
+    """Copy each gpu detector's source ONNX (the artifact its index entry names) to <detector>/1/model.onnx."""
+    manifest = BuildManifest.load(build_dir)
     staged = []
     for spec in repository_engine_specs(repository):
-        variant = ONNX_VARIANT["gpu"][spec.precision]
-        if variant not in artifacts:
-            raise ValueError(f"the build in {build_dir} has no {variant!r} model, needed for {spec.name}")
-        source = Path(build_dir) / artifacts[variant]["path"]
-        if not source.is_file():
-            raise FileNotFoundError(f"{variant} model missing: {source}")
+        if spec.artifact is None:
+            raise ManifestError(f"the repository index names no build artifact for {spec.name}: render it again")
+        source = manifest.artifact_path(build_dir, spec.artifact)
         if not spec.onnx_path.is_file() or sha256_file(spec.onnx_path) != sha256_file(source):
             spec.onnx_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, spec.onnx_path)

@@ -190,10 +190,10 @@ def test_engine_probe_reports_a_missing_engine(tmp_path):
     assert not ok and "unsupported DOCKER_HOST" in reason
 
 
-def test_compose_up_without_an_engine_says_so(tmp_path, monkeypatch):
-    repository = tmp_path / "model_repository"
-    (repository / "m").mkdir(parents=True)
-    (repository / "m" / "config.pbtxt").write_text('name: "m"\n')
+def test_compose_up_without_an_engine_says_so(yolov8n_build, tmp_path, monkeypatch):
+    from packager.repository import render_repository
+
+    repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu").path
     with pytest.raises(deploy.DockerUnavailableError, match="Docker") as failure:
         deploy.compose_up(repository, docker_host=f"unix://{tmp_path / 'absent.sock'}", echo=lambda _: None)
     assert "docs/gpu.md" in str(failure.value)
@@ -267,31 +267,28 @@ def test_endpoints_text():
     assert endpoints.metrics == "http://gpu-host:8002/metrics"
 
 
-def test_engines_command_without_docker_is_a_plain_error(tmp_path, monkeypatch):
+def test_engines_command_without_docker_is_a_plain_error(yolov8n_build, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from packager.cli import main
+    from packager.repository import render_repository
 
-    repository = tmp_path / "model_repository"
-    (repository / "m").mkdir(parents=True)
-    (repository / "m" / "config.pbtxt").write_text('name: "m"\n')
+    repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu").path
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'absent.sock'}")
     result = CliRunner().invoke(main, ["engines", "--repository", str(repository)])
     assert result.exit_code != 0
     assert result.output.startswith("Error:") and "Docker" in result.output and "docs/gpu.md" in result.output
 
 
-def test_compose_up_refuses_a_gpu_repository_without_engine_sources(tmp_path):
-    repository = tmp_path / "model_repository"
-    (repository / "m_fp16_detector" / "1").mkdir(parents=True)
-    (repository / "m_fp16_detector" / "config.pbtxt").write_text(
-        'name: "m_fp16_detector"\nplatform: "tensorrt_plan"\nmax_batch_size: 4\n'
-        'input [ { name: "images" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]\n'
-        'output [ { name: "output0" data_type: TYPE_FP32 dims: [ 84, 8400 ] } ]\n'
-    )
-    with pytest.raises(ValueError, match="m_fp16_detector: neither model.onnx nor model.plan"):
+def test_compose_up_refuses_a_gpu_repository_without_engine_sources(yolov8n_build, tmp_path):
+    from packager.repository import render_repository
+
+    repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu", precisions=("fp16",)).path
+    source = repository / "yolov8n_fp16_detector" / "1" / "model.onnx"
+    source.rename(tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match="yolov8n_fp16_detector: neither model.onnx nor model.plan"):
         deploy.compose_up(repository, echo=lambda _: None)
-    (repository / "m_fp16_detector" / "1" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "model.onnx").rename(source)
     deploy.check_repository(repository)  # sources present: passes
 
 

@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -26,6 +27,17 @@ from tritonclient.grpc import model_config_pb2
 from packager import engines
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli import main
+from packager.contracts import (
+    BuildManifest,
+    HeadFormat,
+    MissingInputError,
+    ModelSpec,
+    Precision,
+    RepositoryIndex,
+    Role,
+    ServedModel,
+    TensorSpec,
+)
 from packager.engines import EngineBuildError, GpuInfo, TensorRTVersion
 
 TRT10 = TensorRTVersion(10, 8, 0)
@@ -103,10 +115,23 @@ def sample_io(sample_onnx) -> dict:
     return onnx_io(sample_onnx)
 
 
+def served_detector(io: dict, precision: str, max_batch: int = MAX_BATCH, name: str = "yolov8n") -> ServedModel:
+    """A gpu detector's repository-index entry, made from a real ONNX's I/O."""
+    return ServedModel(
+        f"{name}_{precision}_detector", Role.DETECTOR, Precision(precision),
+        inputs=(TensorSpec(io["input_name"], (-1, *io["input_dims"])),),
+        outputs=(TensorSpec(io["output_name"], (-1, *io["output_dims"])),),
+        max_batch_size=max_batch, preferred_batch_sizes=tuple(b for b in PREFERRED if b <= max_batch) or (max_batch,),
+        artifact={"fp32": "fp32", "fp16": "fp16", "int8": "int8"}[precision], platform="tensorrt_plan",
+    )
+
+
 def make_gpu_repository(root: Path, source_onnx: Path, io: dict, precisions=("fp16", "int8"),
                         max_batch: int = MAX_BATCH) -> Path:
-    """A gpu-target repository of detectors only: rendered config + the source ONNX as <detector>/1/model.onnx."""
+    """A gpu-target repository of detectors only: rendered config, the source ONNX as <detector>/1/model.onnx, and
+    the repository index the engine build reads."""
     repository = root / "model_repository"
+    models = []
     for precision in precisions:
         context = {**detector_context(io, precision, "gpu"), "max_batch_size": max_batch,
                    "preferred_batch_sizes": [b for b in PREFERRED if b <= max_batch] or [max_batch]}
@@ -114,6 +139,10 @@ def make_gpu_repository(root: Path, source_onnx: Path, io: dict, precisions=("fp
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(render("gpu", context))
         shutil.copy2(source_onnx, model_dir / "1" / "model.onnx")
+        models.append(served_detector(io, precision, max_batch))
+    spec = ModelSpec("yolov8n", HeadFormat.RAW, models[0].inputs[0], models[0].outputs[0],
+                     tuple(f"class{i}" for i in range(io["output_dims"][0] - 4)), tuple(io["input_dims"][1:]))
+    RepositoryIndex(spec, "gpu", tuple(models)).save(repository)
     return repository
 
 
@@ -249,34 +278,43 @@ def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, m
         assert name == sample_io["input_name"] and shape.split("x", 1)[1] == expected_tail
 
 
-def test_trtexec_profile_from_rendered_gpu_config(sample_io, tmp_path):
-    """The engine's optimization profile is derived from the rendered config, so it always covers max_batch."""
-    text = render("gpu", detector_context(sample_io, "int8", "gpu"))
-    config = parse_model_config(text)
-    detector = engines.parse_detector_config(text)
-    assert (detector.name, detector.backend, detector.precision) == (config.name, "tensorrt", "int8")
-    assert detector.max_batch_size == config.max_batch_size
-    assert list(detector.input_dims) == list(config.input[0].dims)
-    spec = engines.engine_spec(detector, tmp_path / "1")
+def test_trtexec_profile_agrees_with_the_rendered_gpu_config(sample_onnx, sample_io, tmp_path):
+    """The engine's profile comes from the repository index; it must agree with what Triton reads from the config."""
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
+    (spec,) = engines.repository_engine_specs(repository)
+    config = parse_model_config((repository / spec.name / "config.pbtxt").read_text())
+    assert (spec.name, spec.precision, spec.artifact) == (config.name, "int8", "int8")
+    assert spec.max_batch == config.max_batch_size and list(spec.input_dims) == list(config.input[0].dims)
     command = engines.trtexec_command("trtexec", spec, TRT10, spec.plan_path)
     flags = dict(arg.split("=", 1) for arg in command[1:] if "=" in arg)
     assert batch_of(flags["--maxShapes"]) >= config.max_batch_size
     assert batch_of(flags["--minShapes"]) == 1
     assert batch_of(flags["--optShapes"]) == max(config.dynamic_batching.preferred_batch_size)
-    assert flags["--onnx"] == str(tmp_path / "1" / "model.onnx")
+    assert flags["--onnx"] == str(repository / spec.name / "1" / "model.onnx")
 
 
-def test_non_tensorrt_configs_are_not_engine_builds(sample_io):
-    detector = engines.parse_detector_config(render("gpu-ort", detector_context(sample_io, "fp16", "gpu-ort")))
-    assert detector.backend == "onnxruntime"
+def test_only_tensorrt_plan_detectors_are_engine_builds(yolov8n_build, tmp_path):
+    from packager.repository import render_repository
+
+    ort = render_repository(yolov8n_build, tmp_path / "ort", target="gpu-ort")
+    assert engines.repository_engine_specs(ort.path) == []
+    gpu = render_repository(yolov8n_build, tmp_path / "gpu", target="gpu")
+    assert [s.precision for s in engines.repository_engine_specs(gpu.path)] == ["fp16", "int8"]
+
+
+def test_a_repository_without_an_index_is_a_clear_error(sample_onnx, sample_io, tmp_path):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io)
+    (repository / "yqpack_repository.json").unlink()
+    with pytest.raises(MissingInputError, match="not a yqpack model repository.*yqpack render"):
+        engines.repository_engine_specs(repository)
 
 
 # ------------------------------------------------------------------------------------------ command lines
 
 
 def spec_for(precision: str, tmp_path: Path) -> engines.EngineSpec:
-    config = engines.DetectorConfig(f"yolov8n_{precision}_detector", "tensorrt", 8, "images", (3, 640, 640), (2, 4, 8))
-    return engines.engine_spec(config, tmp_path)
+    io = {"input_name": "images", "input_dims": [3, 640, 640], "output_name": "output0", "output_dims": [84, 8400]}
+    return engines.engine_spec(served_detector(io, precision), tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -308,8 +346,9 @@ def test_trtexec_legacy_flags_before_tensorrt_10(precision, flags, tmp_path):
 
 
 def test_opt_batch_never_exceeds_max_batch(tmp_path):
-    config = engines.DetectorConfig("m_fp16_detector", "tensorrt", 4, "images", (3, 320, 320), (2, 4, 8))
-    spec = engines.engine_spec(config, tmp_path)
+    io = {"input_name": "images", "input_dims": [3, 320, 320], "output_name": "output0", "output_dims": [84, 2100]}
+    spec = engines.engine_spec(replace(served_detector(io, "fp16", max_batch=4), preferred_batch_sizes=(2, 4, 8)),
+                               tmp_path)
     assert (spec.min_batch, spec.opt_batch, spec.max_batch) == (1, 4, 4)
 
 
@@ -417,7 +456,7 @@ def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tm
     build_all(repository, stand_in_trtexec)
     build_dir = tmp_path / "build"
     build_dir.mkdir()
-    (build_dir / "manifest.json").write_text(json.dumps({"model_name": "yolov8n", "max_batch": 8}))
+    BuildManifest(RepositoryIndex.load(repository).model, "yolov8n.pt", 17, {}).save(build_dir)
     recorded = engines.record_engines(build_dir, repository)
     manifest = json.loads((build_dir / "manifest.json").read_text())
     assert manifest["model_name"] == "yolov8n" and manifest["engines"] == recorded
@@ -476,7 +515,7 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
         assert (config.input[0].name, list(config.input[0].dims)) == (io["input_name"], io["input_dims"])
         assert (config.output[0].name, list(config.output[0].dims)) == (io["output_name"], io["output_dims"])
         if target == "gpu":
-            spec = engines.engine_spec(engines.parse_detector_config(config_path.read_text()), config_path.parent / "1")
+            (spec,) = [s for s in engines.repository_engine_specs(result.path) if s.name == config.name]
             assert spec.max_batch >= config.max_batch_size
         else:
             assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
