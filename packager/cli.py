@@ -166,9 +166,12 @@ def serve(repository, local, grpc_port, http_port, metrics_port, detach, ready_t
     if not local:
         if repository.startswith("s3://"):
             raise ConfigError("--docker serves a local folder; serve s3:// repositories with --local or yqpack k8s")
-        serving.docker_compose_up(Path(repository), detach, grpc_port=grpc_port, http_port=http_port,
-                                  metrics_port=metrics_port, allow_missing=allow_missing,
-                                  ready_timeout=ready_timeout or 1800.0)
+        from packager.contracts import Endpoints
+        from packager.deploy import compose_up
+
+        endpoints = Endpoints("localhost", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+        compose_up(Path(repository), detach, allow_missing=allow_missing, endpoints=endpoints,
+                   timeout_s=ready_timeout or 1800.0)
         return
     options = serving.ServeOptions(repository, grpc_port, http_port, metrics_port, detach, ready_timeout or 300.0)
     serving.serve_local(options)

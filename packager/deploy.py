@@ -11,17 +11,15 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
 from packager.assets import DEPLOY_DIR, PACKAGE_DIR
-from packager.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, MissingInputError,
-                                ServerError)
+from packager.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
+                                MissingInputError, ServerError)
+from packager.readiness import wait_until_ready
 
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
 ENV_FILE = DEPLOY_DIR / ".env"
@@ -32,29 +30,6 @@ DOCKER_HELP = (
     "the GPU path needs Docker Engine with the compose plugin and the NVIDIA Container Toolkit on an NVIDIA GPU "
     "host (see docs/gpu.md); without a GPU use `yqpack serve --local`"
 )
-
-
-@dataclass(frozen=True)
-class Ports:
-    http: int = 8000
-    grpc: int = 8001
-    metrics: int = 8002
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    http: str
-    grpc: str
-    metrics: str
-
-    @classmethod
-    def on(cls, host: str, ports: Ports) -> "Endpoints":
-        return cls(http=f"http://{host}:{ports.http}", grpc=f"{host}:{ports.grpc}",
-                   metrics=f"http://{host}:{ports.metrics}/metrics")
-
-    @property
-    def ready_url(self) -> str:
-        return f"{self.http}/v2/health/ready"
 
 
 @dataclass(frozen=True)
@@ -142,7 +117,7 @@ def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] 
     return []
 
 
-def compose_environment(repository: Path, ports: Ports, allow_missing: bool,
+def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: bool,
                         base: dict[str, str] | None = None,
                         trt_plugins: list[Path] | None = None) -> dict[str, str]:
     """Variables that override deploy/.env for this run (the shell environment beats the .env file).
@@ -159,9 +134,9 @@ def compose_environment(repository: Path, ports: Ports, allow_missing: bool,
         # The engines service mounts yqpack's engine code from here (a checkout or an installed wheel).
         "YQPACK_PACKAGE_DIR": str(PACKAGE_DIR),
         "MODEL_REPOSITORY": str(Path(repository).resolve()),
-        "TRITON_HTTP_PORT": str(ports.http),
-        "TRITON_GRPC_PORT": str(ports.grpc),
-        "TRITON_METRICS_PORT": str(ports.metrics),
+        "TRITON_HTTP_PORT": str(endpoints.http_port),
+        "TRITON_GRPC_PORT": str(endpoints.grpc_port),
+        "TRITON_METRICS_PORT": str(endpoints.metrics_port),
         "YQPACK_ALLOW_MISSING": "1" if allow_missing else "0",
         # A detector without a plan must then neither stop the server nor keep it "not ready" forever.
         "TRITON_EXIT_ON_ERROR": "false" if allow_missing else "true",
@@ -187,32 +162,66 @@ def check_repository(repository: Path) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------------- health
-
-
-def wait_for_ready(url: str, timeout_s: float, *, poll_s: float = 2.0,
-                   still_starting: Callable[[], bool] = lambda: True,
-                   on_poll: Callable[[float], None] | None = None) -> float:
-    """Poll `url` until it answers 200; returns the seconds waited. Gives up when `still_starting()` is False."""
-    started = time.monotonic()
-    while True:
-        waited = time.monotonic() - started
-        try:
-            with urllib.request.urlopen(url, timeout=min(5.0, poll_s + 1)) as response:
-                if response.status == 200:
-                    return waited
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass  # not up yet
-        if not still_starting():
-            raise ServerError(f"the server stopped before {url} reported ready")
-        if waited >= timeout_s:
-            raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
-        if on_poll is not None:
-            on_poll(waited)
-        time.sleep(poll_s)
-
-
 # --------------------------------------------------------------------------------------------------- up
+
+
+class ComposeDeployment:
+    """The compose deployment behind the same lifecycle as the embedded server (contracts.ServerLifecycle):
+    start = `up` (the `engines` service builds the plans on this GPU, then `triton` starts), wait_ready = the one
+    readiness poller, stop = `down`. detach=False keeps compose in the foreground (is_alive follows it)."""
+
+    def __init__(self, repository: Path, *, endpoints: Endpoints = Endpoints(host="localhost"),
+                 allow_missing: bool = False, detach: bool = True, compose_file: Path = COMPOSE_FILE,
+                 docker_host: str | None = None):
+        self.repository = Path(repository)
+        self.endpoints = endpoints
+        self.allow_missing = allow_missing
+        self.detach = detach
+        self.compose_file = compose_file
+        self.docker_host = docker_host
+        self.command = compose_command() + ["-p", PROJECT_NAME, "-f", str(compose_file)]
+        self.process: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = compose_environment(self.repository, self.endpoints, self.allow_missing)
+        if self.docker_host:
+            env["DOCKER_HOST"] = self.docker_host
+        return env
+
+    def start(self) -> "ComposeDeployment":
+        check_repository(self.repository)
+        reachable, reason = docker_engine_status(self.docker_host)
+        if not reachable:
+            raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
+        env, cwd = self.environment(), self.compose_file.parent
+        if self.detach:
+            # `up -d` returns after `engines` finished (service_completed_successfully) and triton was started.
+            run = subprocess.run(self.command + ["up", "-d", "--build"], env=env, cwd=cwd)
+            if run.returncode != 0:
+                raise ServerError(_failure_message(self.command, env, self.compose_file, run.returncode))
+        else:
+            self.process = subprocess.Popen(self.command + ["up", "--build"], env=env, cwd=cwd)
+        return self
+
+    def is_alive(self) -> bool:
+        # Detached, compose (restart: unless-stopped) owns the containers; the poller's timeout bounds the wait.
+        return self.process is None or self.process.poll() is None
+
+    def wait_ready(self, timeout: float = 1800.0) -> float:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task(f"waiting for {self.endpoints.http_url}/v2/health/ready "
+                                "(model load; gpu-ort builds engines now)")
+            return wait_until_ready(self.endpoints, timeout, alive=self.is_alive, poll_s=2.0,
+                                    on_poll=lambda waited: bar.update(task))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # compose stops the containers on SIGTERM/SIGINT
+            self.process.wait(timeout=timeout)
+        elif self.detach:
+            compose_down(self.compose_file, echo=lambda _: None)
 
 
 def compose_up(
@@ -220,8 +229,7 @@ def compose_up(
     detach: bool = True,
     *,
     allow_missing: bool = False,
-    ports: Ports = Ports(),
-    host: str = "localhost",
+    endpoints: Endpoints = Endpoints(host="localhost"),
     timeout_s: float = 1800.0,
     compose_file: Path = COMPOSE_FILE,
     docker_host: str | None = None,
@@ -232,38 +240,20 @@ def compose_up(
     detach=True returns once the server is ready (containers keep running; `yqpack stop --docker` or
     `docker compose down` stops them). detach=False keeps compose in the foreground until Ctrl-C.
     """
-    check_repository(repository)
-    command = compose_command() + ["-p", PROJECT_NAME, "-f", str(compose_file)]
-    reachable, reason = docker_engine_status(docker_host)
-    if not reachable:
-        raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
-    env = compose_environment(repository, ports, allow_missing)
-    if docker_host:
-        env["DOCKER_HOST"] = docker_host
-    endpoints = Endpoints.on(host, ports)
+    deployment = ComposeDeployment(repository, endpoints=endpoints, allow_missing=allow_missing, detach=detach,
+                                   compose_file=compose_file, docker_host=docker_host)
     echo(f"docker compose up: engines, then triton (repository {Path(repository).resolve()})")
-    if detach:
-        # `up -d` returns after `engines` finished (service_completed_successfully) and triton was started.
-        run = subprocess.run(command + ["up", "-d", "--build"], env=env, cwd=compose_file.parent)
-        if run.returncode != 0:
-            raise ServerError(_failure_message(command, env, compose_file, run.returncode))
-        ready_after = _wait_with_progress(endpoints, timeout_s, lambda: True)
-        _print_endpoints(endpoints, command, echo)
-        return ComposeResult(endpoints, command, ready_after)
-    process = subprocess.Popen(command + ["up", "--build"], env=env, cwd=compose_file.parent)
+    deployment.start()
     try:
-        ready_after = _wait_with_progress(endpoints, timeout_s, lambda: process.poll() is None)
-        _print_endpoints(endpoints, command, echo)
-        process.wait()
-    except KeyboardInterrupt:
-        process.terminate()  # compose stops the containers on SIGTERM/SIGINT
-        process.wait()
-        raise
+        ready_after = deployment.wait_ready(timeout_s)
+        _print_endpoints(endpoints, deployment.command, echo)
+        if deployment.process is not None:
+            deployment.process.wait()
     except BaseException:
-        process.terminate()
-        process.wait()
+        if deployment.process is not None:  # foreground: Ctrl-C or a failed wait ends compose too
+            deployment.stop()
         raise
-    return ComposeResult(endpoints, command, ready_after)
+    return ComposeResult(endpoints, deployment.command, ready_after)
 
 
 def compose_engines(
@@ -280,7 +270,7 @@ def compose_engines(
     reachable, reason = docker_engine_status(docker_host)
     if not reachable:
         raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
-    env = compose_environment(repository, Ports(), allow_missing, trt_plugins=trt_plugins)
+    env = compose_environment(repository, Endpoints(), allow_missing, trt_plugins=trt_plugins)
     run = subprocess.run(command + ["run", "--rm", "engines"], env=env, cwd=compose_file.parent)
     if run.returncode != 0:
         raise EngineBuildError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
@@ -299,20 +289,11 @@ def compose_down(compose_file: Path = COMPOSE_FILE, echo: Callable[[str], None] 
     echo("docker compose: stopped")
 
 
-def _wait_with_progress(endpoints: Endpoints, timeout_s: float, alive: Callable[[], bool]) -> float:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(f"waiting for {endpoints.ready_url} (model load; gpu-ort builds engines now)")
-        return wait_for_ready(endpoints.ready_url, timeout_s, still_starting=alive,
-                              on_poll=lambda waited: bar.update(task))
-
-
 def _print_endpoints(endpoints: Endpoints, command: list[str], echo: Callable[[str], None]) -> None:
     echo("Triton is ready:")
-    echo(f"  HTTP     {endpoints.http}")
-    echo(f"  gRPC     {endpoints.grpc}   (yqpack verify --url {endpoints.grpc})")
-    echo(f"  metrics  {endpoints.metrics}")
+    echo(f"  HTTP     {endpoints.http_url}")
+    echo(f"  gRPC     {endpoints.grpc_url}   (yqpack verify --url {endpoints.grpc_url})")
+    echo(f"  metrics  {endpoints.metrics_url}")
     echo(f"  logs: {' '.join(command)} logs -f triton   stop: {' '.join(command)} down")
 
 

@@ -407,17 +407,6 @@ def _wait_gone(pid: int, timeout: float, waiter) -> bool:
     return False
 
 
-# -- docker -----------------------------------------------------------------------------------------------------
-def docker_compose_up(repository: Path, detach: bool = True, *, grpc_port: int = DEFAULT_PORTS["grpc"],
-                      http_port: int = DEFAULT_PORTS["http"], metrics_port: int = DEFAULT_PORTS["metrics"],
-                      allow_missing: bool = False, ready_timeout: float = 1800.0):
-    """`docker compose up` on deploy/ (engines, then tritonserver); a clear error without a Docker engine."""
-    from packager.deploy import Ports, compose_up
-
-    ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port)
-    return compose_up(Path(repository), detach, allow_missing=allow_missing, ports=ports, timeout_s=ready_timeout)
-
-
 # -- the `yqpack serve --local` / `yqpack stop` stages ------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeOptions:

@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from packager import deploy
+from packager.contracts import Endpoints
+from packager.readiness import NotReadyError, ServerGoneError, wait_until_ready
 from packager.assets import DEPLOY_DIR, PROJECT_ROOT
 from packager.server_env import MALLOC_ENV
 
@@ -73,7 +75,7 @@ def test_real_compose_rejects_a_broken_copy(tmp_path):
 def test_compose_environment_reaches_the_services(tmp_path):
     """What compose_up passes (repository, ports, --allow-missing) overrides .env in the resolved file."""
     repository = tmp_path / "model_repository"
-    env = deploy.compose_environment(repository, deploy.Ports(9000, 9001, 9002), allow_missing=True,
+    env = deploy.compose_environment(repository, Endpoints(http_port=9000, grpc_port=9001, metrics_port=9002), allow_missing=True,
                                      base={"PATH": "/usr/bin:/bin"})
     run = compose_config(DEPLOY, env)
     assert run.returncode == 0, run.stderr
@@ -86,7 +88,7 @@ def test_compose_environment_reaches_the_services(tmp_path):
     assert "--exit-on-error=false" in triton["command"] and "--strict-readiness=false" in triton["command"]
     assert engines["environment"]["YQPACK_ALLOW_MISSING"] == "1"
 
-    strict = deploy.compose_environment(repository, deploy.Ports(), allow_missing=False, base={})
+    strict = deploy.compose_environment(repository, Endpoints(), allow_missing=False, base={})
     assert (strict["TRITON_EXIT_ON_ERROR"], strict["YQPACK_ALLOW_MISSING"]) == ("true", "0")
 
 
@@ -236,35 +238,48 @@ def _http_server(ready_after: int):
     return server, handler
 
 
-def test_wait_for_ready_polls_until_200():
+def test_the_readiness_poller_polls_until_200():
     server, handler = _http_server(ready_after=2)
     try:
-        endpoints = deploy.Endpoints.on("127.0.0.1", deploy.Ports(http=server.server_port))
-        deploy.wait_for_ready(endpoints.ready_url, timeout_s=30, poll_s=0.05)
+        waited = wait_until_ready(Endpoints("127.0.0.1", http_port=server.server_port), timeout_s=30, poll_s=0.05)
     finally:
         server.shutdown()
         server.server_close()
-    assert handler.calls == 3
+    assert handler.calls == 3 and waited >= 0.1
 
 
-def test_wait_for_ready_gives_up():
+def test_the_readiness_poller_gives_up_or_sees_the_server_die():
     server, _ = _http_server(ready_after=10**9)
-    url = f"http://127.0.0.1:{server.server_port}/v2/health/ready"
+    endpoints = Endpoints("127.0.0.1", http_port=server.server_port)
     try:
-        with pytest.raises(TimeoutError, match="not ready"):
-            deploy.wait_for_ready(url, timeout_s=0.2, poll_s=0.05)
-        with pytest.raises(RuntimeError, match="stopped before"):
-            deploy.wait_for_ready(url, timeout_s=30, poll_s=0.05, still_starting=lambda: False)
+        with pytest.raises(NotReadyError, match="not ready after"):
+            wait_until_ready(endpoints, timeout_s=0.2, poll_s=0.05)
+        with pytest.raises(ServerGoneError, match="stopped before"):
+            wait_until_ready(endpoints, timeout_s=30, poll_s=0.05, alive=lambda: False)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_ready_answer_from_a_dead_server_is_not_ready():
+    """Another process answering on the port must not pass for ours once our process is gone."""
+    server, handler = _http_server(ready_after=0)
+    answers = iter([True, False])  # alive before the poll, dead right after it answered 200
+    try:
+        with pytest.raises(ServerGoneError):
+            wait_until_ready(Endpoints("127.0.0.1", http_port=server.server_port), timeout_s=5, poll_s=0.05,
+                             alive=lambda: next(answers, False))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.calls == 1
 
 
 def test_endpoints_text():
-    endpoints = deploy.Endpoints.on("gpu-host", deploy.Ports())
-    assert endpoints.grpc == "gpu-host:8001"
-    assert endpoints.ready_url == "http://gpu-host:8000/v2/health/ready"
-    assert endpoints.metrics == "http://gpu-host:8002/metrics"
+    endpoints = Endpoints("gpu-host")
+    assert endpoints.grpc_url == "gpu-host:8001"
+    assert endpoints.http_url == "http://gpu-host:8000"
+    assert endpoints.metrics_url == "http://gpu-host:8002/metrics"
 
 
 def test_engines_command_without_docker_is_a_plain_error(yolov8n_build, tmp_path, monkeypatch):
@@ -330,7 +345,7 @@ def test_trt_plugins_reach_trtexec_and_triton(tmp_path):
     libraries = [plugins / "libnms.so", plugins / "libdcn.so"]
     for library in libraries:
         library.write_bytes(b"\x7fELF")
-    env = deploy.compose_environment(tmp_path / "repo", deploy.Ports(), False,
+    env = deploy.compose_environment(tmp_path / "repo", Endpoints(), False,
                                      base={"PATH": "/usr/bin:/bin",
                                            "YQPACK_TRT_PLUGINS": os.pathsep.join(map(str, libraries))})
     run = compose_config(DEPLOY, env)

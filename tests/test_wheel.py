@@ -110,8 +110,8 @@ def test_installed_compose_file_mounts_the_installed_package(installed, tmp_path
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("no compose implementation installed (apt-get install docker-compose)")
-    code = ("import json, packager.deploy as d; "
-            f"print(json.dumps(d.compose_environment({str(tmp_path / 'repo')!r}, d.Ports(), False, base={{}})))")
+    code = ("import json, packager.deploy as d; from packager.contracts import Endpoints; "
+            f"print(json.dumps(d.compose_environment({str(tmp_path / 'repo')!r}, Endpoints(), False, base={{}})))")
     run = run_installed(installed, tmp_path, code)
     assert run.returncode == 0, run.stderr
     env = {**json.loads(run.stdout), "PATH": os.environ["PATH"]}
