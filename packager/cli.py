@@ -325,11 +325,12 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_pro
               help="For --engines print: the serving image's TensorRT version (deploy/.env documents it).")
 def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> None:
     """Build the TensorRT plans of a gpu repository where they will run (cached by ONNX, TensorRT, GPU)."""
+    from packager import engine_host
     from packager import engines as engine_stage
     from packager.deploy import compose_engines, trt_plugin_libraries
 
     if build_dir is not None:
-        engine_stage.stage_engine_sources(build_dir, repository)
+        engine_host.stage_engine_sources(build_dir, repository)
     plugins = trt_plugin_libraries(build_dir)  # $YQPACK_TRT_PLUGINS, else the build's --trt-plugins
     if mode == "print":
         version = engine_stage.TensorRTVersion.parse(tensorrt_version)
@@ -340,13 +341,13 @@ def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> Non
     if mode == "compose":
         compose_engines(repository, allow_missing=allow_missing, trt_plugins=plugins)
     elif mode == "local":
-        engine_stage.build_repository_engines_local(repository, allow_missing=allow_missing, plugins=plugins,
+        engine_host.build_repository_engines_local(repository, allow_missing=allow_missing, plugins=plugins,
                                                     report=click.echo)
     else:
         engine_stage.build_repository_engines(repository, allow_missing=allow_missing, plugins=plugins,
                                               report=click.echo)
     if build_dir is not None:
-        recorded = engine_stage.record_engines(build_dir, repository)
+        recorded = engine_host.record_engines(build_dir, repository)
         click.echo(f"recorded {len(recorded)} engine key(s) in {build_dir / 'manifest.json'}")
 
 

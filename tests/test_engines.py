@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from packager import engines
+from packager import engine_host, engines, gpu_probe
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli import main
 from packager.contracts import (
@@ -214,10 +214,10 @@ def test_tensorrt_version_rejects_garbage():
 
 
 def test_compute_capability_parsing():
-    assert engines.parse_compute_capability("8.9\n") == "8.9"
-    assert engines.parse_compute_capability("7.5\n8.6\n") == "7.5"  # the first GPU
+    assert gpu_probe.parse_compute_capability("8.9\n") == "8.9"
+    assert gpu_probe.parse_compute_capability("7.5\n8.6\n") == "7.5"  # the first GPU
     with pytest.raises(ValueError):
-        engines.parse_compute_capability("[N/A]\n")
+        gpu_probe.parse_compute_capability("[N/A]\n")
 
 
 def test_no_gpu_is_a_clear_error(monkeypatch):
@@ -457,7 +457,7 @@ def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tm
     build_dir = tmp_path / "build"
     build_dir.mkdir()
     BuildManifest(RepositoryIndex.load(repository).model, "yolov8n.pt", 17, {}).save(build_dir)
-    recorded = engines.record_engines(build_dir, repository)
+    recorded = engine_host.record_engines(build_dir, repository)
     manifest = json.loads((build_dir / "manifest.json").read_text())
     assert manifest["model_name"] == "yolov8n" and manifest["engines"] == recorded
     assert set(recorded) == {"yolov8n_fp16_detector", "yolov8n_int8_detector"}
@@ -469,7 +469,7 @@ def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tm
 
 
 def test_engines_local_without_tensorrt_says_so(sample_onnx, sample_io, tmp_path):
-    if engines.tensorrt_api_status()[0]:
+    if engine_host.tensorrt_api_status()[0]:
         pytest.skip("tensorrt and a GPU are present here")
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
     result = CliRunner().invoke(main, ["engines", "--repository", str(repository), "--engines", "local"])
@@ -521,7 +521,7 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
             assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
 
     if target == "gpu":
-        staged = engines.stage_engine_sources(build_dir, result.path)
+        staged = engine_host.stage_engine_sources(build_dir, result.path)
         assert len(staged) == 3
         for path in staged:
             precision = path.parent.parent.name.split("_")[-2]
