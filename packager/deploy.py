@@ -148,15 +148,15 @@ def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: b
 def check_repository(repository: Path) -> None:
     repository = Path(repository)
     if not repository.is_dir():
-        raise FileNotFoundError(f"model repository not found: {repository} (render it with `yqpack build`)")
+        raise MissingInputError(f"model repository not found: {repository} (render it with `yqpack build`)")
     if not any(repository.glob("*/config.pbtxt")):
-        raise ValueError(f"{repository} holds no Triton model (no */config.pbtxt): render it with `yqpack build`")
+        raise ConfigError(f"{repository} holds no Triton model (no */config.pbtxt): render it with `yqpack build`")
     from packager.engines import repository_engine_specs
 
     unbuildable = [s.name for s in repository_engine_specs(repository)
                    if not s.onnx_path.is_file() and not s.plan_path.is_file()]
     if unbuildable:
-        raise ValueError(
+        raise ConfigError(
             f"{', '.join(unbuildable)}: neither model.onnx nor model.plan in the version folder, so no engine can be "
             f"built; copy the sources with `yqpack engines --build BUILD_DIR --repository {repository} --engines print`"
         )

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 from packager import gpu_probe
 from packager.contracts import (
+    ConfigError,
     EngineBuildError,
     ManifestError,
     MissingInputError,
@@ -67,7 +68,7 @@ class TensorRTVersion:
     def parse(cls, text: str) -> "TensorRTVersion":
         parsed = parse_tensorrt_version(text)
         if parsed is None:
-            raise ValueError(f"not a TensorRT version: {text!r} (expected e.g. 10.8.0)")
+            raise ConfigError(f"not a TensorRT version: {text!r} (expected e.g. 10.8.0)")
         return parsed
 
 
@@ -98,7 +99,7 @@ def find_trtexec(explicit: str | os.PathLike | None = None) -> Path:
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
-    raise FileNotFoundError(
+    raise MissingInputError(
         "trtexec not found (looked at $TRTEXEC, " + ", ".join(TRTEXEC_CANDIDATES) + " and PATH). Run the engine "
         "build inside the tritonserver image (docker compose run engines) or set TRTEXEC to its path"
     )

@@ -114,7 +114,7 @@ def local_objects(repository: Path) -> list[LocalObject]:
             path = here / name
             size = path.stat().st_size
             if size > MAX_OBJECT_BYTES:
-                raise ValueError(f"{path} is {size} bytes: larger than one S3 PUT takes (5 GiB)")
+                raise ConfigError(f"{path} is {size} bytes: larger than one S3 PUT takes (5 GiB)")
             objects.append(LocalObject(_join(relative_dir, name), size, *file_digests(path), path))
         if not filenames and not dirnames and here != repository:
             sha256, md5 = hashlib.sha256(PLACEHOLDER_BODY).hexdigest(), hashlib.md5(PLACEHOLDER_BODY).hexdigest()
