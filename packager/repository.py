@@ -16,26 +16,31 @@ import jinja2
 
 from packager import letterbox as letterbox_module
 from packager import postprocess as postprocess_module
+from packager import runtime as runtime_module
 from packager.assets import TEMPLATES_DIR
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 
-TARGETS = ("local", "cpu", "gpu", "gpu-ort")
+TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Which build artifact each target serves per precision (onnxruntime CPU mis-rounds FP16 Q/DQ inputs).
 ONNX_VARIANT = {
     "local": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     "cpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
+    "cpu-openvino": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     # gpu-ort: TensorRT picks FP16 layers itself (precision_mode FP16) from the FP32 graph, see docs/architecture.md.
     "gpu-ort": {"fp32": "fp32", "fp16": "fp32", "int8": "int8"},
     "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},
 }
 # Python pre/post instances per target: on a CPU target the detector needs the cores (one of each keeps up
 # with it); a GPU detector is fast enough that decoding JPEGs on several host cores becomes the bottleneck.
-PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
+PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "cpu-openvino": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
 # How long the detector's batcher waits for more requests. A CPU detector runs ~100 ms per batch, so requests
 # pile up behind it anyway and a wait only adds latency (2 ms per request at concurrency 1, measured); a GPU
 # detector is done in a few ms, and a short wait is what lets batches form at all.
-MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "gpu": 2000, "gpu-ort": 2000}
+MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "cpu-openvino": 0, "gpu": 2000, "gpu-ort": 2000}
+# Detector template per precision where it differs from the target's own: Triton's openvino backend has no f32
+# precision hint (bf16 by default on AMX hosts), so cpu-openvino keeps FP32/FP16 exact on the onnxruntime backend.
+DETECTOR_TEMPLATE = {"cpu-openvino": {"fp32": "cpu", "fp16": "cpu"}}
 REPOSITORY_INFO = "yqpack_repository.json"
 LABELS_FILE = "labels.txt"
 
@@ -72,17 +77,21 @@ def render_repository(
     intra_op_threads: int = 0,
     thresholds: Thresholds = PRODUCTION_THRESHOLDS,
     engines: dict[str, Path] | None = None,
+    runtime: str = runtime_module.DEFAULT_RUNTIME,
+    precision_hint: str = "f32",
 ) -> RepositoryResult:
     """Render a repository for `target` serving each precision of the build in `build_dir`.
 
     `max_batch` defaults to the manifest's `max_batch` (8 if absent). `engines` maps precision -> TensorRT
     plan for the `gpu` target; without one the config is rendered and `model.plan` is expected later.
     `intra_op_threads` 0 lets onnxruntime pick. Pre/post instance counts and the detector's batching delay default
-    per target (PRE_POST_INSTANCES, MAX_QUEUE_DELAY_US).
+    per target (PRE_POST_INSTANCES, MAX_QUEUE_DELAY_US). `runtime` / `precision_hint`: what the `local` target's
+    Python-backend detector runs (onnxruntime, or openvino with an f32 or opt-in bf16 hint).
     """
     build_dir, repository_dir = Path(build_dir), Path(repository_dir)
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    runtime_module.RuntimeOptions(runtime, precision_hint)  # validates both
     if not precisions:
         raise ValueError("no precision to serve: pass at least one of fp32, fp16, int8")
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -154,13 +163,17 @@ def render_repository(
                 "instance_count": detector_instances,
                 "model_filename": model_filename,
                 "intra_op_threads": int(intra_op_threads),
+                "runtime": runtime,
+                "precision_hint": precision_hint,
             }
             version_dir = staging / detector / "1"
             version_dir.mkdir(parents=True)
-            _render(env, f"detector/{target}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
+            template = DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
+            _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
             for extra in sorted(detector_templates.iterdir()):
                 if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
                     shutil.copy2(extra, version_dir / extra.name)
+                    shutil.copy2(runtime_module.__file__, version_dir / "runtime.py")
             # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
             shutil.copy2(sources[precision], version_dir / "model.onnx")
             if precision in plans:
@@ -187,6 +200,7 @@ def render_repository(
             "max_batch_size": max_batch,
             "default_thresholds": thresholds._asdict(),
             "detector_sources": {p: str(s) for p, s in sources.items()},
+            "detector_runtimes": {p: _runtime_label(target, p, runtime, precision_hint) for p in precisions},
         }
         (staging / REPOSITORY_INFO).write_text(json.dumps(info, indent=2) + "\n")
         _swap_in(staging, repository_dir)
@@ -194,6 +208,15 @@ def render_repository(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return RepositoryResult(path=repository_dir, target=target, model_name=name, ensembles=ensembles, models=models)
+
+
+def _runtime_label(target: str, precision: str, runtime: str, precision_hint: str) -> str:
+    """Which runtime serves a detector, for reports (the local target's choice may still fall back at load)."""
+    backend = DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
+    if backend == "local":
+        return f"openvino ({precision_hint} hint)" if runtime == "openvino" else "onnxruntime"
+    return {"cpu": "onnxruntime backend", "cpu-openvino": "openvino backend", "gpu": "tensorrt",
+            "gpu-ort": "onnxruntime backend (TensorRT accelerator)"}[backend]
 
 
 def load_repository_info(repository_dir: Path) -> dict:
