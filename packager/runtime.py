@@ -89,6 +89,9 @@ def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_ins
     """Decide what runs on this CPU: fall back to onnxruntime / f32 (with a note saying why) when needed."""
     if options.runtime == "onnxruntime":
         return RuntimeChoice("onnxruntime", "f32")
+    if not flags:  # not x86 Linux (e.g. ARM lists "Features"): nothing to check, OpenVINO decides itself
+        return RuntimeChoice("openvino", options.precision_hint, (
+            "no x86 instruction-set flags in /proc/cpuinfo: OpenVINO picks its kernels itself.",))
     missing = [flag for flag in OPENVINO_REQUIRED_FLAGS if flag not in flags]
     if missing:
         return RuntimeChoice("onnxruntime", "f32", (

@@ -105,6 +105,9 @@ def test_unsupported_extensions_are_named():
     missing = resolve_runtime(OPENVINO, cpu_flags(XEON_CPUINFO), openvino_installed=False)
     assert missing.runtime == "onnxruntime" and "not installed" in missing.notes[0]
     assert resolve_runtime(RuntimeOptions("onnxruntime"), OLD_FLAGS).notes == ()
+    # ARM's /proc/cpuinfo has "Features", no "flags": nothing to judge, OpenVINO runs and says so
+    arm = resolve_runtime(OPENVINO, cpu_flags("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n"))
+    assert arm.runtime == "openvino" and "no x86 instruction-set flags" in arm.notes[0]
 
 
 def test_invalid_options_are_plain_errors(tmp_path):
