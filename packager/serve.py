@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from packager.assets import yqpack_home
-from packager.cli import YqpackError
+from packager.contracts import ServerError
 from packager.server_env import ServerEnv
 
 HOST = "127.0.0.1"
@@ -67,6 +67,19 @@ def serve_dir(home: Path | None = None) -> Path:
     return Path(home or yqpack_home()) / "serve"
 
 
+def model_repository_arg(repository: str | Path) -> tuple[Path | str, dict[str, str]]:
+    """tritonserver's --model-repository value and extra environment: a local folder, or an S3 URL in Triton's form.
+
+    s3://BUCKET/PREFIX (endpoint from AWS_ENDPOINT_URL) or s3://HOST:PORT/BUCKET/PREFIX; credentials reach the
+    server through the environment it inherits (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
+    """
+    if str(repository).startswith("s3://"):
+        from packager.push import triton_s3_repository
+
+        return triton_s3_repository(str(repository))
+    return Path(repository).resolve(), {}
+
+
 def find_free_ports(count: int = 3) -> list[int]:
     """Ports the OS reports free on 127.0.0.1 right now (for tests and parallel servers)."""
     sockets = []
@@ -107,14 +120,14 @@ class LocalTritonServer:
         log_verbose: int = 0,
         model_control_mode: str = "none",
     ):
-        self.repository = Path(repository).resolve()
+        self.repository, self.repository_env = model_repository_arg(repository)
         self.server_env = server_env
         self.ports = {"grpc": int(grpc_port), "http": int(http_port), "metrics": int(metrics_port)}
         self.shm_prefix = f"yqpack{uuid.uuid4().hex[:10]}"
         self.log_path = Path(log_path or serve_dir() / f"tritonserver-{grpc_port}.log").resolve()
         self.log_verbose = log_verbose
         if model_control_mode not in ("none", "explicit"):
-            raise YqpackError(f"model_control_mode must be 'none' or 'explicit', got {model_control_mode!r}")
+            raise ServerError(f"model_control_mode must be 'none' or 'explicit', got {model_control_mode!r}")
         # explicit: every model still loads at start-up, and clients may then unload/load models.
         self.model_control_mode = model_control_mode
         self.process: subprocess.Popen | None = None
@@ -139,7 +152,7 @@ class LocalTritonServer:
 
     def state(self) -> ServerState:
         if self.process is None:
-            raise YqpackError("the server has not been started")
+            raise ServerError("the server has not been started")
         return ServerState(
             pid=self.process.pid,
             grpc_port=self.ports["grpc"],
@@ -178,14 +191,14 @@ class LocalTritonServer:
 
     def start(self) -> "LocalTritonServer":
         if self.process is not None:
-            raise YqpackError("this server is already started")
-        if not self.repository.is_dir():
+            raise ServerError("this server is already started")
+        if isinstance(self.repository, Path) and not self.repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.repository} (run yqpack build first)")
         if len(set(self.ports.values())) != len(self.ports):
-            raise YqpackError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
+            raise ServerError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
         busy = [f"{kind} port {port}" for kind, port in self.ports.items() if port_in_use(port)]
         if busy:
-            raise YqpackError(
+            raise ServerError(
                 f"{' and '.join(busy)} already in use on {HOST}: stop what listens there (yqpack stop?) "
                 "or choose other ports with --grpc-port/--http-port/--metrics-port"
             )
@@ -196,7 +209,7 @@ class LocalTritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.server_env.process_env(),
+                env={**self.server_env.process_env(), **self.repository_env},
                 start_new_session=True,  # Ctrl-C goes to yqpack, which then stops the server cleanly
             )
         self.started_at = time.time()
@@ -212,11 +225,11 @@ class LocalTritonServer:
         (another server on the same port could answer for it).
         """
         if self.process is None:
-            raise YqpackError("the server has not been started")
+            raise ServerError("the server has not been started")
         deadline = time.monotonic() + timeout
         while True:
             if not self.is_alive():
-                raise YqpackError(
+                raise ServerError(
                     f"tritonserver exited with code {self.process.returncode} before all models were ready; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
@@ -225,7 +238,7 @@ class LocalTritonServer:
             if time.monotonic() > deadline:
                 not_ready = self._models_not_ready()
                 self.stop()
-                raise YqpackError(
+                raise ServerError(
                     f"tritonserver was not ready after {timeout:.0f}s (models not ready: {not_ready or 'unknown'}); "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
@@ -408,7 +421,7 @@ def docker_compose_up(repository: Path, detach: bool = True, *, grpc_port: int =
 # -- the `yqpack serve --local` / `yqpack stop` stages ------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeOptions:
-    repository: Path
+    repository: Path | str  # a folder, or s3://BUCKET/PREFIX (see model_repository_arg)
     grpc_port: int = DEFAULT_PORTS["grpc"]
     http_port: int = DEFAULT_PORTS["http"]
     metrics_port: int = DEFAULT_PORTS["metrics"]
@@ -427,18 +440,18 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
     from packager.server_env import ensure_server_env
 
     console = console or Console(stderr=True)
-    repository = Path(options.repository).resolve()
-    if not repository.is_dir():
+    repository = model_repository_arg(options.repository)[0]
+    if isinstance(repository, Path) and not repository.is_dir():
         raise FileNotFoundError(f"model repository not found: {repository} (run yqpack build, or pass --repository)")
     running = running_detached(options.home)
     if running is not None:
-        raise YqpackError(
+        raise ServerError(
             f"a detached yqpack server already runs (pid {running.pid}, gRPC {running.grpc_url}); run `yqpack stop` first"
         )
     ports = {"grpc": options.grpc_port, "http": options.http_port, "metrics": options.metrics_port}
     busy = [f"{kind} port {port}" for kind, port in ports.items() if port_in_use(port)]
     if busy:  # before creating the env or starting anything
-        raise YqpackError(f"{' and '.join(busy)} already in use on {HOST}: choose other ports or stop what listens there")
+        raise ServerError(f"{' and '.join(busy)} already in use on {HOST}: choose other ports or stop what listens there")
     server = LocalTritonServer(
         repository,
         ensure_server_env(options.home, console=console),
@@ -473,7 +486,7 @@ def _serve_foreground(server: LocalTritonServer, console) -> None:
     try:
         console.print("serving; press Ctrl-C to stop")
         server.process.wait()
-        raise YqpackError(
+        raise ServerError(
             f"tritonserver exited on its own (code {server.process.returncode}); last lines of {server.log_path}:\n"
             f"{server.log_tail()}"
         )

@@ -23,10 +23,11 @@ from tritonclient.grpc import model_config_pb2
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from packager.cli import YqpackError, main
+from packager.cli import main
+from packager.contracts import YqpackError
 from packager.letterbox import preprocess_bytes
 from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
-from packager.repository import detector_name, load_repository_info
+from packager.repository import detector_name
 from packager.runtime import RuntimeOptions, open_model
 from packager.serve import LocalTritonServer, find_free_ports, read_state, shm_regions, stub_processes
 from packager.server_env import MALLOC_ENV
@@ -131,8 +132,10 @@ def test_served_detections_equal_in_process(client, model_repository, pipelines,
 
 def test_served_detectors_run_openvino_with_the_f32_hint(local_server, model_repository, pipelines):
     """The default local repository serves on OpenVINO (f32 hint): same runtime in process, said in the log."""
-    runtimes = load_repository_info(model_repository.path)["detector_runtimes"]
-    assert runtimes == {p: "openvino (f32 hint)" for p in PRECISIONS}
+    for precision in PRECISIONS:
+        config = model_repository.path / detector_name(model_repository.model_name, precision) / "config.pbtxt"
+        params = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig()).parameters
+        assert (params["runtime"].string_value, params["precision_hint"].string_value) == ("openvino", "f32")
     assert all(pipeline.model.label == "openvino (f32 hint)" for pipeline in pipelines.values())
     log = Path(local_server.log_path).read_text()
     for precision in PRECISIONS:
