@@ -38,6 +38,16 @@ def main() -> None:
 # --- build / render / eval-onnx ---
 
 
+def _runtime_options(command):
+    """--runtime / --precision-hint: which CPU runtime evaluates (and, for --target local, serves) the ONNX."""
+    command = click.option("--precision-hint", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                           help="OpenVINO only: f32 keeps FP32 exact; bf16 is faster on AMX and less exact.")(command)
+    return click.option("--runtime", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
+                        show_default=True, help="openvino: INT8 on integer kernels (VNNI/AMX); onnxruntime: INT8 "
+                        "emulated (Q -> DQ -> float). Falls back to onnxruntime, with a message, where "
+                        "OpenVINO cannot run.")(command)
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(path_type=Path),
               help="Ultralytics .pt checkpoint, model .yaml (random init) or an existing .onnx export.")
@@ -69,16 +79,18 @@ def main() -> None:
               help="Gate: INT8 mAP50-95 must be at least this fraction of FP32.")
 @click.option("--repository", type=click.Path(path_type=Path),
               help="Also render a Triton model repository from the build into this folder.")
-@click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True,
-              help="Serving target of the rendered repository (with --repository).")
+@click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
+              show_default=True, help="Serving target of the rendered repository (with --repository).")
+@_runtime_options
 def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, preset,
           calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
-          val_images, val_annotations, min_map_ratio, repository, target) -> None:
+          val_images, val_annotations, min_map_ratio, repository, target, runtime, precision_hint) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
 
     from packager.pipeline import BuildOptions, run_build, summary_table
     from packager.quantize import QuantizeOptions
+    from packager.runtime import RuntimeOptions
 
     options = BuildOptions(
         model=model, out=out, calib_images=calib_images, calib_data=calib_data, calib_size=calib_size, imgsz=imgsz,
@@ -90,7 +102,7 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
             trt_plugins=list(trt_plugins),
         ),
         val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
-        repository=repository, repository_target=target,
+        repository=repository, repository_target=target, runtime=RuntimeOptions(runtime, precision_hint),
     )
     result = run_build(options)
     Console().print(summary_table(result))
@@ -101,15 +113,18 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
               help="Build directory made by yqpack build (read only: nothing is re-quantized).")
 @click.option("--repository", default=Path("model_repository"), show_default=True, type=click.Path(path_type=Path),
               help="Model repository to write (replaced atomically).")
-@click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True)
+@click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
+              show_default=True)
 @click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
 @click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
-def render(build_dir, repository, target, precisions, max_batch) -> None:
+@_runtime_options
+def render(build_dir, repository, target, precisions, max_batch, runtime, precision_hint) -> None:
     """Render a Triton model repository for a serving target from a finished build."""
     from packager.repository import RenderOptions, render as render_stage
 
     names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
-    result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch))
+    result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch,
+                                                               runtime=runtime, precision_hint=precision_hint))
     click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
                + ", ".join(result.ensembles.values()))
 
@@ -124,20 +139,26 @@ def render(build_dir, repository, target, precisions, max_batch) -> None:
 @click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
               help="Gate: int8-fp32 mAP50-95 must be at least this fraction of FP32 (0 disables).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics to this JSON file.")
-def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path) -> None:
-    """COCO mAP of a build's ONNX variants with onnxruntime (CPU), plus the INT8 accuracy gate."""
+@_runtime_options
+def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path, runtime,
+              precision_hint) -> None:
+    """COCO mAP of a build's ONNX variants on CPU (OpenVINO or onnxruntime), plus the INT8 accuracy gate."""
     import json
 
     from rich.console import Console
 
     from packager.onnx_eval import check_gate, evaluate_build
     from packager.pipeline import metrics_table
+    from packager.runtime import RuntimeOptions, runtime_on_this_machine
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    metrics = evaluate_build(build_dir, val_images, val_annotations, names)
-    Console().print(metrics_table(metrics))
+    options = RuntimeOptions(runtime, precision_hint)
+    metrics = evaluate_build(build_dir, val_images, val_annotations, names, runtime=options)
+    label = runtime_on_this_machine(options).label  # what ran, fallbacks included
+    Console().print(metrics_table(metrics, label))
     if json_path is not None:
-        json_path.write_text(json.dumps({v: m.as_dict() for v, m in metrics.items()}, indent=2) + "\n")
+        rows = {v: {**m.as_dict(), "runtime": label} for v, m in metrics.items()}
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
     if min_map_ratio > 0 and "fp32" in metrics and "int8-fp32" in metrics:
         gate = check_gate(metrics, min_map_ratio)
         click.echo(f"Gate passed: {gate.message()}")

@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-rom .contracts import ConfigError
+from .contracts import ConfigError
 
 # How many distinct error messages are kept per level (the count is always complete).
 MAX_ERROR_MESSAGES = 5
