@@ -64,15 +64,19 @@ def detect_images(
     thresholds: Thresholds = EVAL_THRESHOLDS,
     label: str = "",
     show_progress: bool = True,
+    head_format: str = "raw",
 ) -> dict[str, np.ndarray]:
-    """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}."""
+    """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}.
+
+    `head_format` is the build's (manifest `head_format`): `raw` decodes + NMS, `end2end` selects rows.
+    """
     session = onnx_session(model_path)
     input_name = session.get_inputs()[0].name
     detections = {}
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
         raw = session.run(None, {input_name: chw[None]})[0][0]
-        detections[path.name] = postprocess(raw, info, thresholds)
+        detections[path.name] = postprocess(raw, info, thresholds, head_format)
     return detections
 
 
@@ -95,7 +99,7 @@ def evaluate_build(
     results = {}
     for variant in variants:
         detections = detect_images(artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress)
+                                   show_progress=show_progress, head_format=manifest.get("head_format", "raw"))
         results[variant] = evaluate(detections, ground_truth, manifest["class_names"])
     return results
 

@@ -17,6 +17,7 @@ import jinja2
 from packager import letterbox as letterbox_module
 from packager import postprocess as postprocess_module
 from packager.assets import TEMPLATES_DIR
+from packager.export import ultralytics_metadata_pbtxt
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 
 TARGETS = ("local", "cpu", "gpu", "gpu-ort")
@@ -137,7 +138,8 @@ def render_repository(
         )
         _python_model(
             env, staging / post, "postprocess", [letterbox_module.__file__, postprocess_module.__file__],
-            {**common, "name": post, "instance_count": postprocess_instances, "thresholds": thresholds},
+            {**common, "name": post, "instance_count": postprocess_instances, "thresholds": thresholds,
+             "head_format": manifest.get("head_format", "raw")},
         )
         (staging / post / LABELS_FILE).write_text(labels)
         models += [pre, post]
@@ -154,6 +156,9 @@ def render_repository(
                 "instance_count": detector_instances,
                 "model_filename": model_filename,
                 "intra_op_threads": int(intra_op_threads),
+                "ultralytics_metadata": ultralytics_metadata_pbtxt(
+                    manifest["class_names"], input_dims[1:], manifest.get("stride", 32), manifest.get("head_format", "raw")
+                ),
             }
             version_dir = staging / detector / "1"
             version_dir.mkdir(parents=True)

@@ -324,8 +324,11 @@ class _Session:
             model.detector_input = tensor_input.get("name")
             model.detector_dims = [int(d) for d in tensor_input.get("dims", [])]
             head_dims = step_configs[detector].get("output", [{}])[0].get("dims", [])
-            # Head output is (4 + classes, anchors): a name list of another model would map ids to wrong categories.
-            if head_dims and int(head_dims[0]) - 4 != len(class_names):
+            # A raw head output is (4 + classes, anchors): a name list of another model would map ids to wrong
+            # categories. An end-to-end head's (k, 6) rows carry class ids, not per-class scores: nothing to check.
+            post = next((step for step in steps if step.endswith("_postprocess")), None)
+            head_format = config_parameter(step_configs.get(post, {}), "head_format") or "raw"
+            if head_format == "raw" and head_dims and int(head_dims[0]) - 4 != len(class_names):
                 raise VerifyError(
                     f"{name}: the detector predicts {int(head_dims[0]) - 4} classes but {source} lists "
                     f"{len(class_names)} class names"
