@@ -7,6 +7,7 @@ imgsz 320 and 8 calibration images for the random-init models, one server for al
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -203,3 +204,37 @@ def test_ultralytics_triton_client_on_served_detector(server, builds, val_files,
     assert remote.predictor.model.end2end is (manifest.get("head_format") == "end2end")
     if name == "yolov8n":
         assert served.names[0] == "person" and compared > 5
+
+
+def test_eval_and_verify_unchanged_for_an_end2end_build(server, builds, sample_val, tmp_path):
+    """`eval-onnx` and `verify` take a YOLO26 build as they take a YOLOv8 one; served == local detections."""
+    from packager.onnx_eval import evaluate_build
+    from packager.verify import VerifyOptions, run_verify
+
+    images, coco_annotations = sample_val
+    # The random-init model names its classes '0'..'79' (COCO's 80 in YOLO order): the same annotations with
+    # the categories named that way.
+    dataset = json.loads(Path(coco_annotations).read_text())
+    for index, category in enumerate(sorted(dataset["categories"], key=lambda c: c["id"])):
+        category["name"] = str(index)
+    annotations = tmp_path / "instances_numbered.json"
+    annotations.write_text(json.dumps(dataset))
+    local = evaluate_build(builds["yolo26n"], images, annotations, variants=("fp32",), show_progress=False)["fp32"]
+    options = VerifyOptions(images_dir=images, annotations=annotations, url=server.grpc_url,
+                            models=[ensemble_name("yolo26n", "fp32")], concurrency=(1,),
+                            requests_per_level=4, warmup_requests=1, detector_load=False, progress=False,
+                            report_dir=tmp_path / "report")
+    result = run_verify(options)
+    assert result.status == "pass", result.incomplete_reason
+    served = result.accuracy[0]
+    assert served.errors == 0 and served.images == local.images == 128
+    assert served.metrics.detections == local.detections > 0
+    assert served.metrics.map50_95 == pytest.approx(local.map50_95, abs=1e-4)
+
+
+def test_existing_end2end_onnx_is_adopted(builds, tmp_path):
+    """An Ultralytics end-to-end .onnx given as --model: head format, names and stride from graph + metadata."""
+    source = artifact_path(builds["yolo26n"], "fp32")
+    result = export_onnx(source, tmp_path / "model.fp32.onnx", IMGSZ)
+    assert result.head_format == "end2end" and result.output_shape == [-1, 300, 6] and result.stride == 32
+    assert result.class_names == load_manifest(builds["yolo26n"])["class_names"]
