@@ -238,3 +238,37 @@ def test_existing_end2end_onnx_is_adopted(builds, tmp_path):
     result = export_onnx(source, tmp_path / "model.fp32.onnx", IMGSZ)
     assert result.head_format == "end2end" and result.output_shape == [-1, 300, 6] and result.stride == 32
     assert result.class_names == load_manifest(builds["yolo26n"])["class_names"]
+
+
+def test_ultralytics_metadata_survives_pbtxt_quoting():
+    """Names with quotes and backslashes come back from Triton's config parser as the same Python literal."""
+    import ast
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from packager.export import ultralytics_metadata_pbtxt
+
+    names = ["person", "it's", 'say "hi"', "back\\slash"]
+    line = f'parameters {{ key: "metadata" value: {{ string_value: "{ultralytics_metadata_pbtxt(names, (320, 480), 32, "end2end")}" }} }}'
+    config = text_format.Parse(line, model_config_pb2.ModelConfig())
+    metadata = ast.literal_eval(config.parameters["metadata"].string_value)
+    assert metadata["names"] == dict(enumerate(names)) and metadata["imgsz"] == [320, 480]
+    assert metadata["end2end"] is True and metadata["stride"] == 32 and metadata["args"]["dynamic"] is False
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu", "gpu-ort"])
+def test_end2end_repository_for_every_target(builds, tmp_path, target):
+    """The (k, 6) head output is what every target's detector and the postprocess declare; configs parse."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    rendered = render_repository(builds["yolo26n"], tmp_path / "repo", target=target, precisions=("fp16", "int8"))
+    configs = {m: text_format.Parse((rendered.path / m / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+               for m in rendered.models}
+    post = configs["yolo26n_postprocess"]
+    assert post.parameters["head_format"].string_value == "end2end" and list(post.input[0].dims) == [300, 6]
+    for precision in ("fp16", "int8"):
+        detector = configs[detector_name("yolo26n", precision)]
+        assert list(detector.output[0].dims) == [300, 6]
+        assert "'end2end': True" in detector.parameters["metadata"].string_value
