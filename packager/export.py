@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from .assets import ultralytics_offline_env
+from .contracts import ConfigError, HeadFormat, ModelSpec
 
 STRIDE = 32
 DEFAULT_OPSET = 17
 MODEL_SUFFIXES = (".pt", ".yaml", ".yml", ".onnx")
-HEAD_FORMATS = ("raw", "end2end")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ExportResult:
     output_shape: list[int]
     dynamic_batch: bool
     opset: int
-    head_format: str = "raw"  # one of HEAD_FORMATS
+    head_format: HeadFormat = HeadFormat.RAW  # detected from the graph + metadata (detect_head_format)
     stride: int = STRIDE  # the model's largest stride
 
 
@@ -103,25 +103,20 @@ def export_onnx(
     return _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batchnorm_images, end2end)
 
 
-def ultralytics_metadata_pbtxt(class_names: list[str], imgsz, stride: int, head_format: str) -> str:
+def ultralytics_metadata_pbtxt(spec: ModelSpec) -> str:
     """Ultralytics' `metadata` model-config parameter for a served bare detector, escaped for a pbtxt "string".
 
-    The Python-literal dict Ultralytics' exporter writes (its Triton guide puts it in config.pbtxt), with what
-    `YOLO("grpc://host:port/<detector>", task="detect")` reads (`BaseBackend.apply_metadata`): names, stride,
-    imgsz, task, batch, channels, end2end, args. `args.dynamic` False keeps its letterbox square at imgsz (the
-    detector's H, W are fixed) and batch 1 sends one image per request; end2end True skips its NMS.
+    `spec.ultralytics_metadata()` (names, stride, imgsz, task, end2end) plus what Ultralytics' Triton client
+    needs for a fixed-size graph (`BaseBackend.apply_metadata`, `AutoBackend.forward`): `batch` 1, since it pads
+    every call to `batch` images, and `args.dynamic` False, which keeps its letterbox square at imgsz.
     """
-    end2end = head_format == "end2end"
+    end2end = spec.head is HeadFormat.END2END
     metadata = {
-        "description": "Ultralytics detector served by yqpack",
-        "stride": int(stride),
-        "task": "detect",
+        "description": f"Ultralytics detector {spec.name} served by yqpack",
+        **spec.ultralytics_metadata(),
         "batch": 1,
-        "imgsz": [int(v) for v in imgsz],
-        "names": dict(enumerate(str(name) for name in class_names)),
-        "args": {"batch": 1, "dynamic": False, "nms": False if end2end else None},
         "channels": 3,
-        "end2end": end2end,
+        "args": {"batch": 1, "dynamic": False, "nms": False if end2end else None},
     }
     return repr(metadata).replace("\\", "\\\\").replace('"', '\\"')
 
@@ -177,7 +172,7 @@ def _wants_one_to_one_head(torch_model, model_path: Path, end2end: bool | None) 
     head = torch_model.model[-1]
     has_one_to_one = getattr(head, "one2one_cv2", None) is not None
     if end2end and not has_one_to_one:
-        raise ValueError(
+        raise ConfigError(
             f"{model_path.name} has no NMS-free (one-to-one) detection head: build it without --end2end"
         )
     return has_one_to_one and end2end is not False
@@ -201,9 +196,9 @@ def _adopt_onnx(model_path: Path, out_path: Path, imgsz) -> ExportResult:
     except (ValueError, SyntaxError):
         names = {}
     output_dims = _dims(model.graph.output[0])
-    if detect_head_format(model, output_dims, metadata) == "end2end":
+    if detect_head_format(model, output_dims, metadata) is HeadFormat.END2END:
         if not names:
-            raise ValueError(f"{model_path.name} is an end-to-end export without class names in its metadata")
+            raise ConfigError(f"{model_path.name} is an end-to-end export without class names in its metadata")
         num_classes = max(names) + 1
     else:
         num_classes = output_dims[1] - 4 if isinstance(output_dims[1], int) else len(names)
@@ -214,7 +209,7 @@ def _adopt_onnx(model_path: Path, out_path: Path, imgsz) -> ExportResult:
     return _describe(out_path, model_path, class_names, imgsz, stride)
 
 
-def detect_head_format(onnx_model, output_dims: list, metadata: dict[str, str]) -> str:
+def detect_head_format(onnx_model, output_dims: list, metadata: dict[str, str]) -> HeadFormat:
     """`end2end` when the graph selects (k, 6) rows with an in-graph TopK, else `raw`; checked against metadata.
 
     Ultralytics writes `end2end: 'True'` into the ONNX metadata of NMS-free exports; a foreign export without
@@ -224,11 +219,11 @@ def detect_head_format(onnx_model, output_dims: list, metadata: dict[str, str]) 
     selects_rows = len(output_dims) == 3 and output_dims[2] == 6 and has_topk
     declared = str(metadata.get("end2end", "")).strip().lower()
     if declared == "true" and not selects_rows:
-        raise ValueError(
+        raise ConfigError(
             f"the ONNX metadata says end2end but output {onnx_model.graph.output[0].name} has shape {output_dims}, "
             "not (batch, k, 6) from a TopK"
         )
-    return "end2end" if selects_rows else "raw"
+    return HeadFormat.END2END if selects_rows else HeadFormat.RAW
 
 
 def _finalize_onnx(exported: Path, out_path: Path, imgsz, dynamic_batch: bool) -> None:
@@ -268,9 +263,10 @@ def _describe(onnx_path: Path, source: Path, class_names: list[str], imgsz, stri
     result = session.run(None, {inp.name: np.zeros((batch, 3, *imgsz), dtype=np.float32)})[0]
     metadata = {p.key: p.value for p in model.metadata_props}
     head_format = detect_head_format(model, list(result.shape), metadata)
-    expected = 6 if head_format == "end2end" else 4 + len(class_names)
-    if result.ndim != 3 or result.shape[2 if head_format == "end2end" else 1] != expected:
-        layout = "(batch, k, 6)" if head_format == "end2end" else f"(batch, 4 + {len(class_names)} classes, anchors)"
+    end2end = head_format is HeadFormat.END2END
+    expected = 6 if end2end else 4 + len(class_names)
+    if result.ndim != 3 or result.shape[2 if end2end else 1] != expected:
+        layout = "(batch, k, 6)" if end2end else f"(batch, 4 + {len(class_names)} classes, anchors)"
         raise ValueError(
             f"{source.name} does not look like a YOLO detection head: output {out.name} has shape "
             f"{result.shape}, expected {layout}"

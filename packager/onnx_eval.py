@@ -14,16 +14,12 @@ from rich.progress import track
 
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate
 from .letterbox import preprocess, read_image
-from .manifest import artifact_path, load_manifest
+from .contracts import AccuracyGateError, BuildManifest, HeadFormat
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
 GATED_VARIANT = "int8-fp32"
 DEFAULT_MIN_MAP_RATIO = 0.99
-
-
-class AccuracyGateError(ValueError):
-    """INT8 lost more accuracy than allowed; the message shows both numbers."""
 
 
 @dataclass
@@ -64,11 +60,11 @@ def detect_images(
     thresholds: Thresholds = EVAL_THRESHOLDS,
     label: str = "",
     show_progress: bool = True,
-    head_format: str = "raw",
+    head_format: HeadFormat = HeadFormat.RAW,
 ) -> dict[str, np.ndarray]:
     """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}.
 
-    `head_format` is the build's (manifest `head_format`): `raw` decodes + NMS, `end2end` selects rows.
+    `head_format` is the build's (`ModelSpec.head`): raw decodes + NMS, end2end selects the head's rows.
     """
     session = onnx_session(model_path)
     input_name = session.get_inputs()[0].name
@@ -76,7 +72,7 @@ def detect_images(
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
         raw = session.run(None, {input_name: chw[None]})[0][0]
-        detections[path.name] = postprocess(raw, info, thresholds, head_format)
+        detections[path.name] = postprocess(raw, info, thresholds, HeadFormat(head_format).value)
     return detections
 
 
@@ -88,19 +84,19 @@ def evaluate_build(
     show_progress: bool = True,
 ) -> dict[str, CocoMetrics]:
     """mAP of each ONNX variant of a build on the annotated images found in `images_dir`."""
-    manifest = load_manifest(build_dir)
+    manifest = BuildManifest.load(build_dir)
     ground_truth = CocoGroundTruth(annotations)
     if not Path(images_dir).is_dir():
         raise FileNotFoundError(f"validation image folder not found: {images_dir}")
     image_files = ground_truth.image_files(images_dir)
     if not image_files:
         raise ValueError(f"none of the images listed in {Path(annotations).name} are in {images_dir}")
-    imgsz = tuple(manifest["imgsz"])
+    imgsz = manifest.model.imgsz
     results = {}
     for variant in variants:
-        detections = detect_images(artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress, head_format=manifest.get("head_format", "raw"))
-        results[variant] = evaluate(detections, ground_truth, manifest["class_names"])
+        detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
+                                   show_progress=show_progress, head_format=manifest.model.head)
+        results[variant] = evaluate(detections, ground_truth, list(manifest.model.class_names))
     return results
 
 

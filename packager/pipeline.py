@@ -6,7 +6,6 @@ evaluation was asked for, only when the accuracy gate passed), so `--out` never 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 import time
@@ -19,11 +18,11 @@ from rich.table import Table
 from .calibration import DEFAULT_CALIB_SIZE, CalibrationResult, build_calibration, list_images, load_calibration_file
 from .coco_eval import CocoMetrics
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
-from .manifest import ARTIFACT_FILES, MANIFEST_NAME, artifact_entries, library_versions, write_manifest
+from .contracts import ARTIFACT_FILES, MANIFEST_NAME, AccuracyGateError, BuildManifest, ModelSpec, TensorSpec
+from .manifest import artifact_entries, library_versions
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
     DEFAULT_VARIANTS,
-    AccuracyGateError,
     GateResult,
     check_gate,
     evaluate_build,
@@ -58,7 +57,7 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     build_dir: Path
-    manifest: dict
+    manifest: BuildManifest
     export: ExportResult
     quantization: QuantizeResult
     metrics: dict[str, CocoMetrics] = field(default_factory=dict)
@@ -161,7 +160,7 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     timings["fp16"] = time.perf_counter() - started
 
     manifest = _manifest(build_dir, options, exported, calibration, quantization)
-    write_manifest(build_dir, manifest)
+    manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings)
 
     if options.val_images is not None:
@@ -169,15 +168,15 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
         result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
                                         show_progress=options.show_progress)
         timings["evaluation"] = time.perf_counter() - started
-        manifest["evaluation"] = {variant: m.as_dict() for variant, m in result.metrics.items()}
+        manifest.evaluation = {variant: m.as_dict() for variant, m in result.metrics.items()}
         console.print(metrics_table(result.metrics))
         try:
             result.gate = check_gate(result.metrics, options.min_map_ratio)
         except AccuracyGateError as failure:
             raise AccuracyGateError(f"{failure}; nothing was written to {options.out}") from None
-        manifest["evaluation"]["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
-                                          "ratio": round(result.gate.ratio, 5), "passed": True}
-        write_manifest(build_dir, manifest)
+        manifest.evaluation["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
+                                       "ratio": round(result.gate.ratio, 5), "passed": True}
+        manifest.save(build_dir)
     return result
 
 
@@ -188,24 +187,28 @@ def _calibration(options: BuildOptions) -> CalibrationResult:
     return build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress)
 
 
-def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> dict:
+def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> BuildManifest:
     versions = library_versions()
     max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
-    return {
-        "yqpack_version": versions["yqpack"],
-        "model_name": exported.model_name,
-        "source_model": exported.source_model,
-        "imgsz": list(exported.imgsz),
-        "class_names": exported.class_names,
-        "input": {"name": exported.input_name, "shape": exported.input_shape, "dtype": "float32"},
-        "output": {"name": exported.output_name, "shape": exported.output_shape, "dtype": "float32"},
-        "head_format": exported.head_format,
-        "stride": exported.stride,
-        "dynamic_batch": exported.dynamic_batch,
-        "max_batch": max_batch,
-        "opset": exported.opset,
-        "artifacts": artifact_entries(build_dir),
-        "quantization": {
+    spec = ModelSpec(
+        name=exported.model_name,
+        head=exported.head_format,
+        input=TensorSpec(exported.input_name, tuple(exported.input_shape)),
+        output=TensorSpec(exported.output_name, tuple(exported.output_shape)),
+        class_names=tuple(exported.class_names),
+        imgsz=tuple(exported.imgsz),
+        stride=exported.stride,
+        dynamic_batch=exported.dynamic_batch,
+        max_batch=max_batch,
+    )
+    return BuildManifest(
+        model=spec,
+        source_model=exported.source_model,
+        opset=exported.opset,
+        artifacts=artifact_entries(build_dir),
+        yqpack_version=versions["yqpack"],
+        versions=versions,
+        quantization={
             "tool": "nvidia-modelopt onnx PTQ",
             "quantize_mode": "int8",
             "preset": quantization.preset,
@@ -224,14 +227,13 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
         },
-        "calibration": {
+        calibration={
             "source": calibration.source,
             "count": calibration.count,
             "skipped": calibration.skipped,
             "letterbox": "packager.letterbox.preprocess",
         },
-        "versions": versions,
-    }
+    )
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -245,16 +247,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path | None:
-    if importlib.util.find_spec("packager.repository") is None:
-        raise ValueError("--repository needs packager.repository, which this yqpack does not include")
-    from .repository import render_repository
+def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
+    from .repository import RenderOptions, render
 
     with console.status(f"Rendering the Triton model repository into {options.repository}"):
-        # TensorRT targets serve fp16/int8 engines; CPU targets can also serve the fp32 reference.
-        gpu = options.repository_target.startswith("gpu")
-        render_repository(build_dir, options.repository, options.repository_target,
-                          ("fp16", "int8") if gpu else ("fp32", "fp16", "int8"))
+        render(build_dir, Path(options.repository), RenderOptions(target=options.repository_target))
     return Path(options.repository)
 
 
@@ -269,16 +266,16 @@ def metrics_table(metrics: dict[str, CocoMetrics]) -> Table:
 
 def summary_table(result: BuildResult) -> Table:
     manifest = result.manifest
-    table = Table(title=f"yqpack build: {manifest['model_name']} -> {result.build_dir}")
+    table = Table(title=f"yqpack build: {manifest.model.name} ({manifest.model.head.value} head) -> {result.build_dir}")
     table.add_column("artifact")
     table.add_column("path")
     table.add_column("MB", justify="right")
-    for variant, entry in manifest["artifacts"].items():
-        size = (result.build_dir / entry["path"]).stat().st_size / 1e6
-        table.add_row(variant, entry["path"], f"{size:.1f}")
-    quant = manifest["quantization"]
+    for variant, entry in manifest.artifacts.items():
+        size = (result.build_dir / entry.path).stat().st_size / 1e6
+        table.add_row(variant, entry.path, f"{size:.1f}")
+    quant = manifest.quantization
     table.caption = (
-        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest['calibration']['count']} "
+        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
         f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
         + (f"; gate {result.gate.message()}" if result.gate else "")

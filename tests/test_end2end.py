@@ -19,7 +19,8 @@ import tritonclient.grpc as grpcclient
 from packager.assets import ultralytics_offline_env
 from packager.export import export_onnx
 from packager.letterbox import preprocess, read_image
-from packager.manifest import artifact_path, load_manifest
+from packager.contracts import BuildManifest, HeadFormat, ModelSpec, TensorSpec
+from packager.manifest import artifact_path
 from packager.onnx_eval import onnx_session
 from packager.postprocess import Thresholds, postprocess
 from packager.repository import detector_name, ensemble_name, render_repository
@@ -73,17 +74,14 @@ def server(builds, server_env, tmp_path_factory):
     ("yolo26n", "end2end", [-1, 300, 6]), ("yolo11n", "raw", [-1, 84, 2100]), ("yolov8n", "raw", [-1, 84, 8400]),
 ])
 def test_head_format_detected_from_the_graph_and_recorded(builds, name, head_format, output):
-    manifest = load_manifest(builds[name])
-    if name == "yolov8n" and "head_format" not in manifest:
-        pytest.skip("the shared yolov8n build predates head_format (written by an older yqpack)")
-    assert manifest["head_format"] == head_format and manifest["stride"] == 32
-    assert manifest["output"]["shape"] == output
+    spec = BuildManifest.load(builds[name]).model
+    assert spec.head is HeadFormat(head_format) and spec.stride == 32
+    assert list(spec.output.shape) == output
 
 
 def test_end2end_tail_kept_precise_and_the_rest_quantized(builds):
     """ModelOpt quantizes the YOLO26 graph; the one-to-one output convs and the TopK/Gather tail stay precise."""
-    manifest = load_manifest(builds["yolo26n"])
-    quant = manifest["quantization"]
+    quant = BuildManifest.load(builds["yolo26n"]).quantization
     graph = onnx.load(str(artifact_path(builds["yolo26n"], "fp32"))).graph
     op_type = {node.name: node.op_type for node in graph.node}
     kept = set(quant["excluded_nodes"])
@@ -100,7 +98,7 @@ def test_end2end_tail_kept_precise_and_the_rest_quantized(builds):
 
 def test_classic_head_on_request_and_end2end_refused_without_one(assets, tmp_path):
     result = export_onnx("yolo26n.yaml", tmp_path / "classic.onnx", IMGSZ, end2end=False)
-    assert result.head_format == "raw" and result.output_shape == [-1, 84, 2100]
+    assert result.head_format is HeadFormat.RAW and result.output_shape == [-1, 84, 2100]
     with pytest.raises(ValueError, match="no NMS-free"):
         export_onnx("yolo11n.yaml", tmp_path / "v11.onnx", IMGSZ, end2end=True)
     assert not (tmp_path / "v11.onnx").exists()
@@ -130,7 +128,7 @@ def test_end2end_postprocess_equals_ultralytics_predictor(builds, val_files):
             their_input = yolo.predictor.preprocess([cv2.imread(str(path))]).numpy()
             np.testing.assert_allclose(their_input[0], ours_input, rtol=0, atol=1e-7)
             rows = session.run(None, {"images": their_input})[0][0]
-            ours = postprocess(rows, info, Thresholds(conf=conf, max_det=max_det), "end2end")
+            ours = postprocess(rows, info, Thresholds(conf=conf, max_det=max_det), HeadFormat.END2END.value)
             theirs = result.boxes.data.numpy()
             assert len(ours) == len(theirs) > 0
             order_ours, order_theirs = np.lexsort(ours.T[::-1]), np.lexsort(theirs.T[::-1])
@@ -161,10 +159,10 @@ def test_served_ensemble_answers_n_by_6(server, builds, val_files, name, precisi
     boxes = detections[0, :, :4]
     assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
     if precision == "fp32":
-        manifest = load_manifest(builds[name])
-        chw, info = preprocess(read_image(path), tuple(manifest["imgsz"]))
+        spec = BuildManifest.load(builds[name]).model
+        chw, info = preprocess(read_image(path), spec.imgsz)
         raw = onnx_session(artifact_path(builds[name], "fp32")).run(None, {"images": chw[None]})[0][0]
-        local = postprocess(raw, info, thresholds, manifest.get("head_format", "raw"))
+        local = postprocess(raw, info, thresholds, spec.head.value)
         np.testing.assert_allclose(detections[0], local, rtol=0, atol=1e-3)
 
 
@@ -188,20 +186,19 @@ def test_ultralytics_triton_client_on_served_detector(server, builds, val_files,
     ultralytics_offline_env()
     from ultralytics import YOLO
 
-    manifest = load_manifest(builds[name])
-    imgsz = tuple(manifest["imgsz"])
+    spec = BuildManifest.load(builds[name]).model
     remote = YOLO(f"grpc://{server.grpc_url}/{detector_name(name, 'fp32')}", task="detect")
     local = YOLO(str(artifact_path(builds[name], "fp32")), task="detect")
     conf = 0.25 if name == "yolov8n" else 0.0
     compared = 0
     for path in val_files[:3]:
         served = remote.predict(str(path), conf=conf, verbose=False)[0]
-        expected = local.predict(str(path), imgsz=imgsz, conf=conf, rect=False, verbose=False)[0]
-        assert served.names == dict(enumerate(manifest["class_names"]))
+        expected = local.predict(str(path), imgsz=spec.imgsz, conf=conf, rect=False, verbose=False)[0]
+        assert served.names == dict(enumerate(spec.class_names))
         assert len(served.boxes) == len(expected.boxes) > 0
         np.testing.assert_allclose(served.boxes.data.numpy(), expected.boxes.data.numpy(), rtol=0, atol=1e-3)
         compared += len(served.boxes)
-    assert remote.predictor.model.end2end is (manifest.get("head_format") == "end2end")
+    assert remote.predictor.model.end2end is (spec.head is HeadFormat.END2END)
     if name == "yolov8n":
         assert served.names[0] == "person" and compared > 5
 
@@ -239,8 +236,8 @@ def test_existing_end2end_onnx_is_adopted(builds, tmp_path):
     """An Ultralytics end-to-end .onnx given as --model: head format, names and stride from graph + metadata."""
     source = artifact_path(builds["yolo26n"], "fp32")
     result = export_onnx(source, tmp_path / "model.fp32.onnx", IMGSZ)
-    assert result.head_format == "end2end" and result.output_shape == [-1, 300, 6] and result.stride == 32
-    assert result.class_names == load_manifest(builds["yolo26n"])["class_names"]
+    assert result.head_format is HeadFormat.END2END and result.output_shape == [-1, 300, 6] and result.stride == 32
+    assert tuple(result.class_names) == BuildManifest.load(builds["yolo26n"]).model.class_names
 
 
 def test_ultralytics_metadata_survives_pbtxt_quoting():
@@ -253,11 +250,14 @@ def test_ultralytics_metadata_survives_pbtxt_quoting():
     from packager.export import ultralytics_metadata_pbtxt
 
     names = ["person", "it's", 'say "hi"', "back\\slash"]
-    line = f'parameters {{ key: "metadata" value: {{ string_value: "{ultralytics_metadata_pbtxt(names, (320, 480), 32, "end2end")}" }} }}'
+    spec = ModelSpec("x", HeadFormat.END2END, TensorSpec("images", (-1, 3, 320, 480)),
+                     TensorSpec("output0", (-1, 300, 6)), tuple(names), (320, 480))
+    line = f'parameters {{ key: "metadata" value: {{ string_value: "{ultralytics_metadata_pbtxt(spec)}" }} }}'
     config = text_format.Parse(line, model_config_pb2.ModelConfig())
     metadata = ast.literal_eval(config.parameters["metadata"].string_value)
     assert metadata["names"] == dict(enumerate(names)) and metadata["imgsz"] == [320, 480]
-    assert metadata["end2end"] is True and metadata["stride"] == 32 and metadata["args"]["dynamic"] is False
+    assert metadata["end2end"] is True and metadata["stride"] == 32 and metadata["batch"] == 1
+    assert metadata["args"]["dynamic"] is False
 
 
 @pytest.mark.parametrize("target", ["cpu", "gpu", "gpu-ort"])
@@ -270,7 +270,7 @@ def test_end2end_repository_for_every_target(builds, tmp_path, target):
     configs = {m: text_format.Parse((rendered.path / m / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
                for m in rendered.models}
     post = configs["yolo26n_postprocess"]
-    assert post.parameters["head_format"].string_value == "end2end" and list(post.input[0].dims) == [300, 6]
+    assert post.parameters["yqpack_head_format"].string_value == "end2end" and list(post.input[0].dims) == [300, 6]
     for precision in ("fp16", "int8"):
         detector = configs[detector_name("yolo26n", precision)]
         assert list(detector.output[0].dims) == [300, 6]

@@ -2,7 +2,7 @@
 
 Rendered into `<model>_postprocess/1/` next to flat copies of yqpack's own `postprocess.py` and `letterbox.py`:
 the same decode + class-aware NMS (raw head) or end-to-end selection (NMS-free head, config parameter
-head_format) as local evaluation. Thresholds default to this model's config parameters and can be overridden
+yqpack_head_format) as local evaluation. Thresholds default to this model's config parameters and can be overridden
 per request with the request parameters conf_threshold, iou_threshold, max_det and multi_label (for an
 end2end head only conf_threshold and max_det apply). A request with a batch of b images gets DETECTIONS (b, max_n, 6), short rows padded with
 score 0 and class_id -1 (one image per request, the documented use, never pads).
@@ -29,7 +29,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.raw_name = config["input"][0]["name"]
         self.defaults = _thresholds(params, Thresholds())
-        self.head_format = params.get("head_format", "raw")
+        self.head_format = params.get("yqpack_head_format", "raw")  # rendered from the build's ModelSpec.head
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
