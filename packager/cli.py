@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from packager.contracts import YqpackError
+from packager.contracts import ConfigError, YqpackError
 
 # Stages still raising the builtin errors for bad input are converted too (being moved onto YqpackError).
 _PLAIN_ERRORS = (YqpackError, ValueError, FileNotFoundError)
@@ -147,8 +147,9 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
 
 # --- serve / stop / server-env ---
 @main.command()
-@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"),
-              show_default=True, help="Triton model repository rendered by yqpack build.")
+@click.option("--repository", default="model_repository", show_default=True,
+              help="Triton model repository rendered by yqpack build: a folder, or s3://BUCKET/PREFIX (yqpack push; "
+                   "endpoint from AWS_ENDPOINT_URL) or s3://HOST:PORT/BUCKET/PREFIX.")
 @click.option("--local/--docker", "local", default=True, show_default=True,
               help="Embedded tritonserver on 127.0.0.1, or docker compose on deploy/ (GPU host).")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
@@ -165,7 +166,9 @@ def serve(repository, local, grpc_port, http_port, metrics_port, detach, ready_t
     from packager import serve as serving
 
     if not local:
-        serving.docker_compose_up(repository, detach, grpc_port=grpc_port, http_port=http_port,
+        if repository.startswith("s3://"):
+            raise ConfigError("--docker serves a local folder; serve s3:// repositories with --local or yqpack k8s")
+        serving.docker_compose_up(Path(repository), detach, grpc_port=grpc_port, http_port=http_port,
                                   metrics_port=metrics_port, allow_missing=allow_missing,
                                   ready_timeout=ready_timeout or 1800.0)
         return
@@ -195,6 +198,48 @@ def server_env() -> None:
 
     env = ensure_server_env()
     click.echo(f"server env: {env.root} (tritonserver {env.tritonserver})")
+
+
+# --- push / k8s (scale-out) ---
+@main.command()
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="Model repository rendered by yqpack build.")
+@click.option("--to", "destination", required=True, help="s3://BUCKET/PREFIX to upload it to.")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://minio:9000 [AWS_ENDPOINT_URL].")
+@click.option("--delete-stale", is_flag=True, help="Delete objects under the prefix that the repository lacks.")
+def push(repository, destination, endpoint_url, delete_stale) -> None:
+    """Upload a model repository to S3, verify what landed, skip what is unchanged."""
+    from packager.push import push_with_progress, report_push
+
+    report_push(push_with_progress(repository, destination, endpoint_url, delete_stale=delete_stale), click.echo)
+
+
+@main.command()
+@click.option("--repository", required=True, help="Model repository: a folder (on a PVC) or s3://BUCKET/PREFIX.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the Kustomize manifests.")
+@click.option("--image", required=True, help="Serving image: deploy/Dockerfile built and pushed to your registry.")
+@click.option("--namespace", default="yqpack", show_default=True)
+@click.option("--name", default=None, help="Deployment name [MODEL-triton].")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Minimum replicas.")
+@click.option("--max-replicas", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--gpus", type=click.IntRange(0), default=1, show_default=True, help="nvidia.com/gpu per pod.")
+@click.option("--queue-ms", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
+              help="HPA target: Triton queue time per request, ms.")
+@click.option("--s3-secret", default="yqpack-s3", show_default=True,
+              help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_DEFAULT_REGION).")
+@click.option("--endpoint-url", envvar=["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], default=None,
+              help="S3-compatible endpoint the cluster reaches [AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL].")
+@click.option("--pvc", default=None, help="PersistentVolumeClaim holding a folder repository [NAME-models].")
+def k8s(out, **options) -> None:
+    """Render Kubernetes manifests (Deployment, Service, HPA, ServiceMonitor, PDB; KServe variant) for a repository."""
+    from packager.k8s import K8sOptions, render_k8s
+
+    result = render_k8s(K8sOptions(**options), out)
+    for path in result.files:
+        click.echo(f"wrote {path}")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"apply: kubectl apply -k {out}   (KServe instead: kubectl apply -k {out / 'kserve'})")
 
 
 # --- verify ---
@@ -280,23 +325,25 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_pro
 def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> None:
     """Build the TensorRT plans of a gpu repository where they will run (cached by ONNX, TensorRT, GPU)."""
     from packager import engines as engine_stage
+    from packager.deploy import compose_engines, trt_plugin_libraries
 
     if build_dir is not None:
         engine_stage.stage_engine_sources(build_dir, repository)
+    plugins = trt_plugin_libraries(build_dir)  # $YQPACK_TRT_PLUGINS, else the build's --trt-plugins
     if mode == "print":
         version = engine_stage.TensorRTVersion.parse(tensorrt_version)
         for spec in engine_stage.repository_engine_specs(repository):
-            command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path)
+            command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path, plugins=plugins)
             click.echo(" ".join(command))
         return
     if mode == "compose":
-        from packager.deploy import compose_engines
-
-        compose_engines(repository, allow_missing=allow_missing)
+        compose_engines(repository, allow_missing=allow_missing, trt_plugins=plugins)
     elif mode == "local":
-        engine_stage.build_repository_engines_local(repository, allow_missing=allow_missing, report=click.echo)
+        engine_stage.build_repository_engines_local(repository, allow_missing=allow_missing, plugins=plugins,
+                                                    report=click.echo)
     else:
-        engine_stage.build_repository_engines(repository, allow_missing=allow_missing, report=click.echo)
+        engine_stage.build_repository_engines(repository, allow_missing=allow_missing, plugins=plugins,
+                                              report=click.echo)
     if build_dir is not None:
         recorded = engine_stage.record_engines(build_dir, repository)
         click.echo(f"recorded {len(recorded)} engine key(s) in {build_dir / 'manifest.json'}")

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from packager.assets import PROJECT_ROOT
-from packager.contracts import DockerUnavailableError
+from packager.assets import DEPLOY_DIR, PACKAGE_DIR
+from packager.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, MissingInputError,
+                                ServerError)
 
-DEPLOY_DIR = PROJECT_ROOT / "deploy"
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
 ENV_FILE = DEPLOY_DIR / ".env"
 PROJECT_NAME = "yqpack"
+PLUGINS_MOUNT = "/plugins"  # where the compose file mounts TRT_PLUGIN_DIR in both services
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 DOCKER_HELP = (
     "the GPU path needs Docker Engine with the compose plugin and the NVIDIA Container Toolkit on an NVIDIA GPU "
@@ -103,11 +104,60 @@ def compose_command(which: Callable[[str], str | None] = shutil.which) -> list[s
     raise DockerUnavailableError(f"Docker Compose not found (neither `docker compose` nor `docker-compose`): {DOCKER_HELP}")
 
 
+@dataclass(frozen=True)
+class TrtPlugins:
+    """TensorRT plugin libraries of a build, as the compose services see them (one host folder at /plugins)."""
+
+    host_dir: Path
+    names: tuple[str, ...]
+
+    @property
+    def container_paths(self) -> str:
+        """';'-separated, the separator of Triton's tensorrt `plugins=` setting."""
+        return ";".join(f"{PLUGINS_MOUNT}/{name}" for name in self.names)
+
+    @classmethod
+    def of(cls, libraries: list[Path]) -> "TrtPlugins | None":
+        if not libraries:
+            return None
+        missing = [str(p) for p in libraries if not Path(p).is_file()]
+        if missing:
+            raise MissingInputError(f"TensorRT plugin library not found on this host: {', '.join(missing)} "
+                                    "(set YQPACK_TRT_PLUGINS to their paths here, separated by ':')")
+        folders = {Path(p).resolve().parent for p in libraries}
+        if len(folders) != 1:
+            raise ConfigError("the TensorRT plugin libraries must share one folder (it is mounted at /plugins): "
+                             + ", ".join(map(str, libraries)))
+        return cls(folders.pop(), tuple(Path(p).name for p in libraries))
+
+
+def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
+    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
+    environ = os.environ if environ is None else environ
+    if environ.get("YQPACK_TRT_PLUGINS"):
+        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
+    if build_dir is not None:
+        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
+    return []
+
+
 def compose_environment(repository: Path, ports: Ports, allow_missing: bool,
-                        base: dict[str, str] | None = None) -> dict[str, str]:
-    """Variables that override deploy/.env for this run (the shell environment beats the .env file)."""
+                        base: dict[str, str] | None = None,
+                        trt_plugins: list[Path] | None = None) -> dict[str, str]:
+    """Variables that override deploy/.env for this run (the shell environment beats the .env file).
+
+    `trt_plugins` defaults to $YQPACK_TRT_PLUGINS of `base`; their folder is mounted at /plugins, trtexec gets
+    them through the engines service and Triton through --backend-config=tensorrt,plugins=...
+    """
     env = dict(os.environ if base is None else base)
+    plugins = TrtPlugins.of(trt_plugin_libraries(environ=env) if trt_plugins is None else trt_plugins)
+    if plugins is not None:
+        env.update({"TRT_PLUGIN_DIR": str(plugins.host_dir), "TRT_PLUGINS": plugins.container_paths,
+                    "TRITON_TENSORRT_CONFIG": f"plugins={plugins.container_paths}"})
     env.update({
+        # The engines service mounts yqpack's engine code from here (a checkout or an installed wheel).
+        "YQPACK_PACKAGE_DIR": str(PACKAGE_DIR),
         "MODEL_REPOSITORY": str(Path(repository).resolve()),
         "TRITON_HTTP_PORT": str(ports.http),
         "TRITON_GRPC_PORT": str(ports.grpc),
@@ -154,7 +204,7 @@ def wait_for_ready(url: str, timeout_s: float, *, poll_s: float = 2.0,
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass  # not up yet
         if not still_starting():
-            raise RuntimeError(f"the server stopped before {url} reported ready")
+            raise ServerError(f"the server stopped before {url} reported ready")
         if waited >= timeout_s:
             raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
         if on_poll is not None:
@@ -196,7 +246,7 @@ def compose_up(
         # `up -d` returns after `engines` finished (service_completed_successfully) and triton was started.
         run = subprocess.run(command + ["up", "-d", "--build"], env=env, cwd=compose_file.parent)
         if run.returncode != 0:
-            raise RuntimeError(_failure_message(command, env, compose_file, run.returncode))
+            raise ServerError(_failure_message(command, env, compose_file, run.returncode))
         ready_after = _wait_with_progress(endpoints, timeout_s, lambda: True)
         _print_endpoints(endpoints, command, echo)
         return ComposeResult(endpoints, command, ready_after)
@@ -220,6 +270,7 @@ def compose_engines(
     repository: Path,
     *,
     allow_missing: bool = False,
+    trt_plugins: list[Path] | None = None,
     compose_file: Path = COMPOSE_FILE,
     docker_host: str | None = None,
 ) -> None:
@@ -229,10 +280,10 @@ def compose_engines(
     reachable, reason = docker_engine_status(docker_host)
     if not reachable:
         raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
-    env = compose_environment(repository, Ports(), allow_missing)
+    env = compose_environment(repository, Ports(), allow_missing, trt_plugins=trt_plugins)
     run = subprocess.run(command + ["run", "--rm", "engines"], env=env, cwd=compose_file.parent)
     if run.returncode != 0:
-        raise RuntimeError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
+        raise EngineBuildError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
                            "builder's output. Pass --allow-missing to serve without the failed model(s)")
 
 
@@ -244,7 +295,7 @@ def compose_down(compose_file: Path = COMPOSE_FILE, echo: Callable[[str], None] 
         raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
     run = subprocess.run(command, cwd=compose_file.parent)
     if run.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {run.returncode}")
+        raise ServerError(f"`{' '.join(command)}` failed with exit code {run.returncode}")
     echo("docker compose: stopped")
 
 

@@ -6,8 +6,9 @@ deploy/build_engines.py, which calls `main()` here). This module therefore uses 
 import time: the tritonserver image has no numpy/rich/click. Optional pieces (the TensorRT Python API, the
 build manifest) are imported inside the functions that need them.
 
-Cache key: (ONNX sha256, TensorRT version, compute capability), plus the optimization profile it was built
-for, written next to the plan as `model.plan.key.json` (and into the build manifest by `record_engines`).
+Cache key: (ONNX sha256, TensorRT version, GPU name, compute capability, TensorRT plugin libraries), plus the
+optimization profile it was built for, written next to the plan as `model.plan.key.json` (and into the build
+manifest by `record_engines`). Plans are tied to the exact GPU model, not only to its compute capability.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from packager import gpu_probe
 from packager.contracts import EngineBuildError
+from packager.gpu_probe import GpuInfo, parse_compute_capability  # noqa: F401 (re-exported)
 
 PLAN_FILENAME = "model.plan"
 SOURCE_ONNX_FILENAME = "model.onnx"  # the renderer (or stage_engine_sources) puts the source ONNX here
@@ -76,32 +79,10 @@ def parse_tensorrt_version(text: str) -> TensorRTVersion | None:
     return None
 
 
-def parse_compute_capability(nvidia_smi_output: str) -> str:
-    """The first GPU's compute capability from `nvidia-smi --query-gpu=compute_cap --format=csv,noheader`."""
-    for line in nvidia_smi_output.splitlines():
-        match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", line)
-        if match:
-            return f"{match.group(1)}.{match.group(2)}"
-    raise ValueError(f"no compute capability in nvidia-smi output: {nvidia_smi_output.strip()[:200]!r}")
-
-
-def detect_compute_capability() -> str:
-    """The serving GPU's compute capability ($YQPACK_GPU_COMPUTE_CAPABILITY overrides), or a clear error."""
-    override = os.environ.get("YQPACK_GPU_COMPUTE_CAPABILITY")
-    if override:
-        return parse_compute_capability(override)
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        raise EngineBuildError(
-            "no NVIDIA GPU visible (nvidia-smi not found): TensorRT engines must be built on the GPU that serves "
-            "them; run the compose `engines` service on the GPU host (see docs/gpu.md)"
-        )
-    run = subprocess.run(
-        [smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=60
-    )
-    if run.returncode != 0:
-        raise EngineBuildError(f"nvidia-smi failed (exit {run.returncode}): {(run.stderr or run.stdout).strip()}")
-    return parse_compute_capability(run.stdout)
+def detect_gpu() -> GpuInfo:
+    """The serving GPU (name + compute capability, packager/gpu_probe.py); GpuProbeError (an EngineBuildError)
+    says what to set when nothing can tell."""
+    return gpu_probe.detect_gpu()
 
 
 def find_trtexec(explicit: str | os.PathLike | None = None) -> Path:
@@ -247,6 +228,7 @@ def trtexec_command(
     version: TensorRTVersion,
     plan_out: Path,
     timing_cache: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
 ) -> list[str]:
     """The trtexec invocation for one plan.
 
@@ -254,6 +236,8 @@ def trtexec_command(
     INT8 Q/DQ with FP16 elsewhere); the legacy precision flags are deprecated there and removed in 11.
     TensorRT < 10: no strongly typed networks, so fall back to `--fp16` (and `--int8`, which honours the Q/DQ
     nodes as explicit quantization) and let the builder pick per layer.
+    Plugin libraries load with `--staticPlugins` (TensorRT >= 8.6; `--plugins` before, deprecated since): the
+    plan then needs the same library at load time, which Triton gets through --backend-config=tensorrt,plugins=.
     """
     command = [str(trtexec), f"--onnx={spec.onnx_path}", f"--saveEngine={plan_out}"]
     if version.strongly_typed:
@@ -264,6 +248,8 @@ def trtexec_command(
     command += [f"--minShapes={profile['min']}", f"--optShapes={profile['opt']}", f"--maxShapes={profile['max']}"]
     if timing_cache is not None:
         command.append(f"--timingCacheFile={timing_cache}")
+    plugin_flag = "--staticPlugins" if version >= TensorRTVersion(8, 6) else "--plugins"
+    command += [f"{plugin_flag}={library}" for library in plugins]
     # Build only: the benchmark run after the build would cost minutes and is not needed to serve.
     command.append("--skipInference" if version >= TensorRTVersion(8, 6) else "--buildOnly")
     return command
@@ -286,8 +272,10 @@ class EngineKey:
     onnx_sha256: str
     tensorrt_version: str
     compute_capability: str
+    gpu_name: str = ""  # plans are tied to the GPU model, not only its compute capability
     profile: dict = field(default_factory=dict)  # a new max batch needs a new plan, too
     strongly_typed: bool = True
+    plugins: list = field(default_factory=list)  # "<file name>:<sha256>" of each TensorRT plugin library
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -305,13 +293,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def engine_key(spec: EngineSpec, version: TensorRTVersion, compute_capability: str) -> EngineKey:
+def engine_key(spec: EngineSpec, version: TensorRTVersion, gpu: GpuInfo,
+               plugins: Sequence[str | os.PathLike] = ()) -> EngineKey:
     return EngineKey(
         onnx_sha256=sha256_file(spec.onnx_path),
         tensorrt_version=str(version),
-        compute_capability=compute_capability,
+        compute_capability=gpu.compute_capability,
+        gpu_name=gpu.name,
         profile=spec.profile,
         strongly_typed=version.strongly_typed,
+        plugins=[f"{Path(p).name}:{sha256_file(Path(p))}" for p in plugins],
     )
 
 
@@ -382,9 +373,10 @@ def build_engine(
     spec: EngineSpec,
     trtexec: str | os.PathLike,
     version: TensorRTVersion,
-    compute_capability: str,
+    gpu: GpuInfo,
     *,
     timing_cache: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
     runner: Runner = run_logged,
 ) -> EngineResult:
     """Build one plan unless a plan with the same key is already there. Never raises for a builder failure."""
@@ -392,14 +384,14 @@ def build_engine(
         remove_plan(spec.plan_path)
         return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
                             message=f"source ONNX missing: {spec.onnx_path}")
-    key = engine_key(spec, version, compute_capability)
+    key = engine_key(spec, version, gpu, plugins)
     if cached_plan_is_valid(spec.plan_path, key):
         return EngineResult(spec.name, spec.precision, "cached", spec.plan_path, key=key,
-                            message="plan matches (ONNX sha256, TensorRT, compute capability, profile)")
+                            message="plan matches (ONNX sha256, TensorRT, GPU, plugins, profile)")
     remove_plan(spec.plan_path)
     building = spec.plan_path.with_name(spec.plan_path.name + ".building")
     log_path = spec.plan_path.with_name(spec.plan_path.name + LOG_SUFFIX)
-    command = trtexec_command(trtexec, spec, version, building, timing_cache)
+    command = trtexec_command(trtexec, spec, version, building, timing_cache, plugins)
     started = time.monotonic()
     try:
         code = runner(command, log_path)
@@ -417,7 +409,7 @@ def build_engine(
     write_key(spec.plan_path, key)
     mode = "strongly typed" if version.strongly_typed else "legacy " + " ".join(legacy_precision_flags(spec.precision))
     return EngineResult(spec.name, spec.precision, "built", spec.plan_path, key=key, seconds=seconds,
-                        message=f"TensorRT {version} ({mode}), sm {compute_capability}")
+                        message=f"TensorRT {version} ({mode}), {gpu.name} sm {gpu.compute_capability}")
 
 
 def build_repository_engines(
@@ -426,8 +418,9 @@ def build_repository_engines(
     allow_missing: bool = False,
     trtexec: str | os.PathLike | None = None,
     version: TensorRTVersion | None = None,
-    compute_capability: str | None = None,
+    gpu: GpuInfo | None = None,
     timing_cache_dir: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
     runner: Runner = run_logged,
     report: Callable[[str], None] = print,
 ) -> list[EngineResult]:
@@ -443,15 +436,20 @@ def build_repository_engines(
         return []
     trtexec = find_trtexec(trtexec) if runner is run_logged else Path(trtexec or "trtexec")
     version = version or detect_tensorrt_version(Path(trtexec))
-    compute_capability = compute_capability or detect_compute_capability()
+    gpu = gpu or detect_gpu()
+    report(f"GPU: {gpu.name}, compute capability {gpu.compute_capability} (from {gpu.source})")
+    missing = [str(p) for p in plugins if not Path(p).is_file()]
+    if missing:
+        raise EngineBuildError(f"TensorRT plugin librar{'y' if len(missing) == 1 else 'ies'} not found: "
+                               + ", ".join(missing) + " (is the plugin folder mounted at /plugins?)")
     if not version.strongly_typed:
         report(f"TensorRT {version} < 10 has no strongly typed builds: falling back to --fp16 / --fp16 --int8 "
                "with the Q/DQ model (builder-chosen precisions)")
     results = []
     for spec in specs:
-        cache = timing_cache_path(timing_cache_dir or spec.plan_path.parent, version, compute_capability)
+        cache = timing_cache_path(timing_cache_dir or spec.plan_path.parent, version, gpu.compute_capability)
         report(f"{spec.name}: {spec.precision} plan, profile {spec.profile['min']} .. {spec.profile['max']}")
-        result = build_engine(spec, trtexec, version, compute_capability, timing_cache=cache, runner=runner)
+        result = build_engine(spec, trtexec, version, gpu, timing_cache=cache, plugins=plugins, runner=runner)
         results.append(result)
         report(f"{spec.name}: {result.status} ({result.message}{', %.0f s' % result.seconds if result.seconds else ''})")
         if not result.ok and result.log_tail:
@@ -479,7 +477,7 @@ def tensorrt_api_status() -> tuple[bool, str]:
         return False, ("the `tensorrt` Python package is not installed here; build the engines on the GPU host "
                        "with the compose path instead: docker compose -f deploy/docker-compose.yml run --rm engines")
     try:
-        detect_compute_capability()
+        detect_gpu()
     except EngineBuildError as error:
         return False, f"{error}"
     return True, "tensorrt and a GPU are available"
@@ -525,12 +523,18 @@ def build_engine_with_tensorrt_api(spec: EngineSpec, timing_cache: Path | None =
 
 
 def build_repository_engines_local(repository: Path, *, allow_missing: bool = False,
+                                   plugins: Sequence[str | os.PathLike] = (),
                                    report: Callable[[str], None] = print) -> list[EngineResult]:
     """`--engines local`: the same cache-keyed loop, built in-process with the TensorRT Python API."""
     available, reason = tensorrt_api_status()
     if not available:
         raise EngineBuildError(reason)
+    import ctypes
+
     import tensorrt as trt
+
+    for library in plugins:  # registers the library's plugin creators, as trtexec --staticPlugins does
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
     version = TensorRTVersion.parse(trt.__version__)
 
@@ -550,7 +554,7 @@ def build_repository_engines_local(repository: Path, *, allow_missing: bool = Fa
 
     specs = repository_engine_specs(repository)
     return build_repository_engines(repository, allow_missing=allow_missing, trtexec="tensorrt-python-api",
-                                    version=version, runner=runner, report=report)
+                                    version=version, plugins=plugins, runner=runner, report=report)
 
 
 # ------------------------------------------------------------------------------- build-env side: manifest
@@ -614,11 +618,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="exit 0 even when an engine fails (Triton then starts without that model)")
     parser.add_argument("--trtexec", default=None, help="trtexec path (default: $TRTEXEC or the image's)")
     parser.add_argument("--timing-cache-dir", type=Path, default=None, help="where timing caches are kept")
+    parser.add_argument("--plugins", default="",
+                        help="TensorRT plugin libraries separated by ';' (as Triton's tensorrt plugins= setting)")
     args = parser.parse_args(argv)
     try:
         results = build_repository_engines(
             args.repository, allow_missing=args.allow_missing, trtexec=args.trtexec,
-            timing_cache_dir=args.timing_cache_dir,
+            timing_cache_dir=args.timing_cache_dir, plugins=[p for p in args.plugins.split(";") if p.strip()],
         )
     except (EngineBuildError, FileNotFoundError, ValueError) as error:
         print(f"Error: {error}", file=sys.stderr)

@@ -26,10 +26,11 @@ from tritonclient.grpc import model_config_pb2
 from packager import engines
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli import main
-from packager.engines import EngineBuildError, TensorRTVersion
+from packager.engines import EngineBuildError, GpuInfo, TensorRTVersion
 
 TRT10 = TensorRTVersion(10, 8, 0)
 TRT86 = TensorRTVersion(8, 6, 1)
+L4 = GpuInfo("NVIDIA L4", "8.9", "test")
 MAX_BATCH = 8
 PREFERRED = [2, 4, 8]
 
@@ -154,10 +155,9 @@ def stand_in_trtexec(tmp_path):
     return StandIn
 
 
-def build_all(repository: Path, trtexec, version=TRT10, cc="8.9", allow_missing=False):
-    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version,
-                                            compute_capability=cc, allow_missing=allow_missing,
-                                            report=lambda _: None)
+def build_all(repository: Path, trtexec, version=TRT10, gpu=L4, allow_missing=False, plugins=()):
+    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version, gpu=gpu,
+                                            allow_missing=allow_missing, plugins=plugins, report=lambda _: None)
 
 
 # ---------------------------------------------------------------------------------- versions / detection
@@ -195,8 +195,10 @@ def test_compute_capability_parsing():
 def test_no_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines"):
-        engines.detect_compute_capability()
+    if engines.gpu_probe.cuda_driver_gpu() is not None:
+        pytest.skip("a CUDA driver and GPU are present here")
+    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines.*YQPACK_GPU_COMPUTE_CAPABILITY"):
+        engines.detect_gpu()
 
 
 def test_missing_trtexec_is_a_clear_error(monkeypatch, tmp_path):
@@ -329,6 +331,7 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     key = json.loads((plan.parent / "model.plan.key.json").read_text())
     assert key["onnx_sha256"] == engines.sha256_file(sample_onnx)
     assert (key["tensorrt_version"], key["compute_capability"], key["strongly_typed"]) == ("10.8.0", "8.9", True)
+    assert key["gpu_name"] == "NVIDIA L4" and key["plugins"] == []
     assert key["profile"]["max"] == "images:8x3x640x640"
     assert len(stand_in_trtexec.calls()) == 1 and "--stronglyTyped" in stand_in_trtexec.calls()[0]
 
@@ -336,12 +339,13 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     assert len(stand_in_trtexec.calls()) == 1  # nothing rebuilt
 
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0))] == ["built"]
+    t4 = GpuInfo("Tesla T4", "7.5", "test")
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
-                                        cc="7.5")] == ["built"]
+                                        gpu=t4)] == ["built"]
     onnx_path = plan.parent / "model.onnx"
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # a re-quantized model: new sha256
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
-                                        cc="7.5")] == ["built"]
+                                        gpu=t4)] == ["built"]
     assert len(stand_in_trtexec.calls()) == 4
 
     make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",), max_batch=4)  # new profile
@@ -353,7 +357,7 @@ def test_legacy_build_logs_the_fallback(sample_onnx, sample_io, tmp_path, stand_
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
     messages = []
     engines.build_repository_engines(repository, trtexec=stand_in_trtexec.path, version=TRT86,
-                                     compute_capability="7.5", report=messages.append)
+                                     gpu=GpuInfo("Tesla T4", "7.5", "test"), report=messages.append)
     assert any("falling back to --fp16 / --fp16 --int8" in m for m in messages)
     assert "--fp16 --int8" in stand_in_trtexec.calls()[0] and "--stronglyTyped" not in stand_in_trtexec.calls()[0]
 
@@ -485,3 +489,198 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
             precision = path.parent.parent.name.split("_")[-2]
             artifact = manifest["artifacts"][ONNX_VARIANT["gpu"][precision]]
             assert engines.sha256_file(path) == artifact["sha256"]
+
+
+# ------------------------------------------------------------- GPU detection without compute_cap (issue 13)
+
+# Real `nvidia-smi -q` headers. NVIDIA's own documentation pages found by the search tool show the command but no
+# full output, so these are user-posted captures of the real tool (whitespace as nvidia-smi prints it):
+#   R470: https://pastebin.com/BAswyuH6 (driver 470.103.01, no "Product Architecture" line at all)
+#   R560: https://pastebin.com/7aivMN92 (driver 560.35.03, RTX 3090, "Product Architecture : Ampere")
+#   R566: github.com/Jesse3692/MultiLanguageLearning cuda-c/docs/nvidia-smi.md (RTX 4070 Laptop, Ada Lovelace)
+SMI_Q_R470 = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Mon Feb 21 10:05:47 2022
+Driver Version                            : 470.103.01
+CUDA Version                              : 11.4
+
+Attached GPUs                             : 1
+GPU 00000000:2D:00.0
+    Product Name                          : NVIDIA GeForce GTX 670
+    Product Brand                         : GeForce
+    Display Mode                          : N/A
+    Display Active                        : N/A
+    Persistence Mode                      : Disabled
+"""
+SMI_Q_R560_AMPERE = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Thu Oct 17 12:40:42 2024
+Driver Version                            : 560.35.03
+CUDA Version                              : 12.6
+
+Attached GPUs                             : 1
+GPU 00000000:01:00.0
+    Product Name                          : NVIDIA GeForce RTX 3090
+    Product Brand                         : GeForce
+    Product Architecture                  : Ampere
+    Display Mode                          : Disabled
+"""
+SMI_Q_R566_ADA = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Thu Jan 30 16:14:43 2025
+Driver Version                            : 566.36
+CUDA Version                              : 12.7
+
+Attached GPUs                             : 1
+GPU 00000000:01:00.0
+    Product Name                          : NVIDIA GeForce RTX 4070 Laptop GPU
+    Product Brand                         : GeForce
+    Product Architecture                  : Ada Lovelace
+    Display Mode                          : Disabled
+"""
+
+STAND_IN_SMI = """#!/bin/sh
+# Stand-in for nvidia-smi: answers --query-gpu like a driver >= R510 (or refuses compute_cap like R470) and -q
+# with the captured text in {q_file}.
+case "$1" in
+  --query-gpu=*)
+    if [ -f "{modern_flag}" ]; then echo "NVIDIA L4, 8.9"; exit 0; fi
+    echo 'Field "compute_cap" is not a valid field to query.' >&2; exit 2;;
+  -q) cat "{q_file}";;
+esac
+"""
+
+
+@pytest.fixture
+def stand_in_smi(tmp_path):
+    q_file, modern_flag, script = tmp_path / "smi-q.txt", tmp_path / "modern", tmp_path / "smi" / "nvidia-smi"
+    script.parent.mkdir()
+    script.write_text(STAND_IN_SMI.format(q_file=q_file, modern_flag=modern_flag))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+    def with_output(q_text: str, modern: bool = False) -> str:
+        q_file.write_text(q_text)
+        modern_flag.touch() if modern else modern_flag.unlink(missing_ok=True)
+        return str(script)
+
+    return with_output
+
+
+def test_nvidia_smi_q_parsing_on_real_output():
+    assert engines.gpu_probe.parse_nvidia_smi_q(SMI_Q_R470) == ("NVIDIA GeForce GTX 670", None)
+    assert engines.gpu_probe.parse_nvidia_smi_q(SMI_Q_R560_AMPERE) == ("NVIDIA GeForce RTX 3090", "Ampere")
+    collapsed = " ".join(SMI_Q_R566_ADA.split("    "))  # as pasted on web pages, indentation squeezed
+    assert engines.gpu_probe.parse_nvidia_smi_q(collapsed) == ("NVIDIA GeForce RTX 4070 Laptop GPU", "Ada Lovelace")
+
+
+def test_detect_gpu_uses_the_query_when_the_driver_has_compute_cap(stand_in_smi, monkeypatch):
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    gpu = engines.gpu_probe.detect_gpu(stand_in_smi(SMI_Q_R470, modern=True), library="absent-libcuda.so.1")
+    assert gpu == GpuInfo("NVIDIA L4", "8.9", "nvidia-smi --query-gpu")
+
+
+def test_detect_gpu_falls_back_to_nvidia_smi_q(stand_in_smi, monkeypatch):
+    """No compute_cap field (R470-style refusal): the -q architecture answers where it is unambiguous."""
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    gpu = engines.gpu_probe.detect_gpu(stand_in_smi(SMI_Q_R566_ADA), library="absent-libcuda.so.1")
+    assert (gpu.name, gpu.compute_capability) == ("NVIDIA GeForce RTX 4070 Laptop GPU", "8.9")
+    assert "Product Architecture Ada Lovelace" in gpu.source
+    # With the CUDA driver's answer the -q text only contributes the name.
+    assert engines.gpu_probe.gpu_from_nvidia_smi_q(SMI_Q_R470, "8.6") == GpuInfo(
+        "NVIDIA GeForce GTX 670", "8.6", "nvidia-smi -q + libcuda")
+
+
+@pytest.mark.parametrize("q_text", [SMI_Q_R470, SMI_Q_R560_AMPERE])
+def test_detect_gpu_refuses_to_guess(stand_in_smi, monkeypatch, q_text):
+    """R470 -q has no architecture, Ampere spans 8.0/8.6/8.7: without libcuda, say what to set instead."""
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    if engines.gpu_probe.cuda_driver_gpu() is not None:
+        pytest.skip("a CUDA driver and GPU are present here")
+    with pytest.raises(engines.gpu_probe.GpuProbeError, match='compute_cap" is not a valid field.*YQPACK_GPU_COMPUTE_CAP'):
+        engines.gpu_probe.detect_gpu(stand_in_smi(q_text))
+
+
+def test_cuda_driver_probe_without_a_driver():
+    """ctypes path: a missing library and a real library that is not the CUDA driver both mean 'no answer'."""
+    assert engines.gpu_probe.cuda_driver_gpu("absent-libcuda.so.1") is None
+    assert engines.gpu_probe.cuda_driver_gpu("libc.so.6") is None
+
+
+def test_override_names_the_gpu(monkeypatch):
+    monkeypatch.setenv("YQPACK_GPU_COMPUTE_CAPABILITY", "7.5")
+    monkeypatch.setenv("YQPACK_GPU_NAME", "Tesla T4")
+    assert engines.detect_gpu() == GpuInfo("Tesla T4", "7.5", "YQPACK_GPU_COMPUTE_CAPABILITY")
+
+
+def test_another_gpu_of_the_same_compute_capability_rebuilds(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    """Plans are tied to the GPU model: an RTX 4070 (sm 8.9 like the L4) gets its own plan, keyed by name."""
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    assert [r.status for r in build_all(repository, stand_in_trtexec)] == ["built"]
+    assert [r.status for r in build_all(repository, stand_in_trtexec)] == ["cached"]
+    name, _ = engines.gpu_probe.parse_nvidia_smi_q(SMI_Q_R566_ADA)
+    rebuilt = build_all(repository, stand_in_trtexec, gpu=GpuInfo(name, "8.9", "nvidia-smi -q"))
+    assert [r.status for r in rebuilt] == ["built"] and rebuilt[0].key.gpu_name == name
+
+
+# ------------------------------------------------------------------------- TensorRT plugins (issue 13)
+
+
+def test_trtexec_loads_plugins_with_the_flag_of_its_version(tmp_path):
+    spec = spec_for("int8", tmp_path)
+    plugins = [tmp_path / "libA.so", tmp_path / "libB.so"]
+    command = engines.trtexec_command("trtexec", spec, TRT10, tmp_path / "p", plugins=plugins)
+    assert [a for a in command if "Plugins=" in a] == [f"--staticPlugins={p}" for p in plugins]
+    old = engines.trtexec_command("trtexec", spec, TensorRTVersion(8, 5, 3), tmp_path / "p", plugins=plugins)
+    assert [a for a in old if a.startswith("--plugins=")] == [f"--plugins={p}" for p in plugins]
+
+
+def test_plugins_are_part_of_the_key_and_reach_trtexec_in_the_image(sample_onnx, sample_io, tmp_path,
+                                                                    stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "libyolo_nms.so").write_bytes(b"\x7fELF plugin v1")
+    env = {"PATH": os.environ["PATH"], "YQPACK_TENSORRT_VERSION": "10.8.0", "YQPACK_GPU_COMPUTE_CAPABILITY": "8.6"}
+    command = [sys.executable, "-S", "-I", str(PROJECT_ROOT / "deploy" / "build_engines.py"), str(repository),
+               "--trtexec", str(stand_in_trtexec.path), "--plugins", str(plugin_dir / "libyolo_nms.so")]
+    first = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert f"--staticPlugins={plugin_dir / 'libyolo_nms.so'}" in stand_in_trtexec.calls()[0]
+    key = json.loads((repository / "yolov8n_fp16_detector" / "1" / "model.plan.key.json").read_text())
+    assert key["plugins"] == [f"libyolo_nms.so:{engines.sha256_file(plugin_dir / 'libyolo_nms.so')}"]
+    (plugin_dir / "libyolo_nms.so").write_bytes(b"\x7fELF plugin v2")  # a new plugin build: the plan is stale
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert "engines: 1 built, 0 reused" in second.stdout and len(stand_in_trtexec.calls()) == 2
+    (plugin_dir / "libyolo_nms.so").unlink()
+    missing = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "plugin library not found" in missing.stderr
+
+
+# ------------------------------------------------------------------------------- gpu-ort INT8 (issue 13)
+
+# The TensorRT accelerator parameters Triton's onnxruntime backend accepts at r25.01 (src/onnxruntime.cc, the
+# `param_key ==` branches); any other key makes the model fail to load ("unknown parameter"). There is no FP16
+# key besides precision_mode, which maps to exactly one of trt_fp16_enable / trt_int8_enable.
+ORT_BACKEND_TRT_KEYS_R2501 = {
+    "precision_mode", "max_workspace_size_bytes", "trt_max_partition_iterations", "trt_min_subgraph_size",
+    "int8_calibration_table_name", "int8_use_native_calibration_table", "trt_dla_enable", "trt_dla_core",
+    "trt_engine_cache_enable", "trt_engine_cache_path", "trt_engine_cache_prefix", "trt_dump_subgraphs",
+    "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
+    "trt_timing_cache_enable", "trt_timing_cache_path", "trt_force_timing_cache", "trt_detailed_build_log",
+    "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_builder_optimization_level", "trt_auxiliary_streams",
+    "trt_tactic_sources", "trt_extra_plugin_lib_paths", "trt_profile_min_shapes", "trt_profile_max_shapes",
+    "trt_profile_opt_shapes", "trt_cuda_graph_enable", "trt_dump_ep_context_model", "trt_ep_context_file_path",
+    "trt_ep_context_embed_mode",
+}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_gpu_ort_uses_only_keys_the_backend_accepts(sample_io, precision):
+    text = render("gpu-ort", detector_context(sample_io, precision, "gpu-ort"))
+    parameters = accelerator_parameters(parse_model_config(text))
+    assert set(parameters) <= ORT_BACKEND_TRT_KEYS_R2501
+    if precision == "int8":  # the limitation is stated where the user reads the config
+        assert parameters["precision_mode"] == "INT8" and "no separate FP16 key" in text
