@@ -61,6 +61,8 @@ def _runtime_options(command):
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch served.")
 @click.option("--static-batch", is_flag=True, help="Export with a fixed batch of 1 instead of a dynamic batch.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the FP32 export.")
+@click.option("--end2end/--no-end2end", default=None,
+              help="NMS-free one-to-one head (YOLO26) or the classic head + NMS. Default: NMS-free when the model has it.")
 @click.option("--preset", type=click.Choice(["mixed", "extreme"]), default="mixed", show_default=True,
               help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
                    "extreme: quantize everything (stress test only, never deploy).")
@@ -82,7 +84,7 @@ def _runtime_options(command):
 @click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
               show_default=True, help="Serving target of the rendered repository (with --repository).")
 @_runtime_options
-def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, preset,
+def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, end2end, preset,
           calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
           val_images, val_annotations, min_map_ratio, repository, target, runtime, precision_hint) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
@@ -94,7 +96,7 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
 
     options = BuildOptions(
         model=model, out=out, calib_images=calib_images, calib_data=calib_data, calib_size=calib_size, imgsz=imgsz,
-        max_batch=max_batch, dynamic_batch=not static_batch, opset=opset,
+        max_batch=max_batch, dynamic_batch=not static_batch, opset=opset, end2end=end2end,
         quantize=QuantizeOptions(
             preset=preset, calibration_method=calibration_method,
             calibration_eps=[ep.strip() for ep in calibration_eps.split(",") if ep.strip()], dq_only=dq_only,

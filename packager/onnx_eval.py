@@ -18,7 +18,7 @@ from rich.progress import track
 
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate
 from .letterbox import preprocess, read_image
-from .contracts import AccuracyGateError, BuildManifest
+from .contracts import AccuracyGateError, BuildManifest, HeadFormat
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 from .runtime import RuntimeOptions, open_model
 
@@ -66,8 +66,12 @@ def detect_images(
     label: str = "",
     show_progress: bool = True,
     runtime: RuntimeOptions | None = None,
+    head_format: HeadFormat = HeadFormat.RAW,
 ) -> dict[str, np.ndarray]:
-    """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}."""
+    """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}.
+
+    `head_format` is the build's (`ModelSpec.head`): raw decodes + NMS, end2end selects the head's rows.
+    """
     model = open_model(model_path, runtime or RuntimeOptions())
     for note in model.choice.notes:
         Console(stderr=True).print(f"[yellow]{note}[/]")
@@ -75,7 +79,7 @@ def detect_images(
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
         raw = model.run(chw[None])[0]
-        detections[path.name] = postprocess(raw, info, thresholds)
+        detections[path.name] = postprocess(raw, info, thresholds, HeadFormat(head_format).value)
     return detections
 
 
@@ -100,7 +104,7 @@ def evaluate_build(
     results = {}
     for variant in variants:
         detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress, runtime=runtime)
+                                   show_progress=show_progress, runtime=runtime, head_format=manifest.model.head)
         results[variant] = evaluate(detections, ground_truth, list(manifest.model.class_names))
     return results
 

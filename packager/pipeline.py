@@ -45,6 +45,7 @@ class BuildOptions:
     max_batch: int = 8
     dynamic_batch: bool = True
     opset: int = DEFAULT_OPSET
+    end2end: bool | None = None  # None: the NMS-free head when the model has one (YOLO26); False: classic head
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     val_images: Path | None = None
     val_annotations: Path | None = None
@@ -135,7 +136,7 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     with console.status(f"Exporting {Path(options.model).name} to ONNX"):
         exported = export_onnx(
             options.model, build_dir / ARTIFACT_FILES["fp32"], options.imgsz, options.dynamic_batch, options.opset,
-            batchnorm_images=calibration.data[:BATCHNORM_IMAGES] if random_init else None,
+            batchnorm_images=calibration.data[:BATCHNORM_IMAGES] if random_init else None, end2end=options.end2end,
         )
     timings["export"] = time.perf_counter() - started
     if random_init:

@@ -99,6 +99,9 @@ def head_nodes_to_keep_precise(onnx_model) -> list[str]:
     feature convolution (the DFL conv, fed by a Softmax, is an expectation over bins, not a feature layer,
     so the walk passes through it): for YOLOv8/YOLO11 that is every per-level box/class output conv (`cv2.*.2`, `cv3.*.2`),
     the DFL conv and the decode arithmetic after them (concat, split, softmax, dist2bbox, sigmoid).
+    The same walk covers both head formats: for an end-to-end head (YOLO26) it finds the one-to-one branch's
+    output convs (`one2one_cv2.*.2`, `one2one_cv3.*.2`), the box decode and the selection tail (ReduceMax,
+    TopK, GatherElements, Mod/Div class index, Concat of the (k, 6) rows), since none of those is a conv.
     """
     nodes = list(onnx_model.graph.node)
     consumers: dict[str, list[int]] = {}

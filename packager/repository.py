@@ -258,6 +258,7 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             "intra_op_threads": int(options.intra_op_threads),
             "runtime": options.runtime,
             "precision_hint": options.precision_hint,
+            "ultralytics_metadata": ultralytics_metadata_pbtxt(spec),
         }
         version_dir = staging / detector / "1"
         version_dir.mkdir(parents=True)
@@ -293,6 +294,12 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
 
 def _labels(spec: ModelSpec) -> str:
     return "\n".join(spec.class_names) + "\n"
+
+
+def ultralytics_metadata_pbtxt(spec: ModelSpec) -> str:
+    """`spec.ultralytics_metadata()` as a Python-literal dict (what Ultralytics' client parses), escaped for a
+    double-quoted pbtxt string."""
+    return repr(spec.ultralytics_metadata()).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _pbtxt_string(text: str) -> str:

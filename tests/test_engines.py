@@ -82,6 +82,7 @@ def detector_context(io: dict, precision: str, target: str, name: str = "yolov8n
         "target": target,
         "head_format": "raw",
         "model_name": name,
+        "ultralytics_metadata": "{'task': 'detect', 'end2end': False}",
     }
 
 
