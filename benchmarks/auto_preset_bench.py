@@ -1,0 +1,142 @@
+"""INT8 frontier benchmark (not a test): label-free tuning on calibration-side images, gate on unseen val images.
+
+From one build (its FP32 export and calib.npy, i.e. the first --calib-size images of calib2017):
+  1. calibrate once with everything quantizable in INT8 (preset auto before selection),
+  2. sensitivity ranking on tuning images = calib2017 after the calibration images (never val2017),
+  3. greedy walk: keep 0, 1, 2, ... most sensitive units precise; per step the tuning agreement, INT8 conv-MAC
+     share and the COCO mAP50-95 ratio INT8/FP32 on the labelled val images (int8-fp32 twin, onnxruntime CPU),
+  4. the same val numbers for the build's own preset (mixed) and for extreme (one more calibration),
+  5. which step each --targets agreement target picks, a frontier plot and a JSON with every number.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/auto_preset_bench.py --build build/yolov8n --out reports/auto_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from packager.assets import assets_dir
+from packager.calibration import list_images, split_calibration_and_tuning
+from packager.coco_eval import CocoGroundTruth, evaluate
+from packager.manifest import artifact_path, load_manifest
+from packager.onnx_eval import detect_images
+from packager.qdq_graph import int8_conv_mac_share, keep_precise
+from packager.quantize import QuantizeOptions, quantize_int8_twins
+from packager.sensitivity import AgreementScorer, Score, UnitScore, analyze, greedy_keep_precise
+
+
+def val_map(model, images, ground_truth, class_names, imgsz, work: Path, label: str) -> float:
+    path = work / f"{label}.onnx"
+    onnx.save(model, str(path))
+    detections = detect_images(path, images, imgsz, label=label, show_progress=False)
+    return evaluate(detections, ground_truth, class_names).map50_95
+
+
+def load_ranking(path: Path) -> tuple[Score, list[UnitScore]]:
+    data = json.loads(path.read_text())
+    units = [UnitScore(u["unit"], u["nodes"], u["conv_macs"], Score(**u["alone"])) for u in data["units"]]
+    return Score(**data["all_int8"]), units
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("reports/auto_bench"))
+    parser.add_argument("--tune-images", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="greedy steps evaluated on val")
+    parser.add_argument("--targets", default="0.95,0.96,0.97,0.98")
+    parser.add_argument("--sensitivity", type=Path, help="reuse a sensitivity.json of the same build")
+    parser.add_argument("--all-int8", type=Path, help="reuse an all-INT8 int8-fp32 ONNX of the same calibration")
+    args = parser.parse_args()
+    assets = assets_dir()
+    manifest = load_manifest(args.build)
+    imgsz, names = tuple(manifest["imgsz"]), manifest["class_names"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="auto-bench-"))
+    timings, started = {}, time.perf_counter()
+    calib = np.load(args.build / "calib.npy")
+    fp32_path = artifact_path(args.build, "fp32")
+    if args.all_int8:
+        all_int8 = onnx.load(str(args.all_int8))
+    else:
+        result = quantize_int8_twins(fp32_path, calib, work / "all", QuantizeOptions(preset="auto"))
+        all_int8 = onnx.load(str(result.int8_fp32_path))
+    timings["calibration"] = time.perf_counter() - started
+    files = list_images(assets / "coco" / "calib2017")
+    _, tuning = split_calibration_and_tuning(files, manifest["calibration"]["count"], max_tune=args.tune_images)
+    scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning, imgsz, names)
+    if args.sensitivity:
+        all_score, ranking = load_ranking(args.sensitivity)
+    else:
+        sensitivity = analyze(all_int8, scorer, refine=2)
+        all_score, ranking = sensitivity.all_int8, sensitivity.units
+        (args.out / "sensitivity.json").write_text(json.dumps(sensitivity.as_dict(), indent=2))
+    timings["sensitivity"] = time.perf_counter() - started - timings["calibration"]
+    walk = greedy_keep_precise(all_int8, ranking, scorer, target=1.01, max_units=args.steps)
+    timings["walk"] = time.perf_counter() - started - sum(timings.values())
+
+    ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
+    val_images = ground_truth.image_files(assets / "coco" / "val2017")
+    fp32_map = val_map(onnx.load(str(fp32_path)), val_images, ground_truth, names, imgsz, work, "fp32")
+    rows = []
+    for k, step in enumerate(walk):
+        model = keep_precise(all_int8, [n for unit in ranking for n in unit.nodes if unit.unit in step.kept_precise])
+        ratio = val_map(model, val_images, ground_truth, names, imgsz, work, f"step{k}") / fp32_map
+        rows.append({"step": k, "kept_precise": step.kept_precise, "agreement": step.score.agreement,
+                     "sqnr_db": step.score.sqnr_db, "int8_conv_mac_share": step.int8_coverage, "val_ratio": ratio})
+        print(json.dumps(rows[-1]), flush=True)
+    presets = {"mixed": onnx.load(str(artifact_path(args.build, "int8-fp32")))}
+    extreme = quantize_int8_twins(fp32_path, calib, work / "extreme", QuantizeOptions(preset="extreme"))
+    presets["extreme"] = onnx.load(str(extreme.int8_fp32_path))
+    preset_rows = {}
+    for name, model in presets.items():
+        preset_rows[name] = {"agreement": scorer.score(model).agreement, "int8_conv_mac_share":
+                             int8_conv_mac_share(model),
+                             "val_ratio": val_map(model, val_images, ground_truth, names, imgsz, work, name) / fp32_map}
+        print(name, json.dumps(preset_rows[name]), flush=True)
+    timings["val"] = time.perf_counter() - started - sum(timings.values())
+    targets = {}
+    for target in (float(t) for t in args.targets.split(",")):
+        k = next((r["step"] for r in rows if r["agreement"] >= target), None)
+        targets[str(target)] = rows[k] if k is not None else None
+    report = {"fp32_val_map50_95": fp32_map, "val_images": len(val_images), "tuning_images": len(tuning),
+              "calibration_images": int(len(calib)), "all_int8": all_score.__dict__, "walk": rows,
+              "presets": preset_rows, "targets": targets, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    (args.out / "auto_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, preset_rows, args.out / "frontier.png", manifest["model_name"])
+    print(json.dumps({"targets": targets, "timings_s": report["timings_s"]}, indent=1))
+
+
+def plot(rows, presets, path: Path, model_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    coverage = [100 * r["int8_conv_mac_share"] for r in rows]
+    ax.plot(coverage, [r["agreement"] for r in rows], "o-", label="agreement with FP32 (tuning, calib2017)")
+    ax.plot(coverage, [r["val_ratio"] for r in rows], "s-", label="mAP50-95 INT8/FP32 (val2017, 128 labelled)")
+    for k, r in enumerate(rows):
+        ax.annotate(str(k), (coverage[k], r["val_ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, r in presets.items():
+        ax.plot(100 * r["int8_conv_mac_share"], r["val_ratio"], "^", markersize=9, label=f"{name} (val ratio)")
+    ax.axhline(0.99, color="grey", linestyle=":", label="0.99 gate")
+    ax.set_xlabel("INT8 share of convolution MACs, % (auto: step k = k most sensitive units kept precise)")
+    ax.set_ylabel("ratio / agreement")
+    ax.set_title(f"{model_name}: INT8 accuracy vs coverage (±3 % interval on 128 val images)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Label-free INT8 sensitivity: how much does quantizing each unit hurt, measured against the FP32 model itself.
+
+Calibrate once with everything quantizable in INT8 (ModelOpt's default placement, no exclusions), then derive
+every variant from that one graph by removing Q/DQ pairs (`qdq_graph.keep_precise`): scales stay valid, so a
+variant costs one onnxruntime pass over the tuning images, not a calibration. Two label-free signals per variant,
+both against the FP32 outputs cached once:
+
+- **agreement**: COCO mAP50-95 (pycocotools) of the variant's detections (conf 0.01, iou 0.7, 100 per image) scored
+  against the FP32 detections with score >= 0.25 as pseudo ground truth. 1.0 = same detections.
+- **SQNR** of the raw head output, dB: boxes on the anchors where FP32 sees an object (max class score >= 0.1)
+  and class scores on all anchors, each as noise/signal power pooled over images, averaged.
+
+Direction: the ranking uses **"only this unit quantized"** (loss). Quantization noise from different units adds
+up (roughly independent, so noise powers add at the output): a unit's own noise power, measured alone, is then its
+share of the full model's noise, and it is measured far above the measurement floor. The opposite direction
+("everything quantized except this unit", gain) asks for the small change one unit makes to a sum of ~40
+contributions; on yolov8n single-unit gains sit within the variation of the others and their order is unstable.
+The gain direction is what the `auto` preset then walks: units are kept precise greedily in loss order while
+the *combined* model's agreement is measured after each step (see `greedy_keep_precise`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from .coco_eval import CocoGroundTruth, evaluate
+from .letterbox import preprocess, read_image
+from .postprocess import Thresholds, decode
+from .qdq_graph import Unit, conv_macs, find_units, int8_conv_mac_share, keep_precise, only_quantized
+
+PSEUDO_GT_CONF = 0.25  # FP32 detections at the production threshold are the pseudo ground truth
+OBJECT_ANCHOR_CONF = 0.1  # anchors whose box regression matters for SQNR
+BATCH = 8
+# Variant detections for the agreement: evaluation NMS settings, but conf 0.01 / 100 per image (not 0.001 / 300):
+# the tail below 0.01 barely moves mAP and would triple pycocotools' time per variant.
+AGREEMENT_THRESHOLDS = Thresholds(conf=0.01, iou=0.7, max_det=100, multi_label=True)
+
+
+@dataclass
+class Score:
+    agreement: float  # pseudo-mAP50-95 vs FP32
+    sqnr_db: float
+
+
+@dataclass
+class UnitScore:
+    unit: str
+    nodes: list[str]
+    conv_macs: int
+    alone: Score  # only this unit quantized (the ranking signal)
+
+
+@dataclass
+class SensitivityResult:
+    images: int
+    all_int8: Score  # everything quantized
+    units: list[UnitScore]  # most sensitive first
+    int8_coverage_all: float
+    total_conv_macs: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def ranking(self) -> list[str]:
+        return [u.unit for u in self.units]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PseudoGroundTruth(CocoGroundTruth):
+    """FP32 detections as a COCO ground truth built in memory (no annotation file)."""
+
+    def __init__(self, detections: dict[str, np.ndarray], class_names: list[str], imgsz: tuple[int, int]):
+        from pycocotools.coco import COCO
+
+        images, annotations = [], []
+        for image_id, (name, dets) in enumerate(detections.items(), start=1):
+            images.append({"id": image_id, "file_name": name, "height": imgsz[0], "width": imgsz[1]})
+            for x1, y1, x2, y2, _, cls in dets[dets[:, 4] >= PSEUDO_GT_CONF].astype(np.float64):
+                w, h = x2 - x1, y2 - y1
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls) + 1,
+                                    "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0})
+        self.path = Path("<fp32 pseudo ground truth>")
+        self.coco = COCO()
+        self.coco.dataset = {"images": images, "annotations": annotations,
+                             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco.createIndex()
+        self.image_ids = {img["file_name"]: img["id"] for img in images}
+
+
+class AgreementScorer:
+    """FP32 outputs of the tuning images, computed once; scores any Q/DQ variant of the same model against them."""
+
+    def __init__(self, fp32_model, images: list[Path], imgsz: tuple[int, int], class_names: list[str]):
+        self.names = [p.name for p in images]
+        self.tensor = np.stack([preprocess(read_image(p), imgsz)[0] for p in images])
+        self.class_names = class_names
+        self.reference = self._raw(fp32_model)
+        self.reference_dets = self._detections(self.reference)
+        self.ground_truth = PseudoGroundTruth(self.reference_dets, class_names, imgsz)
+        self.object_anchors = self.reference[:, 4:].max(axis=1) >= OBJECT_ANCHOR_CONF  # (N, anchors)
+
+    def score(self, model) -> Score:
+        raw = self._raw(model)
+        metrics = evaluate(self._detections(raw), self.ground_truth, self.class_names)
+        return Score(round(metrics.map50_95, 5), round(self._sqnr_db(raw), 3))
+
+    def _raw(self, model) -> np.ndarray:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: self.tensor[i:i + BATCH]})[0]
+                               for i in range(0, len(self.tensor), BATCH)])
+
+    def _detections(self, raw: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: decode(r, AGREEMENT_THRESHOLDS) for name, r in zip(self.names, raw)}
+
+    def _sqnr_db(self, raw: np.ndarray) -> float:
+        ref, noise = self.reference, raw - self.reference
+        boxes = np.moveaxis(ref[:, :4], 1, 2)[self.object_anchors]  # (objects, 4)
+        box_noise = np.moveaxis(noise[:, :4], 1, 2)[self.object_anchors]
+        ratios = [float((noise[:, 4:] ** 2).sum() / max((ref[:, 4:] ** 2).sum(), 1e-12))]
+        if boxes.size:
+            ratios.append(float((box_noise ** 2).sum() / max((boxes ** 2).sum(), 1e-12)))
+        ratio = float(np.mean(ratios))
+        return 10 * np.log10(1 / ratio) if ratio > 0 else float("inf")
+
+
+def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_progress: bool = True) -> SensitivityResult:
+    """Score every unit of `quantized_model` (everything INT8) alone; optionally refine the `refine` most sensitive
+    non-head modules into their child blocks and score those too. Units come back most sensitive first."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    all_int8 = scorer.score(quantized_model)
+    units = find_units(quantized_model)
+    scores = _score_alone(quantized_model, units, scorer, show_progress, "Sensitivity (one unit in INT8 at a time)")
+    if refine > 0:
+        # Split the most sensitive units that have more than one child block (a lone conv has nothing to split).
+        split = find_units(quantized_model, refine=[s.unit for s in scores])
+        parent = {u.name: next(s.unit for s in scores if _overlaps(u.name, s.unit)) for u in split}
+        counts = {p: list(parent.values()).count(p) for p in set(parent.values())}
+        chosen = [s.unit for s in _ranked(scores) if counts.get(s.unit, 0) > 1][:refine]
+        children = [u for u in split if parent[u.name] in chosen and u.name != parent[u.name]]
+        scores += _score_alone(quantized_model, children, scorer, show_progress, "Refining " + ", ".join(chosen))
+    return SensitivityResult(len(scorer.names), all_int8, _ranked(scores), int8_conv_mac_share(quantized_model),
+                             sum(conv_macs(quantized_model).values()),
+                             {"analysis": round(time.perf_counter() - started, 1),
+                              "analysis_cpu": round(time.process_time() - cpu_started, 1)})
+
+
+def _score_alone(model, units: list[Unit], scorer, show_progress: bool, label: str) -> list[UnitScore]:
+    scores = []
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task(label, total=len(units))
+        for unit in units:
+            scores.append(UnitScore(unit.name, list(unit.nodes), unit.conv_macs,
+                                    scorer.score(only_quantized(model, unit.nodes))))
+            progress.advance(task)
+    return scores
+
+
+def _ranked(scores: list[UnitScore]) -> list[UnitScore]:
+    # Lowest SQNR (most output noise) first; agreement breaks ties; the name keeps the order deterministic.
+    return sorted(scores, key=lambda s: (s.alone.sqnr_db, s.alone.agreement, s.unit))
+
+
+@dataclass
+class GreedyStep:
+    kept_precise: list[str]  # units, in the order they were added
+    score: Score
+    int8_coverage: float
+
+
+def greedy_keep_precise(quantized_model, ranking: list[UnitScore], scorer: AgreementScorer, target: float,
+                        max_units: int | None = None, show_progress: bool = True) -> list[GreedyStep]:
+    """Keep units precise one by one in sensitivity order until the agreement reaches `target`.
+
+    Returns every step (step 0 = everything INT8); the last one is the choice. Deterministic: the ranking is
+    sorted with a total order and onnxruntime CPU is deterministic for a fixed graph and input.
+    Refined child units are skipped when their parent module is already precise, and vice versa.
+    """
+    steps = [GreedyStep([], scorer.score(quantized_model), int8_conv_mac_share(quantized_model))]
+    kept: list[UnitScore] = []
+    candidates = ranking[: max_units] if max_units else ranking
+    with Progress(disable=not show_progress, transient=True) as progress:
+        task = progress.add_task(f"Auto preset: agreement target {target}", total=None)
+        for unit in candidates:
+            if steps[-1].score.agreement >= target:
+                break
+            if any(_overlaps(unit.unit, k.unit) for k in kept):
+                continue
+            kept.append(unit)
+            variant = keep_precise(quantized_model, [n for k in kept for n in k.nodes])
+            steps.append(GreedyStep([k.unit for k in kept], scorer.score(variant), int8_conv_mac_share(variant)))
+            progress.advance(task)
+    return steps
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
