@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.95,0.96,0.97,0.98")
     parser.add_argument("--sensitivity", type=Path, help="reuse a sensitivity.json of the same build")
     parser.add_argument("--all-int8", type=Path, help="reuse an all-INT8 int8-fp32 ONNX of the same calibration")
+    parser.add_argument("--presets-only", action="store_true",
+                        help="only FP32/mixed/extreme on val (cached in OUT/presets.json for the full run)")
     args = parser.parse_args()
     assets = assets_dir()
     manifest = load_manifest(args.build)
@@ -63,28 +65,45 @@ def main() -> None:
     timings, started = {}, time.perf_counter()
     calib = np.load(args.build / "calib.npy")
     fp32_path = artifact_path(args.build, "fp32")
+    files = list_images(assets / "coco" / "calib2017")
+    _, tuning = split_calibration_and_tuning(files, manifest["calibration"]["count"], max_tune=args.tune_images)
+    scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning, imgsz, names)
+    ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
+    val_images = ground_truth.image_files(assets / "coco" / "val2017")
+    cached = args.out / "presets.json"
+    if args.presets_only or not cached.is_file():
+        fp32_map = val_map(onnx.load(str(fp32_path)), val_images, ground_truth, names, imgsz, work, "fp32")
+        presets = {"mixed": onnx.load(str(artifact_path(args.build, "int8-fp32")))}
+        extreme = quantize_int8_twins(fp32_path, calib, work / "extreme", QuantizeOptions(preset="extreme"))
+        presets["extreme"] = onnx.load(str(extreme.int8_fp32_path))
+        preset_rows = {}
+        for name, model in presets.items():
+            preset_rows[name] = {"agreement": scorer.score(model).agreement,
+                                 "int8_conv_mac_share": int8_conv_mac_share(model),
+                                 "val_ratio": val_map(model, val_images, ground_truth, names, imgsz, work, name) / fp32_map}
+            print(name, json.dumps(preset_rows[name]), flush=True)
+        cached.write_text(json.dumps({"fp32_val_map50_95": fp32_map, "presets": preset_rows}, indent=2))
+        if args.presets_only:
+            return
+    cached_presets = json.loads(cached.read_text())
+    fp32_map, preset_rows = cached_presets["fp32_val_map50_95"], cached_presets["presets"]
+    timings["presets"] = time.perf_counter() - started
     if args.all_int8:
         all_int8 = onnx.load(str(args.all_int8))
     else:
         result = quantize_int8_twins(fp32_path, calib, work / "all", QuantizeOptions(preset="auto"))
         all_int8 = onnx.load(str(result.int8_fp32_path))
-    timings["calibration"] = time.perf_counter() - started
-    files = list_images(assets / "coco" / "calib2017")
-    _, tuning = split_calibration_and_tuning(files, manifest["calibration"]["count"], max_tune=args.tune_images)
-    scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning, imgsz, names)
+    timings["calibration"] = time.perf_counter() - started - sum(timings.values())
     if args.sensitivity:
         all_score, ranking = load_ranking(args.sensitivity)
     else:
         sensitivity = analyze(all_int8, scorer, refine=2)
         all_score, ranking = sensitivity.all_int8, sensitivity.units
         (args.out / "sensitivity.json").write_text(json.dumps(sensitivity.as_dict(), indent=2))
-    timings["sensitivity"] = time.perf_counter() - started - timings["calibration"]
+    timings["sensitivity"] = time.perf_counter() - started - sum(timings.values())
     walk = greedy_keep_precise(all_int8, ranking, scorer, target=1.01, max_units=args.steps)
     timings["walk"] = time.perf_counter() - started - sum(timings.values())
 
-    ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
-    val_images = ground_truth.image_files(assets / "coco" / "val2017")
-    fp32_map = val_map(onnx.load(str(fp32_path)), val_images, ground_truth, names, imgsz, work, "fp32")
     rows = []
     for k, step in enumerate(walk):
         model = keep_precise(all_int8, [n for unit in ranking for n in unit.nodes if unit.unit in step.kept_precise])
@@ -92,15 +111,6 @@ def main() -> None:
         rows.append({"step": k, "kept_precise": step.kept_precise, "agreement": step.score.agreement,
                      "sqnr_db": step.score.sqnr_db, "int8_conv_mac_share": step.int8_coverage, "val_ratio": ratio})
         print(json.dumps(rows[-1]), flush=True)
-    presets = {"mixed": onnx.load(str(artifact_path(args.build, "int8-fp32")))}
-    extreme = quantize_int8_twins(fp32_path, calib, work / "extreme", QuantizeOptions(preset="extreme"))
-    presets["extreme"] = onnx.load(str(extreme.int8_fp32_path))
-    preset_rows = {}
-    for name, model in presets.items():
-        preset_rows[name] = {"agreement": scorer.score(model).agreement, "int8_conv_mac_share":
-                             int8_conv_mac_share(model),
-                             "val_ratio": val_map(model, val_images, ground_truth, names, imgsz, work, name) / fp32_map}
-        print(name, json.dumps(preset_rows[name]), flush=True)
     timings["val"] = time.perf_counter() - started - sum(timings.values())
     targets = {}
     for target in (float(t) for t in args.targets.split(",")):

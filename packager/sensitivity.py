@@ -190,11 +190,10 @@ def greedy_keep_precise(quantized_model, ranking: list[UnitScore], scorer: Agree
     """
     steps = [GreedyStep([], scorer.score(quantized_model), int8_conv_mac_share(quantized_model))]
     kept: list[UnitScore] = []
-    candidates = ranking[: max_units] if max_units else ranking
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(f"Auto preset: agreement target {target}", total=None)
-        for unit in candidates:
-            if steps[-1].score.agreement >= target:
+        for unit in ranking:
+            if steps[-1].score.agreement >= target or (max_units is not None and len(kept) >= max_units):
                 break
             if any(_overlaps(unit.unit, k.unit) for k in kept):
                 continue
