@@ -29,7 +29,7 @@ from packager.manifest import artifact_path, load_manifest
 from packager.onnx_eval import detect_images
 from packager.qdq_graph import int8_conv_mac_share, keep_precise
 from packager.quantize import QuantizeOptions, quantize_int8_twins
-from packager.sensitivity import AgreementScorer, Score, UnitScore, analyze, greedy_keep_precise
+from packager.sensitivity import AgreementScorer, Score, UnitScore, analyze, greedy_keep_precise, ranked
 
 
 def val_map(model, images, ground_truth, class_names, imgsz, work: Path, label: str) -> float:
@@ -39,10 +39,26 @@ def val_map(model, images, ground_truth, class_names, imgsz, work: Path, label: 
     return evaluate(detections, ground_truth, class_names).map50_95
 
 
+def evaluate_presets(build: Path, calib: np.ndarray, scorer: AgreementScorer, context) -> dict:
+    """FP32 val mAP, and agreement / INT8 coverage / val ratio of the build's own preset (mixed) and extreme."""
+    fp32_path = artifact_path(build, "fp32")
+    fp32_map = val_map(onnx.load(str(fp32_path)), *context, "fp32")
+    presets = {"mixed": onnx.load(str(artifact_path(build, "int8-fp32")))}
+    work = context[-1]
+    extreme = quantize_int8_twins(fp32_path, calib, work / "extreme", QuantizeOptions(preset="extreme"))
+    presets["extreme"] = onnx.load(str(extreme.int8_fp32_path))
+    rows = {}
+    for name, model in presets.items():
+        rows[name] = {"agreement": scorer.score(model).agreement, "int8_conv_mac_share": int8_conv_mac_share(model),
+                      "val_ratio": val_map(model, *context, name) / fp32_map}
+        print(name, json.dumps(rows[name]), flush=True)
+    return {"fp32_val_map50_95": fp32_map, "presets": rows}
+
+
 def load_ranking(path: Path) -> tuple[Score, list[UnitScore]]:
     data = json.loads(path.read_text())
     units = [UnitScore(u["unit"], u["nodes"], u["conv_macs"], Score(**u["alone"])) for u in data["units"]]
-    return Score(**data["all_int8"]), units
+    return Score(**data["all_int8"]), ranked(units)
 
 
 def main() -> None:
@@ -70,19 +86,10 @@ def main() -> None:
     scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning, imgsz, names)
     ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
     val_images = ground_truth.image_files(assets / "coco" / "val2017")
+    context = (val_images, ground_truth, names, imgsz, work)
     cached = args.out / "presets.json"
     if args.presets_only or not cached.is_file():
-        fp32_map = val_map(onnx.load(str(fp32_path)), val_images, ground_truth, names, imgsz, work, "fp32")
-        presets = {"mixed": onnx.load(str(artifact_path(args.build, "int8-fp32")))}
-        extreme = quantize_int8_twins(fp32_path, calib, work / "extreme", QuantizeOptions(preset="extreme"))
-        presets["extreme"] = onnx.load(str(extreme.int8_fp32_path))
-        preset_rows = {}
-        for name, model in presets.items():
-            preset_rows[name] = {"agreement": scorer.score(model).agreement,
-                                 "int8_conv_mac_share": int8_conv_mac_share(model),
-                                 "val_ratio": val_map(model, val_images, ground_truth, names, imgsz, work, name) / fp32_map}
-            print(name, json.dumps(preset_rows[name]), flush=True)
-        cached.write_text(json.dumps({"fp32_val_map50_95": fp32_map, "presets": preset_rows}, indent=2))
+        cached.write_text(json.dumps(evaluate_presets(args.build, calib, scorer, context), indent=2))
         if args.presets_only:
             return
     cached_presets = json.loads(cached.read_text())
@@ -107,7 +114,7 @@ def main() -> None:
     rows = []
     for k, step in enumerate(walk):
         model = keep_precise(all_int8, [n for unit in ranking for n in unit.nodes if unit.unit in step.kept_precise])
-        ratio = val_map(model, val_images, ground_truth, names, imgsz, work, f"step{k}") / fp32_map
+        ratio = val_map(model, *context, f"step{k}") / fp32_map
         rows.append({"step": k, "kept_precise": step.kept_precise, "agreement": step.score.agreement,
                      "sqnr_db": step.score.sqnr_db, "int8_conv_mac_share": step.int8_coverage, "val_ratio": ratio})
         print(json.dumps(rows[-1]), flush=True)

@@ -70,7 +70,8 @@ def _user_errors(action):
 @click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True,
               help="Serving target of the rendered repository (with --repository).")
 def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, preset,
-          auto_target, tune_images, max_tune_images, calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
+          auto_target, tune_images, max_tune_images,
+          calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
           val_images, val_annotations, min_map_ratio, repository, target) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console

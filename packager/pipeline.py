@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -157,24 +158,7 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
         console.print(f"Random-init model: BatchNorm statistics re-estimated on "
                       f"{min(BATCHNORM_IMAGES, calibration.count)} calibration images")
 
-    started = time.perf_counter()
-    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
-                        f"calibration on {calibration.count} images)"):
-        quantization = quantize_int8_twins(
-            build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx", options.quantize
-        )
-    timings["quantize"] = time.perf_counter() - started
-    if options.quantize.preset == "auto":
-        started = time.perf_counter()
-        apply_auto_preset(quantization, build_dir / ARTIFACT_FILES["fp32"], tuning, options.imgsz,
-                          exported.class_names, options.quantize, options.show_progress)
-        timings["auto_preset"] = time.perf_counter() - started
-        console.print(f"Auto preset: {quantization.auto.reason()}")
-    if quantization.excluded_nodes:
-        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
-                      + ", ".join(quantization.excluded_nodes))
-    if quantization.excluded_ops:
-        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    quantization = _quantize(build_dir, options, calibration.data, tuning, exported.class_names, console, timings)
 
     started = time.perf_counter()
     with console.status("FP16 baseline (ModelOpt AutoCast)"):
@@ -184,7 +168,6 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     manifest = _manifest(build_dir, options, exported, calibration, quantization, tuning)
     write_manifest(build_dir, manifest)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings)
-
     if options.val_images is not None:
         started = time.perf_counter()
         result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
@@ -200,6 +183,30 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
                                           "ratio": round(result.gate.ratio, 5), "passed": True}
         write_manifest(build_dir, manifest)
     return result
+
+
+def _quantize(build_dir: Path, options: BuildOptions, calibration: np.ndarray, tuning: list[Path],
+              class_names: list[str], console: Console, timings: dict[str, float]) -> QuantizeResult:
+    """INT8 twins from one calibration; preset auto then picks what to keep precise on the `tuning` images."""
+    started = time.perf_counter()
+    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
+                        f"calibration on {len(calibration)} images)"):
+        quantization = quantize_int8_twins(
+            build_dir / ARTIFACT_FILES["fp32"], calibration, build_dir / "onnx", options.quantize
+        )
+    timings["quantize"] = time.perf_counter() - started
+    if options.quantize.preset == "auto":
+        started = time.perf_counter()
+        apply_auto_preset(quantization, build_dir / ARTIFACT_FILES["fp32"], tuning, options.imgsz,
+                          class_names, options.quantize, options.show_progress)
+        timings["auto_preset"] = time.perf_counter() - started
+        console.print(f"Auto preset: {quantization.auto.reason()}")
+    elif quantization.excluded_nodes:
+        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
+                      + ", ".join(quantization.excluded_nodes))
+    if quantization.excluded_ops:
+        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    return quantization
 
 
 def _calibration(options: BuildOptions) -> tuple[CalibrationResult, list[Path]]:

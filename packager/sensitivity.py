@@ -7,16 +7,19 @@ both against the FP32 outputs cached once:
 
 - **agreement**: COCO mAP50-95 (pycocotools) of the variant's detections (conf 0.01, iou 0.7, 100 per image) scored
   against the FP32 detections with score >= 0.25 as pseudo ground truth. 1.0 = same detections.
-- **SQNR** of the raw head output, dB: boxes on the anchors where FP32 sees an object (max class score >= 0.1)
-  and class scores on all anchors, each as noise/signal power pooled over images, averaged.
+- **SQNR** of the raw head output, dB: class scores on all anchors (noise/signal power), and boxes on the anchors
+  where FP32 sees an object (max class score >= 0.1) as errors relative to the box size (dx/w, dy/h, dw/w, dh/h;
+  absolute pixels would hide a 1-pixel error on a small box behind the large coordinates), averaged.
 
-Direction: the ranking uses **"only this unit quantized"** (loss). Quantization noise from different units adds
-up (roughly independent, so noise powers add at the output): a unit's own noise power, measured alone, is then its
-share of the full model's noise, and it is measured far above the measurement floor. The opposite direction
-("everything quantized except this unit", gain) asks for the small change one unit makes to a sum of ~40
-contributions; on yolov8n single-unit gains sit within the variation of the others and their order is unstable.
-The gain direction is what the `auto` preset then walks: units are kept precise greedily in loss order while
-the *combined* model's agreement is measured after each step (see `greedy_keep_precise`).
+Direction: the ranking uses **"only this unit quantized"** (loss): the rest of the model stays FP32, so the
+drop is the unit's own damage, measured far above the measurement floor (one unit alone: agreement 0.975-1.0,
+SQNR 20-70 dB on yolov8n). Quantization noise from different units adds up roughly independently, so a unit's
+loss alone is its share of the full model's loss. The opposite direction ("everything quantized except this
+unit", gain) asks for the small change one unit makes to a sum of ~35 contributions, within the variation of the
+others, and its order is unstable. Units are ranked by agreement alone (the very metric the auto target is set
+in), SQNR breaking ties. The gain direction is what the `auto` preset then walks: units are kept precise
+greedily in this order while the *combined* model's agreement is measured after each step
+(`greedy_keep_precise`), so the stopping decision never relies on the additivity assumption.
 """
 
 from __future__ import annotations
@@ -127,13 +130,14 @@ class AgreementScorer:
 
     def _sqnr_db(self, raw: np.ndarray) -> float:
         ref, noise = self.reference, raw - self.reference
-        boxes = np.moveaxis(ref[:, :4], 1, 2)[self.object_anchors]  # (objects, 4)
-        box_noise = np.moveaxis(noise[:, :4], 1, 2)[self.object_anchors]
         ratios = [float((noise[:, 4:] ** 2).sum() / max((ref[:, 4:] ** 2).sum(), 1e-12))]
+        boxes = np.moveaxis(ref[:, :4], 1, 2)[self.object_anchors]  # (objects, 4): cx, cy, w, h
         if boxes.size:
-            ratios.append(float((box_noise ** 2).sum() / max((boxes ** 2).sum(), 1e-12)))
+            box_noise = np.moveaxis(noise[:, :4], 1, 2)[self.object_anchors]
+            size = np.maximum(np.concatenate([boxes[:, 2:], boxes[:, 2:]], axis=1), 1.0)  # w, h, w, h
+            ratios.append(float(((box_noise / size) ** 2).mean()))
         ratio = float(np.mean(ratios))
-        return 10 * np.log10(1 / ratio) if ratio > 0 else float("inf")
+        return float(10 * np.log10(1 / ratio)) if ratio > 0 else float("inf")
 
 
 def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_progress: bool = True) -> SensitivityResult:
@@ -148,10 +152,10 @@ def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_prog
         split = find_units(quantized_model, refine=[s.unit for s in scores])
         parent = {u.name: next(s.unit for s in scores if _overlaps(u.name, s.unit)) for u in split}
         counts = {p: list(parent.values()).count(p) for p in set(parent.values())}
-        chosen = [s.unit for s in _ranked(scores) if counts.get(s.unit, 0) > 1][:refine]
+        chosen = [s.unit for s in ranked(scores) if counts.get(s.unit, 0) > 1][:refine]
         children = [u for u in split if parent[u.name] in chosen and u.name != parent[u.name]]
         scores += _score_alone(quantized_model, children, scorer, show_progress, "Refining " + ", ".join(chosen))
-    return SensitivityResult(len(scorer.names), all_int8, _ranked(scores), int8_conv_mac_share(quantized_model),
+    return SensitivityResult(len(scorer.names), all_int8, ranked(scores), int8_conv_mac_share(quantized_model),
                              sum(conv_macs(quantized_model).values()),
                              {"analysis": round(time.perf_counter() - started, 1),
                               "analysis_cpu": round(time.process_time() - cpu_started, 1)})
@@ -168,9 +172,9 @@ def _score_alone(model, units: list[Unit], scorer, show_progress: bool, label: s
     return scores
 
 
-def _ranked(scores: list[UnitScore]) -> list[UnitScore]:
-    # Lowest SQNR (most output noise) first; agreement breaks ties; the name keeps the order deterministic.
-    return sorted(scores, key=lambda s: (s.alone.sqnr_db, s.alone.agreement, s.unit))
+def ranked(scores: list[UnitScore]) -> list[UnitScore]:
+    # Lowest agreement alone first; SQNR breaks ties; the name keeps the order deterministic.
+    return sorted(scores, key=lambda s: (s.alone.agreement, s.alone.sqnr_db, s.unit))
 
 
 @dataclass

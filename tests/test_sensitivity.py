@@ -96,9 +96,11 @@ def test_sensitivity_ranks_units_and_auto_stops_at_the_target(all_int8, scorer):
 
     result = analyze(all_int8, scorer, refine=0, show_progress=False)
     assert {u.unit for u in result.units} == {u.name for u in units}
-    sqnrs = [u.alone.sqnr_db for u in result.units]
-    assert sqnrs == sorted(sqnrs)  # most sensitive (noisiest) first
-    assert result.all_int8.sqnr_db < sqnrs[0]  # all units together are noisier than the noisiest alone
+    keys = [(u.alone.agreement, u.alone.sqnr_db) for u in result.units]
+    assert keys == sorted(keys)  # most sensitive (least agreement alone) first
+    # All units together are noisier than the noisiest alone, and quantizing one unit changes the output.
+    assert result.all_int8.sqnr_db < min(sqnr for _, sqnr in keys)
+    assert all(sqnr < 100 for _, sqnr in keys)
 
     ranking = result.units
     walk = greedy_keep_precise(all_int8, ranking, scorer, target=1.01, max_units=4, show_progress=False)
