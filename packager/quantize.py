@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PRESETS = ("mixed", "extreme", "auto")
 # auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images that must be reached (see sensitivity.py).
 DEFAULT_AUTO_TARGET = 0.97
-AUTO_MAX_UNITS = 12  # greedy steps before giving up on the target (each costs one pass over the tuning images)
+AUTO_MAX_TRIALS = 12  # greedy trials before giving up on the target (each costs one pass over the tuning images)
 CALIBRATION_METHODS = ("max", "entropy")
 CALIBRATION_EPS = ("cpu", "cuda:0", "trt")
 
@@ -302,14 +302,11 @@ class AutoSelection:
     tuning_images: int
     met_target: bool
     kept_precise: list[str]  # units, most sensitive first
-    steps: list[dict]  # per greedy step: units kept precise so far, agreement, SQNR, INT8 conv-MAC share
+    final: dict  # agreement, SQNR and INT8 conv-MAC share of the chosen configuration
+    steps: list[dict]  # per greedy trial: unit tried, accepted?, units kept precise, agreement, SQNR, coverage
     ranking: list[dict]  # every unit: only-this-unit-INT8 agreement and SQNR, most sensitive first
     all_int8: dict  # agreement and SQNR with everything INT8
     wall_time_s: float
-
-    @property
-    def final(self) -> dict:
-        return self.steps[-1]
 
     def reason(self) -> str:
         final = self.final
@@ -321,7 +318,8 @@ class AutoSelection:
 
     def as_dict(self) -> dict:
         return {"target": self.target, "tuning_images": self.tuning_images, "met_target": self.met_target,
-                "kept_precise": self.kept_precise, "reason": self.reason(), "all_int8": self.all_int8,
+                "kept_precise": self.kept_precise, "reason": self.reason(), "final": self.final,
+                "all_int8": self.all_int8,
                 "steps": self.steps, "ranking": self.ranking, "wall_time_s": self.wall_time_s}
 
 
@@ -333,7 +331,7 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
     import onnx
     from modelopt.onnx.autocast import convert_to_f16
 
-    from .sensitivity import AgreementScorer, analyze, greedy_keep_precise
+    from .sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
     from .qdq_graph import keep_precise
 
     if not tuning_images:
@@ -343,19 +341,23 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
     all_int8 = onnx.load(str(result.int8_fp32_path))
     scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning_images, imgsz, class_names)
     sensitivity = analyze(all_int8, scorer, refine=options.auto_refine, show_progress=show_progress)
-    steps = greedy_keep_precise(all_int8, sensitivity.units, scorer, options.auto_target, AUTO_MAX_UNITS,
-                                show_progress)
-    chosen = [u for name in steps[-1].kept_precise for u in sensitivity.units if u.unit == name]
-    final = keep_precise(all_int8, [n for u in chosen for n in u.nodes])
+    steps = greedy_keep_precise(all_int8, sensitivity.units, scorer, options.auto_target, AUTO_MAX_TRIALS,
+                                show_progress=show_progress)
+    choice = chosen(steps)
+    units = [u for name in choice.kept_precise for u in sensitivity.units if u.unit == name]
+    final = keep_precise(all_int8, [n for u in units for n in u.nodes])
     onnx.save(final, str(result.int8_fp32_path))
     onnx.save(convert_to_f16(final, low_precision_type="fp16", keep_io_types=True), str(result.int8_path))
-    result.excluded_nodes = sorted(set(result.excluded_nodes) | {n for u in chosen for n in u.nodes},
+    result.excluded_nodes = sorted(set(result.excluded_nodes) | {n for u in units for n in u.nodes},
                                    key=_node_order(all_int8))
     result.quantized_nodes = len(quantized_node_names(final))
     result.auto = AutoSelection(
         target=options.auto_target, tuning_images=sensitivity.images,
-        met_target=steps[-1].score.agreement >= options.auto_target, kept_precise=steps[-1].kept_precise,
-        steps=[{"kept_precise": s.kept_precise, "agreement": s.score.agreement, "sqnr_db": s.score.sqnr_db,
+        met_target=choice.score.agreement >= options.auto_target, kept_precise=choice.kept_precise,
+        final={"agreement": choice.score.agreement, "sqnr_db": choice.score.sqnr_db,
+               "int8_conv_mac_share": round(choice.int8_coverage, 5)},
+        steps=[{"tried": s.unit, "accepted": s.accepted, "kept_precise": s.kept_precise,
+                "agreement": s.score.agreement, "sqnr_db": s.score.sqnr_db,
                 "int8_conv_mac_share": round(s.int8_coverage, 5)} for s in steps],
         ranking=[{"unit": u.unit, "agreement_alone": u.alone.agreement, "sqnr_db_alone": u.alone.sqnr_db}
                  for u in sensitivity.units],

@@ -179,33 +179,49 @@ def ranked(scores: list[UnitScore]) -> list[UnitScore]:
 
 @dataclass
 class GreedyStep:
-    kept_precise: list[str]  # units, in the order they were added
-    score: Score
+    unit: str | None  # the unit tried at this step (None: the start, everything INT8)
+    accepted: bool
+    kept_precise: list[str]  # units precise after this step, in the order they were accepted
+    score: Score  # of the configuration tried
     int8_coverage: float
 
 
 def greedy_keep_precise(quantized_model, ranking: list[UnitScore], scorer: AgreementScorer, target: float,
-                        max_units: int | None = None, show_progress: bool = True) -> list[GreedyStep]:
-    """Keep units precise one by one in sensitivity order until the agreement reaches `target`.
+                        max_trials: int | None = None, accept_all: bool = False,
+                        show_progress: bool = True) -> list[GreedyStep]:
+    """Try keeping units precise one at a time in sensitivity order until the agreement reaches `target`.
 
-    Returns every step (step 0 = everything INT8); the last one is the choice. Deterministic: the ranking is
-    sorted with a total order and onnxruntime CPU is deterministic for a fixed graph and input.
-    Refined child units are skipped when their parent module is already precise, and vice versa.
+    A tried unit stays precise only if the combined model's agreement improves (quantization errors of
+    neighbouring units can cancel: keeping one precise sometimes lowers the agreement); `accept_all` keeps every
+    tried unit (the plain prefix walk, for frontier plots). Returns every step (step 0 = everything INT8); the
+    choice is `chosen(steps)`. Deterministic: the ranking is a total order and onnxruntime CPU is deterministic
+    for a fixed graph and input. A refined child unit is skipped when its parent is already precise and vice versa.
     """
-    steps = [GreedyStep([], scorer.score(quantized_model), int8_conv_mac_share(quantized_model))]
+    steps = [GreedyStep(None, True, [], scorer.score(quantized_model), int8_conv_mac_share(quantized_model))]
     kept: list[UnitScore] = []
+    best = steps[0]
     with Progress(disable=not show_progress, transient=True) as progress:
-        task = progress.add_task(f"Auto preset: agreement target {target}", total=None)
+        task = progress.add_task(f"Auto preset: agreement target {target}", total=max_trials)
         for unit in ranking:
-            if steps[-1].score.agreement >= target or (max_units is not None and len(kept) >= max_units):
+            if best.score.agreement >= target or (max_trials is not None and len(steps) > max_trials):
                 break
             if any(_overlaps(unit.unit, k.unit) for k in kept):
                 continue
-            kept.append(unit)
-            variant = keep_precise(quantized_model, [n for k in kept for n in k.nodes])
-            steps.append(GreedyStep([k.unit for k in kept], scorer.score(variant), int8_conv_mac_share(variant)))
+            variant = keep_precise(quantized_model, [n for k in kept + [unit] for n in k.nodes])
+            score = scorer.score(variant)
+            accepted = accept_all or score.agreement > best.score.agreement
+            if accepted:
+                kept.append(unit)
+            steps.append(GreedyStep(unit.unit, accepted, [k.unit for k in kept] if accepted else best.kept_precise,
+                                    score, int8_conv_mac_share(variant)))
+            best = steps[-1] if accepted else best
             progress.advance(task)
     return steps
+
+
+def chosen(steps: list[GreedyStep]) -> GreedyStep:
+    """The configuration greedy_keep_precise ends with: its last accepted step."""
+    return next(step for step in reversed(steps) if step.accepted)
 
 
 def _overlaps(a: str, b: str) -> bool:

@@ -17,7 +17,7 @@ from packager.calibration import list_images, split_calibration_and_tuning
 from packager.manifest import artifact_path, load_manifest
 from packager.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
 from packager.quantize import QuantizeOptions, quantize_int8_twins
-from packager.sensitivity import AgreementScorer, analyze, greedy_keep_precise
+from packager.sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
 
 CALIB = 4
 
@@ -103,18 +103,29 @@ def test_sensitivity_ranks_units_and_auto_stops_at_the_target(all_int8, scorer):
     assert all(sqnr < 100 for _, sqnr in keys)
 
     ranking = result.units
-    walk = greedy_keep_precise(all_int8, ranking, scorer, target=1.01, max_units=4, show_progress=False)
+    order = {u.unit: i for i, u in enumerate(ranking)}
+    # The plain prefix walk: every tried unit stays precise, in ranking order.
+    walk = greedy_keep_precise(all_int8, ranking, scorer, target=1.01, max_trials=4, accept_all=True,
+                               show_progress=False)
     assert [s.kept_precise for s in walk] == [[u.unit for u in ranking[:k]] for k in range(5)]
-    # A target that the walk first reaches at step k: greedy must stop exactly there, with that prefix kept.
-    reached = [max(s.score.agreement for s in walk[: k + 1]) for k in range(len(walk))]
-    k = next((k for k in range(1, len(walk)) if reached[k] > reached[k - 1]), None)
-    assert k is not None, f"keeping the 4 most sensitive units precise never improved agreement: {walk}"
-    target = walk[k].score.agreement
-    steps = greedy_keep_precise(all_int8, ranking, scorer, target=target, max_units=4, show_progress=False)
-    assert steps[-1].kept_precise == [u.unit for u in ranking[:k]]
-    assert steps[-1].score.agreement >= target
-    assert all(s.score.agreement < target for s in steps[:-1])
-    assert steps[-1].int8_coverage < steps[0].int8_coverage
+    assert walk[-1].int8_coverage < walk[0].int8_coverage
+
+    # With rejection: tried units in ranking order; a unit stays precise only if the agreement improves.
+    steps = greedy_keep_precise(all_int8, ranking, scorer, target=1.01, max_trials=6, show_progress=False)
+    assert [s.unit for s in steps[1:]] == [u.unit for u in ranking[:6]]
+    best = steps[0].score.agreement
+    for step in steps[1:]:
+        assert step.accepted == (step.score.agreement > best)
+        best = max(best, step.score.agreement)
+    final = chosen(steps)
+    assert [order[u] for u in final.kept_precise] == sorted(order[u] for u in final.kept_precise)
+    accepted = [s for s in steps[1:] if s.accepted]
+    assert accepted, f"keeping any of the 6 most sensitive units precise never improved agreement: {steps}"
+    # A target first reached by an accepted step: greedy must stop right there, with that configuration.
+    target = accepted[0].score.agreement
+    stopped = greedy_keep_precise(all_int8, ranking, scorer, target=target, max_trials=6, show_progress=False)
+    assert stopped[-1] == accepted[0] and chosen(stopped) == accepted[0]
+    assert all(s.score.agreement < target for s in stopped[:-1])
 
 
 def test_split_calibration_and_tuning_is_disjoint(tmp_path):
@@ -140,9 +151,12 @@ def test_build_with_auto_preset_records_its_choice(assets, tmp_path):
     auto = manifest["quantization"]["auto"]
     calib_names = [p.name for p in list_images(assets / "coco" / "calib2017")[:8]]
     assert manifest["tuning"]["count"] == 4 and not set(manifest["tuning"]["files"]) & set(calib_names)
-    assert auto["kept_precise"] == [r["unit"] for r in auto["ranking"][: len(auto["kept_precise"])]]
-    assert auto["met_target"] == (auto["steps"][-1]["agreement"] >= 0.9)
-    assert manifest["quantization"]["int8_conv_mac_share"] == pytest.approx(auto["steps"][-1]["int8_conv_mac_share"],
+    order = [r["unit"] for r in auto["ranking"]]
+    assert [s["tried"] for s in auto["steps"][1:]] == order[: len(auto["steps"]) - 1]
+    assert auto["kept_precise"] == [s["tried"] for s in auto["steps"] if s["accepted"] and s["tried"]]
+    assert auto["met_target"] == (auto["final"]["agreement"] >= 0.9)
+    assert auto["met_target"] or len(auto["steps"]) > 12  # stops at the target or after AUTO_MAX_TRIALS
+    assert manifest["quantization"]["int8_conv_mac_share"] == pytest.approx(auto["final"]["int8_conv_mac_share"],
                                                                             abs=1e-4)
     int8 = onnx.load(str(out / "onnx" / "model.int8-fp32.onnx"))
     assert not set(manifest["quantization"]["excluded_nodes"]) & set(quantized_inputs(int8))
