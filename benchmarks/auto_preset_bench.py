@@ -97,14 +97,14 @@ def main() -> None:
     args = parser.parse_args()
     assets = assets_dir()
     manifest = load_manifest(args.build)
-    imgsz, names = tuple(manifest["imgsz"]), manifest["class_names"]
+    imgsz, names = manifest.model.imgsz, list(manifest.model.class_names)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="auto-bench-"))
     timings, started = {}, time.perf_counter()
     calib = np.load(args.build / "calib.npy")
     fp32_path = artifact_path(args.build, "fp32")
     files = list_images(assets / "coco" / "calib2017")
-    _, tuning = split_calibration_and_tuning(files, manifest["calibration"]["count"], max_tune=args.tune_images)
+    _, tuning = split_calibration_and_tuning(files, manifest.calibration["count"], max_tune=args.tune_images)
     scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning, imgsz, names)
     ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
     val_images = ground_truth.image_files(assets / "coco" / "val2017")
@@ -151,7 +151,7 @@ def main() -> None:
               "calibration_images": int(len(calib)), "all_int8": all_score.__dict__, "walk": rows,
               "presets": preset_rows, "greedy": greedy, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     (args.out / "auto_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, preset_rows, args.out / "frontier.png", manifest["model_name"])
+    plot(rows, preset_rows, args.out / "frontier.png", manifest.model.name)
     print(json.dumps({"timings_s": report["timings_s"]}, indent=1))
 
 

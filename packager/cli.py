@@ -7,27 +7,35 @@ from pathlib import Path
 
 import click
 
+from packager.contracts import YqpackError
 
-class YqpackError(click.ClickException):
-    """A user-facing failure: printed as 'Error: ...' and exit code 1, no traceback."""
+# Stages still raising the builtin errors for bad input are converted too (being moved onto YqpackError).
+_PLAIN_ERRORS = (YqpackError, ValueError, FileNotFoundError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UserError(click.ClickException):
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Commands(click.Group):
+    """The one place where a stage's error becomes `Error: <message>` and an exit code, with no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _PLAIN_ERRORS as error:
+            raise _UserError(str(error), getattr(error, "exit_code", 1)) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="yqpack")
 def main() -> None:
     """Take a YOLO detector to a served, verified Triton deployment."""
 
 
-# --- build / eval-onnx ---
-
-
-def _user_errors(action):
-    """Run `action`; plain-message exceptions from the stages become `Error: ...` with exit code 1."""
-    try:
-        return action()
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        raise YqpackError(str(message)) from None
+# --- build / render / eval-onnx ---
 
 
 @main.command()
@@ -92,8 +100,26 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
         val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
         repository=repository, repository_target=target,
     )
-    result = _user_errors(lambda: run_build(options))
+    result = run_build(options)
     Console().print(summary_table(result))
+
+
+@main.command()
+@click.option("--build", "build_dir", default=Path("build"), show_default=True, type=click.Path(path_type=Path),
+              help="Build directory made by yqpack build (read only: nothing is re-quantized).")
+@click.option("--repository", default=Path("model_repository"), show_default=True, type=click.Path(path_type=Path),
+              help="Model repository to write (replaced atomically).")
+@click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True)
+@click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
+@click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
+def render(build_dir, repository, target, precisions, max_batch) -> None:
+    """Render a Triton model repository for a serving target from a finished build."""
+    from packager.repository import RenderOptions, render as render_stage
+
+    names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
+    result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch))
+    click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
+               + ", ".join(result.ensembles.values()))
 
 
 @main.command("eval-onnx")
@@ -116,12 +142,12 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     from packager.pipeline import metrics_table
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    metrics = _user_errors(lambda: evaluate_build(build_dir, val_images, val_annotations, names))
+    metrics = evaluate_build(build_dir, val_images, val_annotations, names)
     Console().print(metrics_table(metrics))
     if json_path is not None:
         json_path.write_text(json.dumps({v: m.as_dict() for v, m in metrics.items()}, indent=2) + "\n")
     if min_map_ratio > 0 and "fp32" in metrics and "int8-fp32" in metrics:
-        gate = _user_errors(lambda: check_gate(metrics, min_map_ratio))
+        gate = check_gate(metrics, min_map_ratio)
         click.echo(f"Gate passed: {gate.message()}")
 
 
@@ -139,7 +165,7 @@ def sensitivity(build_dir, images, max_images, refine, out) -> None:
     """Rank the model's units by how much INT8 hurts them, against FP32, with no labels."""
     from packager.sensitivity_report import run_sensitivity
 
-    outputs = _user_errors(lambda: run_sensitivity(build_dir, images, out, max_images, refine))
+    outputs = run_sensitivity(build_dir, images, out, max_images, refine)
     click.echo(outputs.markdown_path.read_text())
     click.echo(f"Wrote {outputs.json_path}, {outputs.markdown_path}, {outputs.plot_path}")
 
@@ -163,19 +189,13 @@ def serve(repository, local, grpc_port, http_port, metrics_port, detach, ready_t
     """Serve a model repository with a real tritonserver."""
     from packager import serve as serving
 
-    try:
-        if not local:
-            try:
-                serving.docker_compose_up(repository, detach, grpc_port=grpc_port, http_port=http_port,
-                                          metrics_port=metrics_port, allow_missing=allow_missing,
-                                          ready_timeout=ready_timeout or 1800.0)
-            except RuntimeError as error:  # e.g. deploy.DockerUnavailableError: no Docker engine here
-                raise YqpackError(str(error)) from None
-            return
-        options = serving.ServeOptions(repository, grpc_port, http_port, metrics_port, detach, ready_timeout or 300.0)
-        serving.serve_local(options)
-    except (ValueError, FileNotFoundError) as error:
-        raise YqpackError(str(error)) from None
+    if not local:
+        serving.docker_compose_up(repository, detach, grpc_port=grpc_port, http_port=http_port,
+                                  metrics_port=metrics_port, allow_missing=allow_missing,
+                                  ready_timeout=ready_timeout or 1800.0)
+        return
+    options = serving.ServeOptions(repository, grpc_port, http_port, metrics_port, detach, ready_timeout or 300.0)
+    serving.serve_local(options)
 
 
 @main.command()
@@ -186,10 +206,7 @@ def stop(docker, timeout) -> None:
     if docker:
         from packager.deploy import compose_down
 
-        try:
-            compose_down()
-        except RuntimeError as error:
-            raise YqpackError(str(error)) from None
+        compose_down()
         return
     from packager.serve import stop_local
 
@@ -252,7 +269,7 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_pro
     Exit code 0 when every gate holds, 1 when a gate fails, 3 when the run is incomplete.
     """
     from packager.gates import GateThresholds
-    from packager.verify import VerifyError, VerifyOptions, run_verify
+    from packager.verify import VerifyOptions, run_verify
 
     verify_options = VerifyOptions(
         models=[name.strip() for name in models.split(",") if name.strip()] if models else None,
@@ -260,10 +277,7 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_pro
         progress=not no_progress,
         **options,
     )
-    try:
-        result = run_verify(verify_options)
-    except (VerifyError, ValueError, FileNotFoundError) as error:
-        raise YqpackError(str(error)) from error
+    result = run_verify(verify_options)
     for gate in result.failed_gates:
         click.echo(f"gate failed: {gate.gate} on {gate.model}: {gate.detail}", err=True)
     if result.incomplete_reason:
@@ -292,28 +306,25 @@ def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> Non
     """Build the TensorRT plans of a gpu repository where they will run (cached by ONNX, TensorRT, GPU)."""
     from packager import engines as engine_stage
 
-    try:
-        if build_dir is not None:
-            engine_stage.stage_engine_sources(build_dir, repository)
-        if mode == "print":
-            version = engine_stage.TensorRTVersion.parse(tensorrt_version)
-            for spec in engine_stage.repository_engine_specs(repository):
-                command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path)
-                click.echo(" ".join(command))
-            return
-        if mode == "compose":
-            from packager.deploy import compose_engines
+    if build_dir is not None:
+        engine_stage.stage_engine_sources(build_dir, repository)
+    if mode == "print":
+        version = engine_stage.TensorRTVersion.parse(tensorrt_version)
+        for spec in engine_stage.repository_engine_specs(repository):
+            command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path)
+            click.echo(" ".join(command))
+        return
+    if mode == "compose":
+        from packager.deploy import compose_engines
 
-            compose_engines(repository, allow_missing=allow_missing)
-        elif mode == "local":
-            engine_stage.build_repository_engines_local(repository, allow_missing=allow_missing, report=click.echo)
-        else:
-            engine_stage.build_repository_engines(repository, allow_missing=allow_missing, report=click.echo)
-        if build_dir is not None:
-            recorded = engine_stage.record_engines(build_dir, repository)
-            click.echo(f"recorded {len(recorded)} engine key(s) in {build_dir / 'manifest.json'}")
-    except (ValueError, FileNotFoundError, RuntimeError) as error:  # EngineBuildError, DockerUnavailableError too
-        raise YqpackError(str(error)) from None
+        compose_engines(repository, allow_missing=allow_missing)
+    elif mode == "local":
+        engine_stage.build_repository_engines_local(repository, allow_missing=allow_missing, report=click.echo)
+    else:
+        engine_stage.build_repository_engines(repository, allow_missing=allow_missing, report=click.echo)
+    if build_dir is not None:
+        recorded = engine_stage.record_engines(build_dir, repository)
+        click.echo(f"recorded {len(recorded)} engine key(s) in {build_dir / 'manifest.json'}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from packager.assets import PROJECT_ROOT
+from packager.contracts import DockerUnavailableError
 
 DEPLOY_DIR = PROJECT_ROOT / "deploy"
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
@@ -30,10 +31,6 @@ DOCKER_HELP = (
     "the GPU path needs Docker Engine with the compose plugin and the NVIDIA Container Toolkit on an NVIDIA GPU "
     "host (see docs/gpu.md); without a GPU use `yqpack serve --local`"
 )
-
-
-class DockerUnavailableError(RuntimeError):
-    """No Docker engine or no compose implementation: the message says which and what to do."""
 
 
 @dataclass(frozen=True)

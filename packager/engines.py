@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from packager.contracts import EngineBuildError
+
 PLAN_FILENAME = "model.plan"
 SOURCE_ONNX_FILENAME = "model.onnx"  # the renderer (or stage_engine_sources) puts the source ONNX here
 KEY_SUFFIX = ".key.json"
@@ -32,10 +34,6 @@ LOG_SUFFIX = ".log"
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 30
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class EngineBuildError(RuntimeError):
-    """One or more engines failed to build (the message carries each builder log tail)."""
 
 
 # --------------------------------------------------------------------------------------------- versions

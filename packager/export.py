@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .assets import ultralytics_offline_env
+from .contracts import HeadFormat
 
 STRIDE = 32
 DEFAULT_OPSET = 17
@@ -37,6 +38,8 @@ class ExportResult:
     output_shape: list[int]
     dynamic_batch: bool
     opset: int
+    head_format: HeadFormat = HeadFormat.RAW
+    stride: int = 32
 
 
 def parse_imgsz(value) -> tuple[int, int]:

@@ -14,16 +14,12 @@ from rich.progress import track
 
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate
 from .letterbox import preprocess, read_image
-from .manifest import artifact_path, load_manifest
+from .contracts import AccuracyGateError, BuildManifest
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
 GATED_VARIANT = "int8-fp32"
 DEFAULT_MIN_MAP_RATIO = 0.99
-
-
-class AccuracyGateError(ValueError):
-    """INT8 lost more accuracy than allowed; the message shows both numbers."""
 
 
 @dataclass
@@ -84,19 +80,19 @@ def evaluate_build(
     show_progress: bool = True,
 ) -> dict[str, CocoMetrics]:
     """mAP of each ONNX variant of a build on the annotated images found in `images_dir`."""
-    manifest = load_manifest(build_dir)
+    manifest = BuildManifest.load(build_dir)
     ground_truth = CocoGroundTruth(annotations)
     if not Path(images_dir).is_dir():
         raise FileNotFoundError(f"validation image folder not found: {images_dir}")
     image_files = ground_truth.image_files(images_dir)
     if not image_files:
         raise ValueError(f"none of the images listed in {Path(annotations).name} are in {images_dir}")
-    imgsz = tuple(manifest["imgsz"])
+    imgsz = manifest.model.imgsz
     results = {}
     for variant in variants:
-        detections = detect_images(artifact_path(build_dir, variant), image_files, imgsz, label=variant,
+        detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
                                    show_progress=show_progress)
-        results[variant] = evaluate(detections, ground_truth, manifest["class_names"])
+        results[variant] = evaluate(detections, ground_truth, list(manifest.model.class_names))
     return results
 
 

@@ -6,7 +6,6 @@ evaluation was asked for, only when the accuracy gate passed), so `--out` never 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 import time
@@ -27,11 +26,19 @@ from .calibration import (
 )
 from .coco_eval import CocoMetrics
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
-from .manifest import ARTIFACT_FILES, MANIFEST_NAME, artifact_entries, library_versions, write_manifest
+from .contracts import (
+    ARTIFACT_FILES,
+    MANIFEST_NAME,
+    AccuracyGateError,
+    BuildManifest,
+    ConfigError,
+    ModelSpec,
+    TensorSpec,
+)
+from .manifest import artifact_entries, library_versions
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
     DEFAULT_VARIANTS,
-    AccuracyGateError,
     GateResult,
     check_gate,
     evaluate_build,
@@ -68,7 +75,7 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     build_dir: Path
-    manifest: dict
+    manifest: BuildManifest
     export: ExportResult
     quantization: QuantizeResult
     metrics: dict[str, CocoMetrics] = field(default_factory=dict)
@@ -98,7 +105,7 @@ def validate_options(options: BuildOptions) -> None:
         list_images(options.tune_images)
     if options.quantize.preset == "auto" and options.tune_images is None and (
             options.calib_images is None or len(list_images(options.calib_images)) <= options.calib_size):
-        raise ValueError("--preset auto needs tuning images besides the calibration images: give more "
+        raise ConfigError("--preset auto needs tuning images besides the calibration images: give more "
                          "--calib-images than --calib-size, or --tune-images DIR")
     if options.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {options.max_batch}")
@@ -166,22 +173,22 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     timings["fp16"] = time.perf_counter() - started
 
     manifest = _manifest(build_dir, options, exported, calibration, quantization, tuning)
-    write_manifest(build_dir, manifest)
+    manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings)
     if options.val_images is not None:
         started = time.perf_counter()
         result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
                                         show_progress=options.show_progress)
         timings["evaluation"] = time.perf_counter() - started
-        manifest["evaluation"] = {variant: m.as_dict() for variant, m in result.metrics.items()}
+        manifest.evaluation = {variant: m.as_dict() for variant, m in result.metrics.items()}
         console.print(metrics_table(result.metrics))
         try:
             result.gate = check_gate(result.metrics, options.min_map_ratio)
         except AccuracyGateError as failure:
             raise AccuracyGateError(f"{failure}; nothing was written to {options.out}") from None
-        manifest["evaluation"]["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
-                                          "ratio": round(result.gate.ratio, 5), "passed": True}
-        write_manifest(build_dir, manifest)
+        manifest.evaluation["gate"] = {"variant": result.gate.variant, "min_ratio": options.min_map_ratio,
+                                       "ratio": round(result.gate.ratio, 5), "passed": True}
+        manifest.save(build_dir)
     return result
 
 
@@ -224,22 +231,28 @@ def _calibration(options: BuildOptions) -> tuple[CalibrationResult, list[Path]]:
 
 
 def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult,
-              tuning: list[Path]) -> dict:
+              tuning: list[Path]) -> BuildManifest:
     versions = library_versions()
     max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
-    return {
-        "yqpack_version": versions["yqpack"],
-        "model_name": exported.model_name,
-        "source_model": exported.source_model,
-        "imgsz": list(exported.imgsz),
-        "class_names": exported.class_names,
-        "input": {"name": exported.input_name, "shape": exported.input_shape, "dtype": "float32"},
-        "output": {"name": exported.output_name, "shape": exported.output_shape, "dtype": "float32"},
-        "dynamic_batch": exported.dynamic_batch,
-        "max_batch": max_batch,
-        "opset": exported.opset,
-        "artifacts": artifact_entries(build_dir),
-        "quantization": {
+    spec = ModelSpec(
+        name=exported.model_name,
+        head=exported.head_format,
+        input=TensorSpec(exported.input_name, tuple(exported.input_shape)),
+        output=TensorSpec(exported.output_name, tuple(exported.output_shape)),
+        class_names=tuple(exported.class_names),
+        imgsz=tuple(exported.imgsz),
+        stride=exported.stride,
+        dynamic_batch=exported.dynamic_batch,
+        max_batch=max_batch,
+    )
+    return BuildManifest(
+        model=spec,
+        source_model=exported.source_model,
+        opset=exported.opset,
+        artifacts=artifact_entries(build_dir),
+        yqpack_version=versions["yqpack"],
+        versions=versions,
+        quantization={
             "tool": "nvidia-modelopt onnx PTQ",
             "quantize_mode": "int8",
             "preset": quantization.preset,
@@ -260,16 +273,16 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "int8_conv_mac_share": round(int8_conv_mac_share(_load_onnx(build_dir / ARTIFACT_FILES["int8-fp32"])), 5),
             **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
         },
-        "calibration": {
+        calibration={
             "source": calibration.source,
             "count": calibration.count,
             "skipped": calibration.skipped,
             "letterbox": "packager.letterbox.preprocess",
+            # Tuning images (preset auto): never calibration images, see split_calibration_and_tuning.
+            "tuning": {"count": len(tuning), "files": [p.name for p in tuning],
+                       "used_by": "preset auto" if quantization.auto else None},
         },
-        "tuning": {"count": len(tuning), "files": [p.name for p in tuning],
-                   "used_by": "preset auto" if quantization.auto else None},
-        "versions": versions,
-    }
+    )
 
 
 def _load_onnx(path: Path):
@@ -289,16 +302,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path | None:
-    if importlib.util.find_spec("packager.repository") is None:
-        raise ValueError("--repository needs packager.repository, which this yqpack does not include")
-    from .repository import render_repository
+def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
+    from .repository import RenderOptions, render
 
     with console.status(f"Rendering the Triton model repository into {options.repository}"):
-        # TensorRT targets serve fp16/int8 engines; CPU targets can also serve the fp32 reference.
-        gpu = options.repository_target.startswith("gpu")
-        render_repository(build_dir, options.repository, options.repository_target,
-                          ("fp16", "int8") if gpu else ("fp32", "fp16", "int8"))
+        render(build_dir, Path(options.repository), RenderOptions(target=options.repository_target))
     return Path(options.repository)
 
 
@@ -313,16 +321,16 @@ def metrics_table(metrics: dict[str, CocoMetrics]) -> Table:
 
 def summary_table(result: BuildResult) -> Table:
     manifest = result.manifest
-    table = Table(title=f"yqpack build: {manifest['model_name']} -> {result.build_dir}")
+    table = Table(title=f"yqpack build: {manifest.model.name} ({manifest.model.head.value} head) -> {result.build_dir}")
     table.add_column("artifact")
     table.add_column("path")
     table.add_column("MB", justify="right")
-    for variant, entry in manifest["artifacts"].items():
-        size = (result.build_dir / entry["path"]).stat().st_size / 1e6
-        table.add_row(variant, entry["path"], f"{size:.1f}")
-    quant = manifest["quantization"]
+    for variant, entry in manifest.artifacts.items():
+        size = (result.build_dir / entry.path).stat().st_size / 1e6
+        table.add_row(variant, entry.path, f"{size:.1f}")
+    quant = manifest.quantization
     table.caption = (
-        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest['calibration']['count']} "
+        f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
         f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise, "
         f"INT8 conv MACs {quant['int8_conv_mac_share']:.1%}; "
         + (f"auto: {result.quantization.auto.reason()}; " if result.quantization.auto else "")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .contracts import ConfigError
+
 log = logging.getLogger(__name__)
 
 PRESETS = ("mixed", "extreme", "auto")
@@ -73,10 +75,10 @@ class QuantizeOptions:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if not 0 < self.auto_target <= 1:
-            raise ValueError(f"--auto-target must be in (0, 1], got {self.auto_target}")
+            raise ConfigError(f"--auto-target must be in (0, 1], got {self.auto_target}")
         if self.preset == "auto" and self.dq_only:
             # Keeping a unit precise restores its FP32 weights from the QuantizeLinear input; dq_only has none.
-            raise ValueError("--preset auto does not support --dq-only yet")
+            raise ConfigError("--preset auto does not support --dq-only yet")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(
                 f"unknown calibration method {self.calibration_method!r}: choose {', '.join(CALIBRATION_METHODS)}"
@@ -335,7 +337,7 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
     from .qdq_graph import keep_precise
 
     if not tuning_images:
-        raise ValueError("--preset auto needs tuning images that are not calibration images: give more "
+        raise ConfigError("--preset auto needs tuning images that are not calibration images: give more "
                          "--calib-images than --calib-size, or --tune-images DIR")
     started = time.perf_counter()
     all_int8 = onnx.load(str(result.int8_fp32_path))

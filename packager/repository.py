@@ -17,6 +17,18 @@ import jinja2
 from packager import letterbox as letterbox_module
 from packager import postprocess as postprocess_module
 from packager.assets import TEMPLATES_DIR
+from packager.contracts import (
+    BuildManifest,
+    ConfigError,
+    MissingInputError,
+    ModelSpec,
+    Precision,
+    RepositoryIndex,
+    Role,
+    ServedModel,
+    TensorSpec,
+    check_model_name,
+)
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 
 TARGETS = ("local", "cpu", "gpu", "gpu-ort")
@@ -36,8 +48,12 @@ PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "gpu": (4, 2), "gpu-ort": 
 # pile up behind it anyway and a wait only adds latency (2 ms per request at concurrency 1, measured); a GPU
 # detector is done in a few ms, and a short wait is what lets batches form at all.
 MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "gpu": 2000, "gpu-ort": 2000}
-REPOSITORY_INFO = "yqpack_repository.json"
+# The Triton backend/platform each target's detector runs on (recorded in the repository index).
+DETECTOR_PLATFORM = {"local": "python", "cpu": "onnxruntime", "gpu": "tensorrt_plan", "gpu-ort": "onnxruntime"}
 LABELS_FILE = "labels.txt"
+# The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
+IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
+DETECTIONS_TENSOR = TensorSpec("DETECTIONS", (-1, -1, 6))
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,23 @@ class RepositoryResult:
     model_name: str
     ensembles: dict[str, str]  # precision -> ensemble model name
     models: list[str] = field(default_factory=list)  # every Triton model rendered
+    index: RepositoryIndex | None = None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How to serve a build: which target and precisions, batching and instance counts (None = per-target default)."""
+
+    target: str = "local"
+    precisions: tuple[str, ...] | None = None  # default_precisions(target)
+    max_batch: int | None = None  # the manifest's max_batch
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_delay_us: int | None = None
+    detector_instances: int = 1
+    preprocess_instances: int | None = None
+    postprocess_instances: int | None = None
+    intra_op_threads: int = 0
+    thresholds: Thresholds = PRODUCTION_THRESHOLDS
 
 
 def ensemble_name(model_name: str, precision: str) -> str:
@@ -57,176 +90,206 @@ def detector_name(model_name: str, precision: str) -> str:
     return f"{model_name}_{precision}_detector"
 
 
+def default_precisions(target: str) -> tuple[str, ...]:
+    """TensorRT targets serve the fp16/int8 engines; CPU targets also serve the fp32 reference."""
+    return ("fp16", "int8") if target.startswith("gpu") else ("fp32", "fp16", "int8")
+
+
 def render_repository(
     build_dir: Path,
     repository_dir: Path,
     target: str = "local",
-    precisions: tuple[str, ...] | list[str] = ("fp16", "int8"),
+    precisions: tuple[str, ...] | list[str] | None = None,
     max_batch: int | None = None,
     *,
-    preferred_batch_sizes: list[int] | None = None,
-    max_queue_delay_us: int | None = None,
-    detector_instances: int = 1,
-    preprocess_instances: int | None = None,
-    postprocess_instances: int | None = None,
-    intra_op_threads: int = 0,
-    thresholds: Thresholds = PRODUCTION_THRESHOLDS,
     engines: dict[str, Path] | None = None,
+    **options,
 ) -> RepositoryResult:
-    """Render a repository for `target` serving each precision of the build in `build_dir`.
+    """Render a repository for `target` serving each precision of the build in `build_dir` (see RenderOptions).
 
-    `max_batch` defaults to the manifest's `max_batch` (8 if absent). `engines` maps precision -> TensorRT
-    plan for the `gpu` target; without one the config is rendered and `model.plan` is expected later.
-    `intra_op_threads` 0 lets onnxruntime pick. Pre/post instance counts and the detector's batching delay default
-    per target (PRE_POST_INSTANCES, MAX_QUEUE_DELAY_US).
+    `engines` maps precision -> TensorRT plan for the `gpu` target; without one the config is rendered and
+    `model.plan` is expected later. Reads only the build's manifest and artifacts: never re-quantizes.
     """
-    build_dir, repository_dir = Path(build_dir), Path(repository_dir)
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    if not precisions:
-        raise ValueError("no precision to serve: pass at least one of fp32, fp16, int8")
-    unknown = [p for p in precisions if p not in PRECISIONS]
-    if unknown:
-        raise ValueError(f"unknown precision(s) {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
-    detector_templates = TEMPLATES_DIR / "detector" / target
-    if not (detector_templates / "config.pbtxt.j2").is_file():
-        raise FileNotFoundError(f"no detector template for target {target!r} at {detector_templates}")
-    manifest = _load_manifest(build_dir)
-    max_batch = int(max_batch or manifest.get("max_batch") or 8)
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    preferred = sorted(set(preferred_batch_sizes or [b for b in (2, 4, 8) if b <= max_batch] or [max_batch]))
-    if preferred[-1] > max_batch or preferred[0] < 1:
-        raise ValueError(f"preferred batch sizes {preferred} must lie within 1..max_batch={max_batch}")
-    sources = {p: _detector_source(build_dir, manifest, target, p) for p in precisions}
-    plans = {p: Path(plan) for p, plan in (engines or {}).items() if p in precisions} if target == "gpu" else {}
-    for precision, plan in plans.items():
-        if not plan.is_file():
-            raise FileNotFoundError(f"TensorRT engine for {precision} not found: {plan}")
-    preprocess_instances = preprocess_instances or PRE_POST_INSTANCES[target][0]
-    postprocess_instances = postprocess_instances or PRE_POST_INSTANCES[target][1]
-    if max_queue_delay_us is None:
-        max_queue_delay_us = MAX_QUEUE_DELAY_US[target]
+    render_options = RenderOptions(target=target, precisions=tuple(precisions) if precisions else None,
+                                   max_batch=max_batch, **options)
+    return render(Path(build_dir), Path(repository_dir), render_options, engines)
 
-    name = manifest["model_name"]
-    input_dims = [int(d) for d in manifest["input"]["shape"][1:]]
-    output_dims = [int(d) for d in manifest["output"]["shape"][1:]]
-    if len(input_dims) != 3 or min(input_dims + output_dims) < 1:
-        raise ValueError(f"manifest input/output shapes must be fixed except the batch: {input_dims}, {output_dims}")
-    common = {
-        "max_batch_size": max_batch,
-        "input_name": manifest["input"]["name"],
-        "input_dims": input_dims,
-        "output_name": manifest["output"]["name"],
-        "output_dims": output_dims,
-    }
+
+def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
+           engines: dict[str, Path] | None = None) -> RepositoryResult:
+    """The `render` stage: build directory + RenderOptions -> a Triton model repository, swapped in atomically."""
+    manifest = BuildManifest.load(build_dir)
+    plan = _plan(build_dir, manifest, options, engines)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
     )
     repository_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repository_dir.name}.rendering-", dir=repository_dir.parent))
     try:
-        models = []
-        labels = "\n".join(manifest["class_names"]) + "\n"
-        # A JSON list inside a single-quoted protobuf text string: escape what that string cannot hold.
-        class_names_pbtxt = json.dumps(manifest["class_names"]).replace("\\", "\\\\").replace("'", "\\'")
-        pre, post = f"{name}_preprocess", f"{name}_postprocess"
-        _python_model(
-            env, staging / pre, "preprocess", [letterbox_module.__file__],
-            {**common, "name": pre, "instance_count": preprocess_instances},
-        )
-        _python_model(
-            env, staging / post, "postprocess", [letterbox_module.__file__, postprocess_module.__file__],
-            {**common, "name": post, "instance_count": postprocess_instances, "thresholds": thresholds},
-        )
-        (staging / post / LABELS_FILE).write_text(labels)
-        models += [pre, post]
-        ensembles = {}
-        for precision in precisions:
-            detector = detector_name(name, precision)
-            model_filename = "model.plan" if target == "gpu" else "model.onnx"
-            context = {
-                **common,
-                "name": detector,
-                "precision": precision,
-                "preferred_batch_sizes": preferred,
-                "max_queue_delay_us": int(max_queue_delay_us),
-                "instance_count": detector_instances,
-                "model_filename": model_filename,
-                "intra_op_threads": int(intra_op_threads),
-            }
-            version_dir = staging / detector / "1"
-            version_dir.mkdir(parents=True)
-            _render(env, f"detector/{target}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
-            for extra in sorted(detector_templates.iterdir()):
-                if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
-                    shutil.copy2(extra, version_dir / extra.name)
-            # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
-            shutil.copy2(sources[precision], version_dir / "model.onnx")
-            if precision in plans:
-                shutil.copy2(plans[precision], version_dir / "model.plan")
-            ensemble = ensemble_name(name, precision)
-            (staging / ensemble / "1").mkdir(parents=True)  # Triton wants a version folder, even empty
-            _render(
-                env,
-                "ensemble/config.pbtxt.j2",
-                {**common, "name": ensemble, "precision": precision, "preprocess_name": pre,
-                 "detector_name": detector, "postprocess_name": post, "class_names_pbtxt": class_names_pbtxt},
-                staging / ensemble / "config.pbtxt",
-            )
-            (staging / ensemble / LABELS_FILE).write_text(labels)
-            ensembles[precision] = ensemble
-            models += [detector, ensemble]
-        info = {
-            "model_name": name,
-            "target": target,
-            "ensembles": ensembles,
-            "models": models,
-            "class_names": manifest["class_names"],
-            "imgsz": input_dims[1:],
-            "max_batch_size": max_batch,
-            "default_thresholds": thresholds._asdict(),
-            "detector_sources": {p: str(s) for p, s in sources.items()},
-        }
-        (staging / REPOSITORY_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        models = _render_pre_post(env, staging, plan) + _render_precisions(env, staging, plan)
+        index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict())
+        index.save(staging)
         _swap_in(staging, repository_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return RepositoryResult(path=repository_dir, target=target, model_name=name, ensembles=ensembles, models=models)
+    return RepositoryResult(path=repository_dir, target=options.target, model_name=manifest.model.name,
+                            ensembles={p.value: n for p, n in index.ensembles().items()},
+                            models=[m.name for m in models], index=index)
 
 
-def load_repository_info(repository_dir: Path) -> dict:
-    """The summary written at render time (model name, target, ensembles per precision, class names)."""
-    path = Path(repository_dir) / REPOSITORY_INFO
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{repository_dir} is not a yqpack model repository (no {REPOSITORY_INFO}); run yqpack build"
+def load_repository_index(repository_dir: Path) -> RepositoryIndex:
+    return RepositoryIndex.load(repository_dir)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything decided before a file is written: a bad option fails before the repository is touched."""
+
+    spec: ModelSpec
+    options: RenderOptions
+    precisions: tuple[Precision, ...]
+    max_batch: int
+    preferred: tuple[int, ...]
+    max_queue_delay_us: int
+    sources: dict[Precision, Path]
+    plans: dict[Precision, Path]
+
+    def common(self) -> dict:
+        spec = self.spec
+        return {
+            "max_batch_size": self.max_batch,
+            "input_name": spec.input.name,
+            "input_dims": list(spec.input.dims),
+            "output_name": spec.output.name,
+            "output_dims": list(spec.output.dims),
+            "head_format": spec.head.value,
+            "target": self.options.target,
+            "model_name": spec.name,
+        }
+
+
+def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engines) -> _Plan:
+    target = options.target
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    requested = options.precisions if options.precisions is not None else default_precisions(target)
+    if not requested:
+        raise ConfigError("no precision to serve: pass at least one of fp32, fp16, int8")
+    unknown = [p for p in requested if p not in PRECISIONS]
+    if unknown:
+        raise ConfigError(f"unknown precision(s) {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
+    if not (TEMPLATES_DIR / "detector" / target / "config.pbtxt.j2").is_file():
+        raise MissingInputError(f"no detector template for target {target!r} in {TEMPLATES_DIR / 'detector'}")
+    spec = manifest.model
+    check_model_name(spec.name)
+    max_batch = int(options.max_batch or spec.max_batch or 8)
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
+    preferred = tuple(sorted(set(options.preferred_batch_sizes or [b for b in (2, 4, 8) if b <= max_batch]
+                                 or [max_batch])))
+    if preferred[-1] > max_batch or preferred[0] < 1:
+        raise ConfigError(f"preferred batch sizes {list(preferred)} must lie within 1..max_batch={max_batch}")
+    if len(spec.input.dims) != 3 or min(spec.input.dims + spec.output.dims) < 1:
+        raise ConfigError(f"manifest input/output shapes must be fixed except the batch: "
+                          f"{list(spec.input.dims)}, {list(spec.output.dims)}")
+    precisions = tuple(Precision(p) for p in dict.fromkeys(requested))
+    sources = {p: _detector_source(build_dir, manifest, target, p.value) for p in precisions}
+    plans = {}
+    if target == "gpu":
+        plans = {Precision(p): Path(plan) for p, plan in (engines or {}).items() if p in requested}
+    for precision, plan in plans.items():
+        if not plan.is_file():
+            raise MissingInputError(f"TensorRT engine for {precision.value} not found: {plan}")
+    delay = MAX_QUEUE_DELAY_US[target] if options.max_queue_delay_us is None else int(options.max_queue_delay_us)
+    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans)
+
+
+def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
+    spec, options = plan.spec, plan.options
+    pre, post = f"{spec.name}_preprocess", f"{spec.name}_postprocess"
+    instances = PRE_POST_INSTANCES[options.target]
+    common = plan.common()
+    _python_model(env, staging / pre, "preprocess", [letterbox_module.__file__],
+                  {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
+                   "role": Role.PREPROCESS.value, "precision": ""})
+    _python_model(env, staging / post, "postprocess", [letterbox_module.__file__, postprocess_module.__file__],
+                  {**common, "name": post, "instance_count": options.postprocess_instances or instances[1],
+                   "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": ""})
+    (staging / post / LABELS_FILE).write_text(_labels(spec))
+    letterboxed = TensorSpec("images", (-1, *spec.input.dims))
+    info = TensorSpec("letterbox_info", (-1, 5))
+    return [
+        ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
+                    platform="python"),
+        ServedModel(post, Role.POSTPROCESS, None, (spec.output, info), (DETECTIONS_TENSOR,), plan.max_batch,
+                    platform="python"),
+    ]
+
+
+def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
+    spec, options = plan.spec, plan.options
+    target = options.target
+    detector_templates = TEMPLATES_DIR / "detector" / target
+    models = []
+    for precision in plan.precisions:
+        detector = detector_name(spec.name, precision.value)
+        common = {**plan.common(), "precision": precision.value}
+        context = {
+            **common,
+            "name": detector,
+            "role": Role.DETECTOR.value,
+            "preferred_batch_sizes": list(plan.preferred),
+            "max_queue_delay_us": plan.max_queue_delay_us,
+            "instance_count": options.detector_instances,
+            "model_filename": "model.plan" if target == "gpu" else "model.onnx",
+            "intra_op_threads": int(options.intra_op_threads),
+        }
+        version_dir = staging / detector / "1"
+        version_dir.mkdir(parents=True)
+        _render(env, f"detector/{target}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
+        for extra in sorted(detector_templates.iterdir()):
+            if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
+                shutil.copy2(extra, version_dir / extra.name)
+        # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
+        shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
+        if precision in plan.plans:
+            shutil.copy2(plan.plans[precision], version_dir / "model.plan")
+        ensemble = ensemble_name(spec.name, precision.value)
+        (staging / ensemble / "1").mkdir(parents=True)  # Triton wants a version folder, even empty
+        _render(
+            env,
+            "ensemble/config.pbtxt.j2",
+            {**common, "name": ensemble, "role": Role.ENSEMBLE.value, "preprocess_name": f"{spec.name}_preprocess",
+             "detector_name": detector, "postprocess_name": f"{spec.name}_postprocess",
+             "class_names_pbtxt": _pbtxt_string(json.dumps(list(spec.class_names)))},
+            staging / ensemble / "config.pbtxt",
         )
-    return json.loads(path.read_text())
+        (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
+        models += [
+            ServedModel(detector, Role.DETECTOR, precision, (spec.input,), (spec.output,), plan.max_batch,
+                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[target]),
+            ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,
+                        platform="ensemble"),
+        ]
+    return models
 
 
-def _load_manifest(build_dir: Path) -> dict:
-    path = build_dir / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {build_dir}: run `yqpack build` first")
-    manifest = json.loads(path.read_text())
-    missing = [k for k in ("model_name", "class_names", "input", "output", "artifacts") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: was it written by yqpack build?")
-    return manifest
+def _labels(spec: ModelSpec) -> str:
+    return "\n".join(spec.class_names) + "\n"
 
 
-def _detector_source(build_dir: Path, manifest: dict, target: str, precision: str) -> Path:
+def _pbtxt_string(text: str) -> str:
+    """Escape text for a single-quoted protobuf text string."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _detector_source(build_dir: Path, manifest: BuildManifest, target: str, precision: str) -> Path:
     """The ONNX a detector serves, or for `gpu` the ONNX its TensorRT engine is built from on the serving host."""
     variant = ONNX_VARIANT[target][precision]
-    artifact = manifest["artifacts"].get(variant)
-    if artifact is None:
-        raise ValueError(f"the build in {build_dir} has no {variant!r} model, needed to serve {precision} on {target}")
-    path = build_dir / artifact["path"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{variant} model missing: {path}")
-    return path
+    if variant not in manifest.artifacts:
+        raise ConfigError(f"the build in {build_dir} has no {variant!r} model, needed to serve {precision} on {target}")
+    return manifest.artifact_path(build_dir, variant)
 
 
 def _python_model(env: jinja2.Environment, model_dir: Path, template: str, modules: list[str], context: dict) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import list_images, split_calibration_and_tuning
+from .contracts import ConfigError
 from .manifest import artifact_path, load_manifest
 from .sensitivity import AgreementScorer, SensitivityResult, analyze
 
@@ -38,31 +39,31 @@ def run_sensitivity(build_dir: str | Path, images_dir: str | Path, out: str | Pa
     from .quantize import QuantizeOptions, quantize_int8_twins
 
     if max_images < 1:
-        raise ValueError(f"--max-images must be at least 1, got {max_images}")
+        raise ConfigError(f"--max-images must be at least 1, got {max_images}")
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
-    calibration = manifest["calibration"]
+    calibration = manifest.calibration
     files = list_images(images_dir)
     same_folder = Path(calibration["source"]).resolve() == Path(images_dir).resolve()
     _, tuning = split_calibration_and_tuning(files, calibration["count"] if same_folder else 0,
                                              max_tune=max_images)
     if not tuning:
-        raise ValueError(f"no tuning images left in {images_dir} after the {calibration['count']} calibration images")
+        raise ConfigError(f"no tuning images left in {images_dir} after the {calibration['count']} calibration images")
     started, cpu_started = time.perf_counter(), time.process_time()
-    options = QuantizeOptions(preset="auto", calibration_method=manifest["quantization"]["calibration_method"])
+    options = QuantizeOptions(preset="auto", calibration_method=manifest.quantization["calibration_method"])
     with tempfile.TemporaryDirectory(prefix="yqpack-sensitivity-") as tmp:
         quantized = quantize_int8_twins(artifact_path(build_dir, "fp32"), np.load(build_dir / "calib.npy"),
                                         Path(tmp), options)
         all_int8 = onnx.load(str(quantized.int8_fp32_path))
     calibrated = time.perf_counter() - started
-    scorer = AgreementScorer(onnx.load(str(artifact_path(build_dir, "fp32"))), tuning, tuple(manifest["imgsz"]),
-                             manifest["class_names"])
+    scorer = AgreementScorer(onnx.load(str(artifact_path(build_dir, "fp32"))), tuning, manifest.model.imgsz,
+                             list(manifest.model.class_names))
     reference = time.perf_counter() - started - calibrated
     result = analyze(all_int8, scorer, refine=refine, show_progress=show_progress)
     result.timings_s = {"calibration": round(calibrated, 1), "fp32_reference": round(reference, 1),
                         **result.timings_s, "total": round(time.perf_counter() - started, 1),
                         "total_cpu": round(time.process_time() - cpu_started, 1)}
-    return write_outputs(result, Path(out), manifest["model_name"])
+    return write_outputs(result, Path(out), manifest.model.name)
 
 
 def write_outputs(result: SensitivityResult, json_path: Path, model_name: str) -> SensitivityOutputs:

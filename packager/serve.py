@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from packager.assets import yqpack_home
-from packager.cli import YqpackError
+from packager.contracts import ServerError
 from packager.server_env import ServerEnv
 
 HOST = "127.0.0.1"
@@ -114,7 +114,7 @@ class LocalTritonServer:
         self.log_path = Path(log_path or serve_dir() / f"tritonserver-{grpc_port}.log").resolve()
         self.log_verbose = log_verbose
         if model_control_mode not in ("none", "explicit"):
-            raise YqpackError(f"model_control_mode must be 'none' or 'explicit', got {model_control_mode!r}")
+            raise ServerError(f"model_control_mode must be 'none' or 'explicit', got {model_control_mode!r}")
         # explicit: every model still loads at start-up, and clients may then unload/load models.
         self.model_control_mode = model_control_mode
         self.process: subprocess.Popen | None = None
@@ -139,7 +139,7 @@ class LocalTritonServer:
 
     def state(self) -> ServerState:
         if self.process is None:
-            raise YqpackError("the server has not been started")
+            raise ServerError("the server has not been started")
         return ServerState(
             pid=self.process.pid,
             grpc_port=self.ports["grpc"],
@@ -178,14 +178,14 @@ class LocalTritonServer:
 
     def start(self) -> "LocalTritonServer":
         if self.process is not None:
-            raise YqpackError("this server is already started")
+            raise ServerError("this server is already started")
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.repository} (run yqpack build first)")
         if len(set(self.ports.values())) != len(self.ports):
-            raise YqpackError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
+            raise ServerError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
         busy = [f"{kind} port {port}" for kind, port in self.ports.items() if port_in_use(port)]
         if busy:
-            raise YqpackError(
+            raise ServerError(
                 f"{' and '.join(busy)} already in use on {HOST}: stop what listens there (yqpack stop?) "
                 "or choose other ports with --grpc-port/--http-port/--metrics-port"
             )
@@ -212,11 +212,11 @@ class LocalTritonServer:
         (another server on the same port could answer for it).
         """
         if self.process is None:
-            raise YqpackError("the server has not been started")
+            raise ServerError("the server has not been started")
         deadline = time.monotonic() + timeout
         while True:
             if not self.is_alive():
-                raise YqpackError(
+                raise ServerError(
                     f"tritonserver exited with code {self.process.returncode} before all models were ready; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
@@ -225,7 +225,7 @@ class LocalTritonServer:
             if time.monotonic() > deadline:
                 not_ready = self._models_not_ready()
                 self.stop()
-                raise YqpackError(
+                raise ServerError(
                     f"tritonserver was not ready after {timeout:.0f}s (models not ready: {not_ready or 'unknown'}); "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
@@ -432,13 +432,13 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
         raise FileNotFoundError(f"model repository not found: {repository} (run yqpack build, or pass --repository)")
     running = running_detached(options.home)
     if running is not None:
-        raise YqpackError(
+        raise ServerError(
             f"a detached yqpack server already runs (pid {running.pid}, gRPC {running.grpc_url}); run `yqpack stop` first"
         )
     ports = {"grpc": options.grpc_port, "http": options.http_port, "metrics": options.metrics_port}
     busy = [f"{kind} port {port}" for kind, port in ports.items() if port_in_use(port)]
     if busy:  # before creating the env or starting anything
-        raise YqpackError(f"{' and '.join(busy)} already in use on {HOST}: choose other ports or stop what listens there")
+        raise ServerError(f"{' and '.join(busy)} already in use on {HOST}: choose other ports or stop what listens there")
     server = LocalTritonServer(
         repository,
         ensure_server_env(options.home, console=console),
@@ -473,7 +473,7 @@ def _serve_foreground(server: LocalTritonServer, console) -> None:
     try:
         console.print("serving; press Ctrl-C to stop")
         server.process.wait()
-        raise YqpackError(
+        raise ServerError(
             f"tritonserver exited on its own (code {server.process.returncode}); last lines of {server.log_path}:\n"
             f"{server.log_tail()}"
         )

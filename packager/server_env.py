@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from packager.assets import yqpack_home
-from packager.cli import YqpackError
+from packager.contracts import ServerError
 
 # Pinned so that served numerics equal the build env's in-process onnxruntime (1.24.4) and numpy 1.x.
 SERVER_REQUIREMENTS = (
@@ -76,7 +76,7 @@ def ensure_server_env(
     """Return the server env, creating it (venv + pinned pip install) when missing or incomplete.
 
     `root` overrides the location ($YQPACK_HOME/server-env by default). Install output goes to
-    `<root>/install.log`; a failure raises YqpackError with the log's tail.
+    `<root>/install.log`; a failure raises ServerError with the log's tail.
     """
     root = Path(root or default_server_env_dir(home)).resolve()
     console = console or Console(stderr=True)
@@ -101,7 +101,7 @@ def ensure_server_env(
         )
     env = _locate(root, requirements)
     if env is None:
-        raise YqpackError(f"the server env at {root} has no tritonserver after installing; see {log_path}")
+        raise ServerError(f"the server env at {root} has no tritonserver after installing; see {log_path}")
     marker.write_text(json.dumps({"requirements": list(requirements), "python": _python_tag(python)}, indent=2))
     console.print(f"[green]server env ready[/] at {root}")
     return env
@@ -182,6 +182,6 @@ def _run_logged(command: list[str], log_path: Path, status, label: str) -> None:
             status.update(f"{label}: {line.strip()[:100]}")
         code = process.wait()
     if code != 0:
-        raise YqpackError(
+        raise ServerError(
             f"{label} failed (exit {code}); last lines of {log_path}:\n" + "\n".join(tail)
         )

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tritonclient.utils import InferenceServerException
 
 from . import coco_eval
+from .contracts import MANIFEST_NAME, BuildManifest, Precision, RepositoryIndex, YqpackError
 from .gates import (
     Comparison,
     GateResult,
@@ -33,7 +34,7 @@ from .letterbox import decode_image, preprocess_bytes
 from .loadtest import LevelResult, ServerGone, TritonLoad, first_distinct, image_inputs, tensor_inputs
 from .postprocess import EVAL_THRESHOLDS
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = tuple(p.value for p in Precision)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 # Request parameters of the accuracy pass (see docs/architecture.md): Ultralytics' validation settings.
 EVAL_PARAMETERS = {
@@ -45,7 +46,7 @@ EVAL_PARAMETERS = {
 EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 3}
 
 
-class VerifyError(RuntimeError):
+class VerifyError(YqpackError, RuntimeError):
     """A plain-language reason why verify cannot start (turned into `Error: ...` by the CLI)."""
 
 
@@ -171,17 +172,16 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
     )
 
 
-def split_precision(ensemble: str) -> tuple[str, str]:
-    """`yolov8n_int8` -> ("yolov8n", "int8"); names without a known precision keep their full name."""
-    family, _, suffix = ensemble.rpartition("_")
-    if family and suffix in PRECISIONS:
-        return family, suffix
-    return ensemble, "unknown"
+def served_identity(config: dict) -> tuple[str, str]:
+    """(model family, precision) from the `yqpack_model` / `yqpack_precision` parameters yqpack renders into each
+    config; an ensemble rendered elsewhere is its own family with precision "unknown" (names are not parsed)."""
+    family = config_parameter(config, "yqpack_model") or config.get("name", "")
+    return family, config_parameter(config, "yqpack_precision") or "unknown"
 
 
-def _precision_order(name: str) -> tuple[str, int]:
-    family, precision = split_precision(name)
-    return family, PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
+def _precision_order(model: "ServedModel") -> tuple[str, int]:
+    order = PRECISIONS.index(model.precision) if model.precision in PRECISIONS else len(PRECISIONS)
+    return model.family, order
 
 
 def parse_class_names(value: str) -> list[str]:
@@ -201,28 +201,24 @@ def config_parameter(config: dict, key: str) -> str | None:
 
 
 def manifest_class_names(build_dir: Path) -> list[str]:
-    manifest = build_dir / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no manifest.json in build folder {build_dir}")
-    names = json.loads(manifest.read_text()).get("class_names")
+    names = list(BuildManifest.load(build_dir).model.class_names)
     if not names:
-        raise VerifyError(f"{manifest} has no class_names")
-    return list(names)
+        raise VerifyError(f"{build_dir / MANIFEST_NAME} has no class_names")
+    return names
 
 
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
     """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
-    from .repository import load_repository_info
     from .serve import read_state
 
     try:
         state = read_state()
         if state is None or state.grpc_url != url.replace("localhost", "127.0.0.1"):
             return None, ""
-        names = load_repository_info(Path(state.repository)).get("class_names")
+        names = list(RepositoryIndex.load(Path(state.repository)).model.class_names)
     except (OSError, ValueError, TypeError):  # no or unreadable record: just no fallback
         return None, ""
-    return (list(names), f"{state.repository} (detached yqpack serve)") if names else (None, "")
+    return (names, f"{state.repository} (detached yqpack serve)") if names else (None, "")
 
 
 class _Session:
@@ -282,7 +278,7 @@ class _Session:
                 )
             names = list(self.options.models)
         else:
-            names = sorted((name for name, state in states.items() if state == "READY"), key=_precision_order)
+            names = sorted(name for name, state in states.items() if state == "READY")
         served = []
         for name in names:
             config = await self.config(name)
@@ -295,12 +291,12 @@ class _Session:
         if not served:
             listed = ", ".join(states) or "none"
             raise VerifyError(f"no ensemble model is ready on {self.options.url} (models: {listed})")
-        return served
+        return served if self.options.models else sorted(served, key=_precision_order)
 
     async def describe(self, name: str, config: dict) -> ServedModel:
         steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
         step_configs = {step: await self.config(step) for step in steps}
-        family, precision = split_precision(name)
+        family, precision = served_identity(config)
         class_names, source = None, ""
         for holder, holder_config in [(name, config), *step_configs.items()]:
             value = config_parameter(holder_config, "class_names")
@@ -317,15 +313,18 @@ class _Session:
                 f"{name}: the served configs carry no class_names parameter; pass --build DIR so the "
                 "manifest's class names map class ids to COCO categories"
             )
-        detector = next((step for step in steps if step.endswith("_detector")), None)
+        detector = next((step for step in steps if config_parameter(step_configs[step], "yqpack_role") == "detector"),
+                        None)
         model = ServedModel(name, family, precision, steps, class_names, source, detector)
         if detector:
             tensor_input = step_configs[detector].get("input", [{}])[0]
             model.detector_input = tensor_input.get("name")
             model.detector_dims = [int(d) for d in tensor_input.get("dims", [])]
             head_dims = step_configs[detector].get("output", [{}])[0].get("dims", [])
-            # Head output is (4 + classes, anchors): a name list of another model would map ids to wrong categories.
-            if head_dims and int(head_dims[0]) - 4 != len(class_names):
+            # A raw head's output is (4 + classes, anchors): a name list of another model would map ids to wrong
+            # categories. (An end-to-end head's (max_det, 6) says nothing about the class count.)
+            raw_head = config_parameter(step_configs[detector], "yqpack_head_format") in (None, "raw")
+            if raw_head and head_dims and int(head_dims[0]) - 4 != len(class_names):
                 raise VerifyError(
                     f"{name}: the detector predicts {int(head_dims[0]) - 4} classes but {source} lists "
                     f"{len(class_names)} class names"

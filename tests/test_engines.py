@@ -65,6 +65,10 @@ def detector_context(io: dict, precision: str, target: str, name: str = "yolov8n
         "output_dims": io["output_dims"],
         "model_filename": "model.plan" if target == "gpu" else "model.onnx",
         "intra_op_threads": 0,
+        "role": "detector",
+        "target": target,
+        "head_format": "raw",
+        "model_name": name,
     }
 
 

@@ -19,9 +19,15 @@ from packager.repository import (
     TARGETS,
     detector_name,
     ensemble_name,
-    load_repository_info,
     render_repository,
 )
+from packager.contracts import RepositoryIndex, Role
+
+
+def load_repository_info(repository: Path) -> dict:
+    """The index exactly as written to disk (what a user or another tool reads)."""
+    RepositoryIndex.load(repository)  # and it reads back
+    return json.loads((repository / "yqpack_repository.json").read_text())
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -204,3 +210,37 @@ def test_clear_errors(yolov8n_build, tmp_path):
     with pytest.raises(ValueError, match="preferred batch sizes"):
         render_repository(build, tmp_path / "r", max_batch=4, preferred_batch_sizes=[8])
     assert not (tmp_path / "r").exists()
+
+
+def test_the_index_and_the_configs_state_the_same_facts(rendered):
+    """engines, serve and verify read roles, precisions and I/O from the index or the config parameters."""
+    index = RepositoryIndex.load(rendered.path)
+    configs = _configs(rendered.path)
+    assert sorted(m.name for m in index.models) == sorted(configs)
+    assert {p.value for p in index.ensembles()} == set(PRECISIONS)
+    for model in index.models:
+        params = {k: v.string_value for k, v in configs[model.name].parameters.items()}
+        assert params["yqpack_role"] == model.role.value
+        assert params.get("yqpack_precision") == (model.precision.value if model.precision else None)
+        assert params["yqpack_target"] == rendered.target == index.target
+        assert params["yqpack_model"] == index.model.name
+        assert configs[model.name].max_batch_size == model.max_batch_size
+        if model.role is Role.DETECTOR:
+            config = configs[model.name]
+            assert [t.name for t in config.input] == [t.name for t in model.inputs]
+            assert list(config.input[0].dims) == list(model.inputs[0].dims)
+            assert list(config.output[0].dims) == list(model.outputs[0].dims)
+            assert list(config.dynamic_batching.preferred_batch_size) == list(model.preferred_batch_sizes)
+
+
+def test_an_index_from_an_older_yqpack_is_refused_clearly(yolov8n_build, tmp_path):
+    from packager.contracts import ManifestError
+
+    result = render_repository(yolov8n_build, tmp_path / "repo", precisions=("fp32",))
+    path = result.path / "yqpack_repository.json"
+    path.write_text(json.dumps({"model_name": "yolov8n", "target": "local", "ensembles": {"fp32": "yolov8n_fp32"}}))
+    with pytest.raises(ManifestError, match="older yqpack.*yqpack render"):
+        RepositoryIndex.load(result.path)
+    path.write_text("{ truncated")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        RepositoryIndex.load(result.path)

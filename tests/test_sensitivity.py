@@ -51,15 +51,15 @@ def all_int8(yolov8n_build, calibration, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuning_files(yolov8n_build, assets):
     files = list_images(assets / "coco" / "calib2017")
-    _, tuning = split_calibration_and_tuning(files, load_manifest(yolov8n_build)["calibration"]["count"], max_tune=3)
+    _, tuning = split_calibration_and_tuning(files, load_manifest(yolov8n_build).calibration["count"], max_tune=3)
     return tuning
 
 
 @pytest.fixture(scope="module")
 def scorer(yolov8n_build, tuning_files):
-    manifest = load_manifest(yolov8n_build)
+    spec = load_manifest(yolov8n_build).model
     fp32 = onnx.load(str(artifact_path(yolov8n_build, "fp32")))
-    return AgreementScorer(fp32, tuning_files, tuple(manifest["imgsz"]), manifest["class_names"])
+    return AgreementScorer(fp32, tuning_files, spec.imgsz, list(spec.class_names))
 
 
 @pytest.mark.parametrize("unit_name", ["model.4", "model.9", "model.22/cv3.0"])
@@ -150,7 +150,8 @@ def test_build_with_auto_preset_records_its_choice(assets, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     auto = manifest["quantization"]["auto"]
     calib_names = [p.name for p in list_images(assets / "coco" / "calib2017")[:8]]
-    assert manifest["tuning"]["count"] == 4 and not set(manifest["tuning"]["files"]) & set(calib_names)
+    tuning = manifest["calibration"]["tuning"]
+    assert tuning["count"] == 4 and not set(tuning["files"]) & set(calib_names)
     order = [r["unit"] for r in auto["ranking"]]
     assert [s["tried"] for s in auto["steps"][1:]] == order[: len(auto["steps"]) - 1]
     assert auto["kept_precise"] == [s["tried"] for s in auto["steps"] if s["accepted"] and s["tried"]]

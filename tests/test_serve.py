@@ -21,7 +21,8 @@ import tritonclient.grpc.aio as aioclient
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from packager.cli import YqpackError, main
+from packager.cli import main
+from packager.contracts import YqpackError
 from packager.letterbox import preprocess_bytes
 from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
 from packager.repository import detector_name

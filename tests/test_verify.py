@@ -18,7 +18,7 @@ import pytest
 from packager import coco_eval
 from packager.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
 from packager.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
-from packager.verify import VerifyError, _real_rows, parse_class_names, scan_images, split_precision
+from packager.verify import VerifyError, _real_rows, parse_class_names, scan_images, served_identity
 
 
 # --- pure parts -------------------------------------------------------------------------------------------------
@@ -65,9 +65,12 @@ def test_step_timings_from_statistics_snapshots():
 
 
 def test_names_and_class_name_parameters():
-    assert split_precision("yolov8n_int8") == ("yolov8n", "int8")
-    assert split_precision("my_model_fp16") == ("my_model", "fp16")
-    assert split_precision("custom") == ("custom", "unknown")
+    def config(name, **parameters):
+        return {"name": name, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+
+    # Facts come from the parameters yqpack renders, never from the name.
+    assert served_identity(config("a_b_c", yqpack_model="yolov8n", yqpack_precision="int8")) == ("yolov8n", "int8")
+    assert served_identity(config("yolov8n_int8")) == ("yolov8n_int8", "unknown")
     assert parse_class_names('["person", "traffic light"]') == ["person", "traffic light"]
     assert parse_class_names("person\ntraffic light\n") == ["person", "traffic light"]
     assert parse_class_names("person,car") == ["person", "car"]

@@ -1,0 +1,166 @@
+"""The typed contract between stages: manifest round trip and migration, errors, the render stage, no cycles."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from packager.cli import main
+from packager.contracts import (
+    BuildManifest,
+    ConfigError,
+    HeadFormat,
+    ManifestError,
+    MissingInputError,
+    RepositoryIndex,
+    YqpackError,
+    check_model_name,
+)
+from packager.manifest import sha256_file
+
+PACKAGE = Path(__file__).resolve().parent.parent / "packager"
+
+
+@pytest.fixture
+def build_copy(yolov8n_build, tmp_path) -> Path:
+    """The session build's manifest beside links to its artifacts: cheap to edit, artifacts untouched."""
+    copy = tmp_path / "build"
+    (copy / "onnx").mkdir(parents=True)
+    for path in yolov8n_build.rglob("*"):
+        if path.is_file() and path.name != "manifest.json":
+            (copy / path.relative_to(yolov8n_build)).symlink_to(path)
+    shutil.copy2(yolov8n_build / "manifest.json", copy / "manifest.json")
+    return copy
+
+
+def test_manifest_round_trips_and_types_the_model(build_copy):
+    manifest = BuildManifest.load(build_copy)
+    assert manifest.model.head is HeadFormat.RAW
+    assert manifest.model.input.shape == (-1, 3, 640, 640) and manifest.model.input.dims == (3, 640, 640)
+    assert manifest.model.output.dims == (84, 8400) and manifest.model.num_classes == 80
+    assert BuildManifest.from_dict(manifest.to_dict()) == manifest
+    manifest.save(build_copy)
+    on_disk = json.loads((build_copy / "manifest.json").read_text())
+    assert on_disk["schema"] == 2 and on_disk["head_format"] == "raw" and on_disk["stride"] == 32
+
+
+def test_a_manifest_of_yqpack_0_1_is_migrated(build_copy):
+    """Schema 1 had no schema, head_format or stride keys; it knew only the raw head."""
+    data = json.loads((build_copy / "manifest.json").read_text())
+    for key in ("schema", "head_format", "stride"):
+        data.pop(key, None)
+    (build_copy / "manifest.json").write_text(json.dumps(data))
+    manifest = BuildManifest.load(build_copy)
+    assert manifest.model.head is HeadFormat.RAW and manifest.model.stride == 32
+    assert manifest.artifact_path(build_copy, "fp32").is_file()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("class_names"), "lacks class_names"),
+        (lambda d: d.update(schema=99), "schema 99"),
+        (lambda d: d.update(head_format="yolo"), "head_format 'yolo' is not one of raw, end2end"),
+        (lambda d: d.update(input={"name": "images"}), "malformed"),
+        (lambda d: d.update(model_name="../../x"), "must use only letters"),
+    ],
+)
+def test_a_broken_manifest_is_a_clear_error_not_a_key_error(build_copy, edit, message):
+    data = json.loads((build_copy / "manifest.json").read_text())
+    edit(data)
+    (build_copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=message):
+        BuildManifest.load(build_copy)
+
+
+def test_truncated_or_missing_manifest(build_copy, tmp_path):
+    (build_copy / "manifest.json").write_text('{"model_name": ')
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        BuildManifest.load(build_copy)
+    with pytest.raises(MissingInputError, match="no manifest.json"):
+        BuildManifest.load(tmp_path / "nowhere")
+
+
+def test_missing_artifact_names_the_variant(build_copy):
+    manifest = BuildManifest.load(build_copy)
+    (build_copy / manifest.artifacts["fp16"].path).unlink()
+    with pytest.raises(MissingInputError, match="'fp16' listed in the manifest is missing"):
+        manifest.artifact_path(build_copy, "fp16")
+    with pytest.raises(ConfigError, match="no 'fp4' artifact"):
+        manifest.artifact_path(build_copy, "fp4")
+
+
+def test_errors_share_one_base_and_keep_their_builtin_kind():
+    assert issubclass(ConfigError, YqpackError) and issubclass(ConfigError, ValueError)
+    assert issubclass(MissingInputError, FileNotFoundError)
+    for name in ("x y", "a'b", "../x", "", ".."):
+        with pytest.raises(ConfigError):
+            check_model_name(name)
+    assert check_model_name("yolo26n-v1.2_a") == "yolo26n-v1.2_a"
+
+
+def test_render_changes_the_target_without_touching_the_build(build_copy, tmp_path):
+    hashes = {p.name: sha256_file(p) for p in build_copy.rglob("*.onnx")}
+    manifest_before = (build_copy / "manifest.json").read_bytes()
+    repository = tmp_path / "model_repository"
+    for target in ("local", "gpu"):
+        result = CliRunner().invoke(main, ["render", "--build", str(build_copy), "--repository", str(repository),
+                                           "--target", target])
+        assert result.exit_code == 0, result.output
+        assert RepositoryIndex.load(repository).target == target
+    assert {p.value for p in RepositoryIndex.load(repository).ensembles()} == {"fp16", "int8"}
+    assert {p.name: sha256_file(p) for p in build_copy.rglob("*.onnx")} == hashes
+    assert (build_copy / "manifest.json").read_bytes() == manifest_before
+
+
+def test_the_cli_turns_stage_errors_into_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["render", "--build", str(tmp_path), "--repository", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no manifest.json in") and "Traceback" not in result.output
+
+
+def _imports(module: Path) -> set[str]:
+    """packager modules imported anywhere in `module` (module level or inside functions) when it runs."""
+    found = set()
+    tree = ast.parse(module.read_text())
+    for block in ast.walk(tree):  # imports for type checkers only never run: not a dependency
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING":
+            block.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(alias.name for alias in node.names)
+            elif node.module and node.module.startswith("packager."):
+                found.add(node.module.split(".")[1])
+            elif node.module == "packager":
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_packager_has_no_import_cycles_and_contracts_is_the_ground_floor():
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    graph = {name: _imports(PACKAGE / f"{name}.py") & modules for name in modules}
+    assert graph["contracts"] == set(), "contracts.py must import nothing of yqpack"
+    assert "cli" not in set().union(*(deps for name, deps in graph.items() if name != "cli")), \
+        "only the entry point may import the CLI"
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                if dep == start:
+                    return path + [dep]
+                if dep not in path:
+                    stack.append((dep, path + [dep]))
+        return None
+
+    cycles = [cycle for cycle in map(cycle_from, sorted(modules)) if cycle]
+    assert not cycles, f"import cycles: {cycles}"
