@@ -141,8 +141,8 @@ class AgreementScorer:
 
 
 def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_progress: bool = True) -> SensitivityResult:
-    """Score every unit of `quantized_model` (everything INT8) alone; optionally refine the `refine` most sensitive
-    non-head modules into their child blocks and score those too. Units come back most sensitive first."""
+    """Score every unit of `quantized_model` (everything INT8) alone; then split the `refine` most sensitive units
+    that have several child blocks and score the children too. Units come back most sensitive first."""
     started, cpu_started = time.perf_counter(), time.process_time()
     all_int8 = scorer.score(quantized_model)
     units = find_units(quantized_model)
@@ -152,9 +152,9 @@ def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_prog
         split = find_units(quantized_model, refine=[s.unit for s in scores])
         parent = {u.name: next(s.unit for s in scores if _overlaps(u.name, s.unit)) for u in split}
         counts = {p: list(parent.values()).count(p) for p in set(parent.values())}
-        chosen = [s.unit for s in ranked(scores) if counts.get(s.unit, 0) > 1][:refine]
-        children = [u for u in split if parent[u.name] in chosen and u.name != parent[u.name]]
-        scores += _score_alone(quantized_model, children, scorer, show_progress, "Refining " + ", ".join(chosen))
+        to_split = [s.unit for s in ranked(scores) if counts.get(s.unit, 0) > 1][:refine]
+        children = [u for u in split if parent[u.name] in to_split and u.name != parent[u.name]]
+        scores += _score_alone(quantized_model, children, scorer, show_progress, "Refining " + ", ".join(to_split))
     return SensitivityResult(len(scorer.names), all_int8, ranked(scores), int8_conv_mac_share(quantized_model),
                              sum(conv_macs(quantized_model).values()),
                              {"analysis": round(time.perf_counter() - started, 1),
