@@ -83,7 +83,7 @@ def markdown_table(result: SensitivityResult, model_name: str) -> str:
         "",
         f"Everything INT8: agreement {result.all_int8.agreement:.4f} (pseudo-mAP50-95 vs FP32), "
         f"SQNR {result.all_int8.sqnr_db:.1f} dB. Each row: only that unit in INT8, the rest FP32; "
-        "most sensitive (lowest SQNR) first.",
+        "most sensitive (lowest agreement alone) first.",
         "",
         "| rank | unit | nodes | share of conv MACs | agreement | SQNR dB |",
         "|---|---|---|---|---|---|",
