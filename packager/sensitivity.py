@@ -68,6 +68,7 @@ class SensitivityResult:
     int8_coverage_all: float
     total_conv_macs: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    image_files: list[str] = field(default_factory=list)  # the tuning images, by name
 
     def ranking(self) -> list[str]:
         return [u.unit for u in self.units]
@@ -158,7 +159,7 @@ def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_prog
     return SensitivityResult(len(scorer.names), all_int8, ranked(scores), int8_conv_mac_share(quantized_model),
                              sum(conv_macs(quantized_model).values()),
                              {"analysis": round(time.perf_counter() - started, 1),
-                              "analysis_cpu": round(time.process_time() - cpu_started, 1)})
+                              "analysis_cpu": round(time.process_time() - cpu_started, 1)}, list(scorer.names))
 
 
 def _score_alone(model, units: list[Unit], scorer, show_progress: bool, label: str) -> list[UnitScore]:

@@ -162,3 +162,24 @@ def test_build_with_auto_preset_records_its_choice(assets, tmp_path):
     int8 = onnx.load(str(out / "onnx" / "model.int8-fp32.onnx"))
     assert not set(manifest["quantization"]["excluded_nodes"]) & set(quantized_inputs(int8))
     assert result.quantization.auto is not None
+
+
+def test_sensitivity_cli_writes_json_table_and_chart(yolov8n_build, assets, tmp_path):
+    """`yqpack sensitivity` on the build's own calibration folder: its calibration images are skipped."""
+    from click.testing import CliRunner
+
+    from packager.cli import main
+
+    out = tmp_path / "sens" / "sensitivity.json"
+    result = CliRunner().invoke(main, ["sensitivity", "--build", str(yolov8n_build), "--images",
+                                       str(assets / "coco" / "calib2017"), "--max-images", "2", "--refine", "0",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    calib_count = load_manifest(yolov8n_build).calibration["count"]
+    files = [p.name for p in list_images(assets / "coco" / "calib2017")]
+    assert data["image_files"] == files[calib_count:calib_count + 2]
+    keys = [(u["alone"]["agreement"], u["alone"]["sqnr_db"]) for u in data["units"]]
+    assert keys == sorted(keys) and len(keys) > 20
+    assert f"`{data['units'][0]['unit']}`" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
