@@ -5,7 +5,7 @@ build's own int8-fp32 twin on images never used for calibration or tuning (defau
 their labels are not used).
 
     PYTHONPATH=. .venv/bin/python benchmarks/heldout_agreement.py --build build/yolov8n \
-        --all-int8 reports/auto_bench/all/model.int8-fp32.onnx --sensitivity reports/auto_bench/sensitivity.json \
+        --all-int8 reports/auto_bench/all-int8.onnx --sensitivity reports/auto_bench/sensitivity.json \
         --config "auto 0.96=model.2,model.22/decode"
 """
 
