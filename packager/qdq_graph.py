@@ -197,3 +197,41 @@ def _with_batch(model, batch: int):
             dims[0].dim_value = batch
     del out.graph.value_info[:]
     return out
+
+
+def downstream_submodel(model, node_names: Iterable[str]):
+    """(submodel, cut tensors): the part of `model` that the Q/DQ inputs of `node_names` can influence.
+
+    In an "only these nodes quantized" variant everything outside that part computes exactly what the FP32 model
+    computes, so the submodel fed with cached FP32 values of the cut tensors gives the variant's output.
+    """
+    import onnx
+
+    targets = set(node_names)
+    nodes = list(model.graph.node)
+    producers = {o: node for node in nodes for o in node.output}
+    start = set(targets)
+    for node in nodes:  # the Q/DQ pairs in front of the targets belong to the changed part
+        if node.name in targets:
+            for name in node.input:
+                dq = producers.get(name)
+                if dq is not None and dq.op_type == "DequantizeLinear":
+                    start.add(dq.name)
+                    q = producers.get(dq.input[0])
+                    if q is not None and q.op_type == "QuantizeLinear":
+                        start.add(q.name)
+    changed: set[str] = set()
+    part = []
+    for node in nodes:  # ONNX nodes are topologically sorted
+        if node.name in start or any(name in changed for name in node.input):
+            part.append(node)
+            changed.update(node.output)
+    initializers = {i.name: i for i in model.graph.initializer}
+    cut = sorted({name for node in part for name in node.input
+                  if name and name not in changed and name not in initializers})
+    used = {name for node in part for name in node.input}
+    graph = onnx.helper.make_graph(
+        part, "downstream", [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in cut],
+        list(model.graph.output), [initializers[name] for name in sorted(used & set(initializers))])
+    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return sub, cut

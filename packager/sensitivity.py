@@ -2,7 +2,9 @@
 
 Calibrate once with everything quantizable in INT8 (ModelOpt's default placement, no exclusions), then derive
 every variant from that one graph by removing Q/DQ pairs (`qdq_graph.keep_precise`): scales stay valid, so a
-variant costs one onnxruntime pass over the tuning images, not a calibration. Two label-free signals per variant,
+variant costs one onnxruntime pass over the tuning images, not a calibration. For "only this unit in INT8" that
+pass covers only the graph downstream of the unit's Q/DQ (`qdq_graph.downstream_submodel`), fed with FP32 tensors
+cached once (late units first, within MAX_CACHE_BYTES); outputs are bit-identical to running the whole variant. Two label-free signals per variant,
 both against the FP32 outputs cached once:
 
 - **agreement**: COCO mAP50-95 (pycocotools) of the variant's detections (conf 0.01, iou 0.7, 100 per image) scored
@@ -36,11 +38,20 @@ from rich.progress import Progress
 from .coco_eval import CocoGroundTruth, evaluate
 from .letterbox import preprocess, read_image
 from .postprocess import Thresholds, decode
-from .qdq_graph import Unit, conv_macs, find_units, int8_conv_mac_share, keep_precise, only_quantized
+from .qdq_graph import (
+    Unit,
+    conv_macs,
+    downstream_submodel,
+    find_units,
+    int8_conv_mac_share,
+    keep_precise,
+    only_quantized,
+)
 
 PSEUDO_GT_CONF = 0.25  # FP32 detections at the production threshold are the pseudo ground truth
 OBJECT_ANCHOR_CONF = 0.1  # anchors whose box regression matters for SQNR
 BATCH = 8
+MAX_CACHE_BYTES = 1 << 30  # FP32 intermediate tensors kept for the downstream-only variant runs
 # Variant detections for the agreement: evaluation NMS settings, but conf 0.01 / 100 per image (not 0.001 / 300):
 # the tail below 0.01 barely moves mAP and would triple pycocotools' time per variant.
 AGREEMENT_THRESHOLDS = Thresholds(conf=0.01, iou=0.7, max_det=100, multi_label=True)
@@ -106,25 +117,66 @@ class AgreementScorer:
         self.names = [p.name for p in images]
         self.tensor = np.stack([preprocess(read_image(p), imgsz)[0] for p in images])
         self.class_names = class_names
+        self.fp32 = fp32_model
+        self.cache: dict[str, np.ndarray] = {}  # FP32 intermediate tensors, (N, ...) each
         self.reference = self._raw(fp32_model)
         self.reference_dets = self._detections(self.reference)
         self.ground_truth = PseudoGroundTruth(self.reference_dets, class_names, imgsz)
         self.object_anchors = self.reference[:, 4:].max(axis=1) >= OBJECT_ANCHOR_CONF  # (N, anchors)
 
-    def score(self, model) -> Score:
-        raw = self._raw(model)
+    def score(self, model, cut: list[str] | None = None) -> Score:
+        """Score a variant; with `cut`, `model` is a downstream submodel fed from the cached FP32 cut tensors."""
+        raw = self._raw(model, cut)
         metrics = evaluate(self._detections(raw), self.ground_truth, self.class_names)
         return Score(round(metrics.map50_95, 5), round(self._sqnr_db(raw), 3))
 
-    def _raw(self, model) -> np.ndarray:
+    def cache_fp32(self, groups: list[list[str]]) -> set[str]:
+        """Keep FP32 values of tensor groups (first groups first) within MAX_CACHE_BYTES; returns what is cached.
+
+        Sizes come from a one-image probe, so the full pass only ever materializes what fits."""
+        image_input = self.fp32.graph.input[0].name
+        produced = {o for node in self.fp32.graph.node for o in node.output}
+        candidates = sorted({n for group in groups for n in group if n in produced} - set(self.cache))
+        if candidates:
+            per_image = {n: v[:1].nbytes for n, v in zip(candidates, self._with_outputs(candidates, self.tensor[:1]))}
+            budget = MAX_CACHE_BYTES - sum(v.nbytes for v in self.cache.values())
+            wanted: list[str] = []
+            for group in groups:
+                new = [n for n in dict.fromkeys(group) if n in per_image and n not in wanted]
+                cost = sum(per_image[n] for n in new) * len(self.tensor)
+                if cost <= budget and all(n in produced or n == image_input or n in self.cache for n in group):
+                    wanted += new
+                    budget -= cost
+            if wanted:
+                self.cache.update(zip(wanted, self._with_outputs(wanted, self.tensor)))
+        return set(self.cache) | {image_input}
+
+    def _with_outputs(self, names: list[str], tensor: np.ndarray) -> list[np.ndarray]:
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.fp32)
+        del model.graph.output[:]
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+        image_input = model.graph.input[0].name
+        return self._run(model, lambda i: {image_input: tensor[i:i + BATCH]}, len(tensor))
+
+    def _raw(self, model, cut: list[str] | None = None) -> np.ndarray:
+        image_input = self.fp32.graph.input[0].name
+        if cut is None:
+            return self._run(model, lambda i: {image_input: self.tensor[i:i + BATCH]})[0]
+        source = {**self.cache, image_input: self.tensor}
+        return self._run(model, lambda i: {name: source[name][i:i + BATCH] for name in cut})[0]
+
+    def _run(self, model, feeds, count: int | None = None) -> list[np.ndarray]:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: self.tensor[i:i + BATCH]})[0]
-                               for i in range(0, len(self.tensor), BATCH)])
+        count = len(self.tensor) if count is None else count
+        batches = [session.run(None, feeds(i)) for i in range(0, count, BATCH)]
+        return [np.concatenate(outputs) for outputs in zip(*batches)]
 
     def _detections(self, raw: np.ndarray) -> dict[str, np.ndarray]:
         return {name: decode(r, AGREEMENT_THRESHOLDS) for name, r in zip(self.names, raw)}
@@ -163,12 +215,17 @@ def analyze(quantized_model, scorer: AgreementScorer, refine: int = 0, show_prog
 
 
 def _score_alone(model, units: list[Unit], scorer, show_progress: bool, label: str) -> list[UnitScore]:
+    # Only the part downstream of the unit differs from FP32: run that part from cached FP32 tensors.
+    variants = [downstream_submodel(only_quantized(model, unit.nodes), unit.nodes) for unit in units]
+    # Late units first: their cut tensors are small (low resolution) and they skip most of the graph.
+    cached = scorer.cache_fp32([cut for _, cut in sorted(variants, key=lambda v: len(v[0].graph.node))])
     scores = []
     with Progress(disable=not show_progress, transient=True) as progress:
         task = progress.add_task(label, total=len(units))
-        for unit in units:
-            scores.append(UnitScore(unit.name, list(unit.nodes), unit.conv_macs,
-                                    scorer.score(only_quantized(model, unit.nodes))))
+        for unit, (sub, cut) in zip(units, variants):
+            score = (scorer.score(sub, cut) if set(cut) <= cached
+                     else scorer.score(only_quantized(model, unit.nodes)))
+            scores.append(UnitScore(unit.name, list(unit.nodes), unit.conv_macs, score))
             progress.advance(task)
     return scores
 

@@ -183,3 +183,15 @@ def test_sensitivity_cli_writes_json_table_and_chart(yolov8n_build, assets, tmp_
     assert keys == sorted(keys) and len(keys) > 20
     assert f"`{data['units'][0]['unit']}`" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_downstream_submodel_from_cached_fp32_equals_the_full_variant(all_int8, scorer):
+    """The speed-up of `analyze`: run only what a unit's Q/DQ can change, fed with cached FP32 tensors."""
+    from packager.qdq_graph import downstream_submodel, only_quantized
+
+    for unit in [u for u in find_units(all_int8) if u.name in ("model.8", "model.22/cv3.1")]:
+        variant = only_quantized(all_int8, unit.nodes)
+        sub, cut = downstream_submodel(variant, unit.nodes)
+        assert len(sub.graph.node) < len(variant.graph.node) and "images" not in cut
+        assert set(cut) <= scorer.cache_fp32([cut])
+        np.testing.assert_array_equal(scorer._raw(sub, cut), scorer._raw(variant))
