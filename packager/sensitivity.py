@@ -4,8 +4,8 @@ Calibrate once with everything quantizable in INT8 (ModelOpt's default placement
 every variant from that one graph by removing Q/DQ pairs (`qdq_graph.keep_precise`): scales stay valid, so a
 variant costs one onnxruntime pass over the tuning images, not a calibration. For "only this unit in INT8" that
 pass covers only the graph downstream of the unit's Q/DQ (`qdq_graph.downstream_submodel`), fed with FP32 tensors
-cached once (late units first, within MAX_CACHE_BYTES); outputs are bit-identical to running the whole variant. Two label-free signals per variant,
-both against the FP32 outputs cached once:
+cached once (late units first, within MAX_CACHE_BYTES); outputs are bit-identical to running the whole variant.
+Two label-free signals per variant, both against the FP32 outputs cached once:
 
 - **agreement**: COCO mAP50-95 (pycocotools) of the variant's detections (conf 0.01, iou 0.7, 100 per image) scored
   against the FP32 detections with score >= 0.25 as pseudo ground truth. 1.0 = same detections.
