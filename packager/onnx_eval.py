@@ -1,4 +1,7 @@
-"""COCO mAP of a build's ONNX variants with onnxruntime (CPU), the serving letterbox and postprocess.
+"""COCO mAP of a build's ONNX variants on CPU (onnxruntime or OpenVINO), the serving letterbox and postprocess.
+
+The same Q/DQ ONNX scores differently per runtime: onnxruntime emulates INT8 (quantize -> dequantize -> float
+math), OpenVINO runs integer kernels with its own rounding and accumulation, as a served INT8 engine does.
 
 `int8` (fp16-mixed) is meant for TensorRT: onnxruntime's CPU QuantizeLinear truncates FP16 inputs, so on CPU
 the faithful stand-in for INT8 accuracy is the `int8-fp32` twin (identical scales). The gate compares that.
@@ -10,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import track
 
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate
 from .letterbox import preprocess, read_image
 from .contracts import AccuracyGateError, BuildManifest
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
+from .runtime import RuntimeOptions, open_model
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
 GATED_VARIANT = "int8-fp32"
@@ -60,14 +65,16 @@ def detect_images(
     thresholds: Thresholds = EVAL_THRESHOLDS,
     label: str = "",
     show_progress: bool = True,
+    runtime: RuntimeOptions | None = None,
 ) -> dict[str, np.ndarray]:
     """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}."""
-    session = onnx_session(model_path)
-    input_name = session.get_inputs()[0].name
+    model = open_model(model_path, runtime or RuntimeOptions())
+    for note in model.choice.notes:
+        Console(stderr=True).print(f"[yellow]{note}[/]")
     detections = {}
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
-        raw = session.run(None, {input_name: chw[None]})[0][0]
+        raw = model.run(chw[None])[0]
         detections[path.name] = postprocess(raw, info, thresholds)
     return detections
 
@@ -78,8 +85,10 @@ def evaluate_build(
     annotations: str | Path,
     variants=DEFAULT_VARIANTS,
     show_progress: bool = True,
+    runtime: RuntimeOptions | None = None,
 ) -> dict[str, CocoMetrics]:
-    """mAP of each ONNX variant of a build on the annotated images found in `images_dir`."""
+    """mAP of each ONNX variant of a build on the annotated images found in `images_dir` (`runtime`: which
+    runtime runs them, OpenVINO with the f32 hint by default)."""
     manifest = BuildManifest.load(build_dir)
     ground_truth = CocoGroundTruth(annotations)
     if not Path(images_dir).is_dir():
@@ -91,7 +100,7 @@ def evaluate_build(
     results = {}
     for variant in variants:
         detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress)
+                                   show_progress=show_progress, runtime=runtime)
         results[variant] = evaluate(detections, ground_truth, list(manifest.model.class_names))
     return results
 

@@ -45,6 +45,7 @@ from .onnx_eval import (
 )
 from .qdq_graph import int8_conv_mac_share
 from .quantize import QuantizeOptions, QuantizeResult, apply_auto_preset, convert_fp16, quantize_int8_twins
+from .runtime import RuntimeOptions, runtime_on_this_machine
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
 BATCHNORM_IMAGES = 16
@@ -69,6 +70,7 @@ class BuildOptions:
     min_map_ratio: float = DEFAULT_MIN_MAP_RATIO
     repository: Path | None = None  # render a Triton model repository from the finished build
     repository_target: str = "local"
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # runs the eval gate and the local detector
     show_progress: bool = True
 
 
@@ -178,10 +180,12 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     if options.val_images is not None:
         started = time.perf_counter()
         result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
-                                        show_progress=options.show_progress)
+                                        show_progress=options.show_progress, runtime=options.runtime)
         timings["evaluation"] = time.perf_counter() - started
         manifest.evaluation = {variant: m.as_dict() for variant, m in result.metrics.items()}
-        console.print(metrics_table(result.metrics))
+        runtime_label = runtime_on_this_machine(options.runtime).label
+        manifest.evaluation["runtime"] = runtime_label
+        console.print(metrics_table(result.metrics, runtime_label))
         try:
             result.gate = check_gate(result.metrics, options.min_map_ratio)
         except AccuracyGateError as failure:
@@ -306,12 +310,14 @@ def _render_repository(build_dir: Path, options: BuildOptions, console: Console)
     from .repository import RenderOptions, render
 
     with console.status(f"Rendering the Triton model repository into {options.repository}"):
-        render(build_dir, Path(options.repository), RenderOptions(target=options.repository_target))
+        render(build_dir, Path(options.repository), RenderOptions(
+            target=options.repository_target, runtime=options.runtime.runtime,
+            precision_hint=options.runtime.precision_hint))
     return Path(options.repository)
 
 
-def metrics_table(metrics: dict[str, CocoMetrics]) -> Table:
-    table = Table(title="ONNX COCO evaluation (onnxruntime CPU)")
+def metrics_table(metrics: dict[str, CocoMetrics], runtime_label: str = "onnxruntime") -> Table:
+    table = Table(title=f"ONNX COCO evaluation ({runtime_label}, CPU)")
     for column in ("variant", "mAP50-95", "mAP50", "images", "detections"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for variant, m in metrics.items():
