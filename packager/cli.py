@@ -63,9 +63,15 @@ def _runtime_options(command):
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the FP32 export.")
 @click.option("--end2end/--no-end2end", default=None,
               help="NMS-free one-to-one head (YOLO26) or the classic head + NMS. Default: NMS-free when the model has it.")
-@click.option("--preset", type=click.Choice(["mixed", "extreme"]), default="mixed", show_default=True,
+@click.option("--preset", type=click.Choice(["mixed", "extreme", "auto"]), default="mixed", show_default=True,
               help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
-                   "extreme: quantize everything (stress test only, never deploy).")
+                   "extreme: quantize everything (stress test only, never deploy); auto: keep the most sensitive "
+                   "units precise until --auto-target agreement with FP32 on the tuning images.")
+@click.option("--auto-target", default=0.97, show_default=True, type=float,
+              help="auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images to reach.")
+@click.option("--tune-images", type=click.Path(path_type=Path),
+              help="auto: tuning images [default: --calib-images after the first --calib-size].")
+@click.option("--max-tune-images", default=64, show_default=True, type=int, help="auto: tuning images to use.")
 @click.option("--calibration-method", type=click.Choice(["max", "entropy"]), default="max", show_default=True)
 @click.option("--calibration-eps", default="cpu", show_default=True,
               help="Comma-separated ModelOpt calibration execution providers (cpu, cuda:0, trt).")
@@ -85,6 +91,7 @@ def _runtime_options(command):
               show_default=True, help="Serving target of the rendered repository (with --repository).")
 @_runtime_options
 def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, end2end, preset,
+          auto_target, tune_images, max_tune_images,
           calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
           val_images, val_annotations, min_map_ratio, repository, target, runtime, precision_hint) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
@@ -101,8 +108,9 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
             preset=preset, calibration_method=calibration_method,
             calibration_eps=[ep.strip() for ep in calibration_eps.split(",") if ep.strip()], dq_only=dq_only,
             exclude_nodes=list(exclude_nodes), exclude_ops=list(exclude_ops), calibrate_per_node=calibrate_per_node,
-            trt_plugins=list(trt_plugins),
+            trt_plugins=list(trt_plugins), auto_target=auto_target,
         ),
+        tune_images=tune_images, max_tune_images=max_tune_images,
         val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
         repository=repository, repository_target=target, runtime=RuntimeOptions(runtime, precision_hint),
     )
@@ -164,6 +172,25 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     if min_map_ratio > 0 and "fp32" in metrics and "int8-fp32" in metrics:
         gate = check_gate(metrics, min_map_ratio)
         click.echo(f"Gate passed: {gate.message()}")
+
+
+# --- sensitivity (label-free INT8 sensitivity per unit) ---
+@main.command()
+@click.option("--build", "build_dir", default=Path("build"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Unlabelled tuning images (the build's calibration images are skipped if this is their folder).")
+@click.option("--max-images", default=64, show_default=True, type=int)
+@click.option("--refine", default=2, show_default=True, type=int,
+              help="Split this many of the most sensitive units into their child blocks.")
+@click.option("--out", default=Path("sensitivity.json"), show_default=True, type=click.Path(path_type=Path),
+              help="JSON result; the markdown table (.md) and bar chart (.png) are written beside it.")
+def sensitivity(build_dir, images, max_images, refine, out) -> None:
+    """Rank the model's units by how much INT8 hurts them, against FP32, with no labels."""
+    from packager.sensitivity_report import run_sensitivity
+
+    outputs = run_sensitivity(build_dir, images, out, max_images, refine)
+    click.echo(outputs.markdown_path.read_text())
+    click.echo(f"Wrote {outputs.json_path}, {outputs.markdown_path}, {outputs.plot_path}")
 
 
 # --- serve / stop / server-env ---

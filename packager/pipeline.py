@@ -12,13 +12,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .calibration import DEFAULT_CALIB_SIZE, CalibrationResult, build_calibration, list_images, load_calibration_file
+from .calibration import (
+    DEFAULT_CALIB_SIZE,
+    CalibrationResult,
+    build_calibration,
+    list_images,
+    load_calibration_file,
+    split_calibration_and_tuning,
+)
 from .coco_eval import CocoMetrics
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
-from .contracts import ARTIFACT_FILES, MANIFEST_NAME, AccuracyGateError, BuildManifest, ModelSpec, TensorSpec
+from .contracts import (
+    ARTIFACT_FILES,
+    MANIFEST_NAME,
+    AccuracyGateError,
+    BuildManifest,
+    ConfigError,
+    ModelSpec,
+    TensorSpec,
+)
 from .manifest import artifact_entries, library_versions
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
@@ -27,7 +43,8 @@ from .onnx_eval import (
     check_gate,
     evaluate_build,
 )
-from .quantize import QuantizeOptions, QuantizeResult, convert_fp16, quantize_int8_twins
+from .qdq_graph import int8_conv_mac_share
+from .quantize import QuantizeOptions, QuantizeResult, apply_auto_preset, convert_fp16, quantize_int8_twins
 from .runtime import RuntimeOptions, runtime_on_this_machine
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
@@ -41,6 +58,8 @@ class BuildOptions:
     calib_images: Path | None = None
     calib_data: Path | None = None  # .npy / .npz tensor instead of an image folder
     calib_size: int = DEFAULT_CALIB_SIZE
+    tune_images: Path | None = None  # preset auto: tuning images (default: --calib-images after the first calib_size)
+    max_tune_images: int = 64
     imgsz: tuple[int, int] = (640, 640)
     max_batch: int = 8
     dynamic_batch: bool = True
@@ -85,6 +104,12 @@ def validate_options(options: BuildOptions) -> None:
         raise FileNotFoundError(f"calibration data file not found: {options.calib_data}")
     if options.calib_size < 1:
         raise ValueError(f"--calib-size must be at least 1, got {options.calib_size}")
+    if options.tune_images is not None:
+        list_images(options.tune_images)
+    if options.quantize.preset == "auto" and options.tune_images is None and (
+            options.calib_images is None or len(list_images(options.calib_images)) <= options.calib_size):
+        raise ConfigError("--preset auto needs tuning images besides the calibration images: give more "
+                         "--calib-images than --calib-size, or --tune-images DIR")
     if options.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {options.max_batch}")
     if (options.val_images is None) != (options.val_annotations is None):
@@ -124,7 +149,7 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     (build_dir / "onnx").mkdir(parents=True)
 
     started = time.perf_counter()
-    calibration = _calibration(options)
+    calibration, tuning = _calibration(options)
     calibration.save(build_dir / ARTIFACT_FILES["calib"])
     timings["calibration"] = time.perf_counter() - started
     if calibration.skipped:
@@ -143,28 +168,16 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
         console.print(f"Random-init model: BatchNorm statistics re-estimated on "
                       f"{min(BATCHNORM_IMAGES, calibration.count)} calibration images")
 
-    started = time.perf_counter()
-    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
-                        f"calibration on {calibration.count} images)"):
-        quantization = quantize_int8_twins(
-            build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx", options.quantize
-        )
-    timings["quantize"] = time.perf_counter() - started
-    if quantization.excluded_nodes:
-        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
-                      + ", ".join(quantization.excluded_nodes))
-    if quantization.excluded_ops:
-        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    quantization = _quantize(build_dir, options, calibration.data, tuning, exported.class_names, console, timings)
 
     started = time.perf_counter()
     with console.status("FP16 baseline (ModelOpt AutoCast)"):
         convert_fp16(build_dir / ARTIFACT_FILES["fp32"], build_dir / ARTIFACT_FILES["fp16"])
     timings["fp16"] = time.perf_counter() - started
 
-    manifest = _manifest(build_dir, options, exported, calibration, quantization)
+    manifest = _manifest(build_dir, options, exported, calibration, quantization, tuning)
     manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings)
-
     if options.val_images is not None:
         started = time.perf_counter()
         result.metrics = evaluate_build(build_dir, options.val_images, options.val_annotations, DEFAULT_VARIANTS,
@@ -184,14 +197,46 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     return result
 
 
-def _calibration(options: BuildOptions) -> CalibrationResult:
+def _quantize(build_dir: Path, options: BuildOptions, calibration: np.ndarray, tuning: list[Path],
+              class_names: list[str], console: Console, timings: dict[str, float]) -> QuantizeResult:
+    """INT8 twins from one calibration; preset auto then picks what to keep precise on the `tuning` images."""
+    started = time.perf_counter()
+    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
+                        f"calibration on {len(calibration)} images)"):
+        quantization = quantize_int8_twins(
+            build_dir / ARTIFACT_FILES["fp32"], calibration, build_dir / "onnx", options.quantize
+        )
+    timings["quantize"] = time.perf_counter() - started
+    if options.quantize.preset == "auto":
+        started = time.perf_counter()
+        apply_auto_preset(quantization, build_dir / ARTIFACT_FILES["fp32"], tuning, options.imgsz,
+                          class_names, options.quantize, options.show_progress)
+        timings["auto_preset"] = time.perf_counter() - started
+        console.print(f"Auto preset: {quantization.auto.reason()}")
+    elif quantization.excluded_nodes:
+        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
+                      + ", ".join(quantization.excluded_nodes))
+    if quantization.excluded_ops:
+        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    return quantization
+
+
+def _calibration(options: BuildOptions) -> tuple[CalibrationResult, list[Path]]:
+    """The calibration tensor and the tuning image files (disjoint from calibration; used by preset auto)."""
+    tune_files = list_images(options.tune_images) if options.tune_images is not None else None
     if options.calib_data is not None:
         data = load_calibration_file(options.calib_data, options.imgsz)[: options.calib_size]
-        return CalibrationResult(data, str(Path(options.calib_data).resolve()))
-    return build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress)
+        return CalibrationResult(data, str(Path(options.calib_data).resolve())), (tune_files or [])[
+            : options.max_tune_images]
+    files, tuning = split_calibration_and_tuning(list_images(options.calib_images), options.calib_size, tune_files,
+                                                 options.max_tune_images)
+    calibration = build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress,
+                                    files=files)
+    return calibration, tuning
 
 
-def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> BuildManifest:
+def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult,
+              tuning: list[Path]) -> BuildManifest:
     versions = library_versions()
     max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
     spec = ModelSpec(
@@ -230,14 +275,25 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "twins_from_one_calibration": True,
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
+            "int8_conv_mac_share": round(int8_conv_mac_share(_load_onnx(build_dir / ARTIFACT_FILES["int8-fp32"])), 5),
+            **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
         },
         calibration={
             "source": calibration.source,
             "count": calibration.count,
             "skipped": calibration.skipped,
             "letterbox": "packager.letterbox.preprocess",
+            # Tuning images (preset auto): never calibration images, see split_calibration_and_tuning.
+            "tuning": {"count": len(tuning), "files": [p.name for p in tuning],
+                       "used_by": "preset auto" if quantization.auto else None},
         },
     )
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -282,7 +338,9 @@ def summary_table(result: BuildResult) -> Table:
     quant = manifest.quantization
     table.caption = (
         f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
-        f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise; "
+        f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise, "
+        f"INT8 conv MACs {quant['int8_conv_mac_share']:.1%}; "
+        + (f"auto: {result.quantization.auto.reason()}; " if result.quantization.auto else "")
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
         + (f"; gate {result.gate.message()}" if result.gate else "")
     )
