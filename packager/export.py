@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .assets import ultralytics_offline_env
-from .contracts import ConfigError, HeadFormat
+from .contracts import ConfigError, HeadFormat, MissingInputError
 
 STRIDE = 32
 DEFAULT_OPSET = 17
@@ -54,7 +54,7 @@ def parse_imgsz(value) -> tuple[int, int]:
         try:
             sizes = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"--imgsz must be an integer or H,W (e.g. 640 or 640,480), got {value!r}") from None
+            raise ConfigError(f"--imgsz must be an integer or H,W (e.g. 640 or 640,480), got {value!r}") from None
     elif isinstance(value, int):
         sizes = [value]
     else:
@@ -62,19 +62,19 @@ def parse_imgsz(value) -> tuple[int, int]:
     if len(sizes) == 1:
         sizes = sizes * 2
     if len(sizes) != 2 or any(s < STRIDE or s % STRIDE for s in sizes):
-        raise ValueError(f"--imgsz must be one or two positive multiples of {STRIDE} (e.g. 640), got {value!r}")
+        raise ConfigError(f"--imgsz must be one or two positive multiples of {STRIDE} (e.g. 640), got {value!r}")
     return sizes[0], sizes[1]
 
 
 def check_model_path(model: str | Path) -> Path:
     path = Path(model)
     if path.suffix.lower() not in MODEL_SUFFIXES:
-        raise ValueError(f"--model must be a .pt checkpoint, a model .yaml or an .onnx file, got {path.name}")
+        raise ConfigError(f"--model must be a .pt checkpoint, a model .yaml or an .onnx file, got {path.name}")
     # Ultralytics resolves bare model YAML names (yolo11n.yaml) from its own package: no file needed.
     if path.suffix.lower() in (".yaml", ".yml") and not path.exists() and path.parent == Path("."):
         return path
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise MissingInputError(f"model file not found: {path}")
     return path
 
 
@@ -142,7 +142,7 @@ def _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batch
             )
             exported = Path(exported).resolve() if exported else None  # may be relative to the temp cwd
         if exported is None or not exported.is_file():
-            raise RuntimeError(f"Ultralytics did not export {model_path.name} to ONNX")
+            raise ConfigError(f"Ultralytics did not export {model_path.name} to ONNX")
         class_names = [str(yolo.names[i]) for i in sorted(yolo.names)]
         stride = int(max(yolo.model.stride))
         _finalize_onnx(exported, out_path, imgsz, dynamic_batch)
@@ -168,9 +168,9 @@ def _adopt_onnx(model_path: Path, out_path: Path, imgsz) -> ExportResult:
     metadata = {p.key: p.value for p in model.metadata_props}
     input_dims = _dims(model.graph.input[0])
     if len(model.graph.input) != 1 or len(input_dims) != 4:
-        raise ValueError(f"{model_path.name} is not a single-input NCHW detector")
+        raise ConfigError(f"{model_path.name} is not a single-input NCHW detector")
     if all(isinstance(d, int) for d in input_dims[2:]) and tuple(input_dims[2:]) != tuple(imgsz):
-        raise ValueError(
+        raise ConfigError(
             f"{model_path.name} takes {input_dims[2]}x{input_dims[3]} images but --imgsz is {imgsz[0]}x{imgsz[1]}"
         )
     try:
@@ -249,7 +249,7 @@ def _describe(onnx_path: Path, source: Path, class_names: list[str], imgsz, stri
     expected = 6 if end2end else 4 + len(class_names)
     if result.ndim != 3 or result.shape[2 if end2end else 1] != expected:
         layout = "(batch, k, 6)" if end2end else f"(batch, 4 + {len(class_names)} classes, anchors)"
-        raise ValueError(
+        raise ConfigError(
             f"{source.name} does not look like a YOLO detection head: output {out.name} has shape "
             f"{result.shape}, expected {layout}"
         )
