@@ -1,13 +1,14 @@
 """Served throughput of the local ensemble vs the bare detector in-process (the ceiling).
 
-Renders the `local` repository of a build into a temp dir, starts the embedded tritonserver on free ports and
-measures, at concurrency 1, 4, 8 (async gRPC client, real COCO JPEGs):
+Renders the `local` repository of a build (one or more precisions, one runtime) into a temp dir, starts the
+embedded tritonserver on free ports and measures, at concurrency 1, 4, 8 (async gRPC client, real COCO JPEGs):
   - the ensemble (bytes -> preprocess -> detector -> postprocess) images/s, p50/p99 latency;
   - the bare served detector (pre-letterboxed tensors in) for the serving overhead of the detector alone;
-  - the bare detector in this process with onnxruntime, batch 1, same ONNX and thread count: the ceiling;
+  - the bare detector in this process with the same runtime, batch 1, same ONNX and thread count: the ceiling;
   - time per request inside preprocess / detector / postprocess from Triton's statistics.
+Precisions are interleaved round by round, so ratios between them (INT8 vs FP32) come from one run.
 
-    .venv/bin/python benchmarks/serve_bench.py --build .yqpack/dev-build/yolov8n --precision int8
+    .venv/bin/python benchmarks/serve_bench.py --build .yqpack/dev-build/yolov8n --precision fp32,int8 --runtime openvino
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import tritonclient.grpc.aio as aioclient
 
 from packager.assets import assets_dir
@@ -31,38 +31,32 @@ from packager.letterbox import preprocess_bytes
 from packager.loadtest import TritonLoad, latency_stats, step_timings
 from packager.report import cpu_name
 from packager.repository import detector_name, render_repository
+from packager.runtime import DEFAULT_RUNTIME, RUNTIMES, CompiledModel, RuntimeOptions, open_model
 from packager.serve import LocalTritonServer, find_free_ports
 from packager.server_env import MALLOC_ENV, ensure_server_env
 
 
 class InProcessDetector:
-    """The ceiling: the bare detector in this process, batch 1, with the better onnxruntime spinning setting."""
+    """The ceiling: the bare detector in this process, batch 1, same runtime as served (for onnxruntime the
+    better spinning setting; OpenVINO has none to choose)."""
 
-    def __init__(self, onnx_path: Path, tensors: list[np.ndarray], threads: int):
+    def __init__(self, onnx_path: Path, tensors: list[np.ndarray], options: RuntimeOptions):
         self.tensors = tensors
-        probes = {spinning: self._session(onnx_path, threads, spinning) for spinning in ("1", "0")}
-        timings = {spinning: self.run(len(tensors) // 4 or 1, session)[1] for spinning, session in probes.items()}
+        settings = (True, False) if options.runtime == "onnxruntime" else (True,)
+        probes = {spin: open_model(onnx_path, RuntimeOptions(**{**vars(options), "allow_spinning": spin}))
+                  for spin in settings}
+        for model in probes.values():
+            model.run(tensors[0][None])  # first run allocates
+        timings = {spin: self.run(len(tensors) // 4 or 1, model)[1] for spin, model in probes.items()}
         self.spinning = min(timings, key=timings.get)  # which wins depends on the machine's other load
-        self.session = probes[self.spinning]
+        self.model = probes[self.spinning]
 
-    @staticmethod
-    def _session(onnx_path: Path, threads: int, spinning: str) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        session.run(None, {name: np.zeros((1, *(d for d in session.get_inputs()[0].shape[1:])), np.float32)})
-        return session
-
-    def run(self, count: int, session: ort.InferenceSession | None = None) -> tuple[list[float], float]:
-        session = session or self.session
-        name = session.get_inputs()[0].name
+    def run(self, count: int, model: CompiledModel | None = None) -> tuple[list[float], float]:
+        model = model or self.model
         latencies, start = [], time.perf_counter()
         for i in range(count):
             begin = time.perf_counter()
-            session.run(None, {name: self.tensors[i % len(self.tensors)][None]})
+            model.run(self.tensors[i % len(self.tensors)][None])
             latencies.append(time.perf_counter() - begin)
         return latencies, time.perf_counter() - start
 
@@ -108,81 +102,94 @@ def _per_request_ms(before: dict, after: dict, models: list[str]) -> dict:
     }
 
 
-def main() -> None:
-    if any(name not in os.environ for name in MALLOC_ENV):
-        # The server runs with these malloc settings; the in-process ceiling gets them too (read at process start).
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+class PrecisionBench:
+    """One precision's ensemble, bare served detector and in-process ceiling, measured in interleaved rounds."""
+
+    def __init__(self, repo, precision: str, encoded: list[bytes], options: RuntimeOptions):
+        self.precision, self.encoded = precision, encoded
+        self.ensemble, self.detector = repo.ensembles[precision], detector_name(repo.model_name, precision)
+        imgsz = tuple(json.loads((repo.path / "yqpack_repository.json").read_text())["imgsz"])
+        self.tensors = [preprocess_bytes(data, imgsz)[0] for data in encoded]
+        self.ceiling = InProcessDetector(repo.path / self.detector / "1" / "model.onnx", self.tensors, options)
+        self.runs = {"ceiling": [], "detector": [], "ensemble": []}
+
+    def ensemble_inputs(self, i):
+        image = aioclient.InferInput("IMAGE", [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[self.encoded[i % len(self.encoded)]]], dtype=object))
+        return [image]
+
+    def detector_inputs(self, i):
+        tensor = aioclient.InferInput("images", [1, *self.tensors[0].shape], "FP32")
+        tensor.set_data_from_numpy(self.tensors[i % len(self.tensors)][None])
+        return [tensor]
+
+    def round(self, url: str, chunk: int, level: int) -> None:
+        self.runs["ceiling"].append(self.ceiling.run(chunk))
+        self.runs["detector"].append(asyncio.run(served(url, self.detector, self.detector_inputs, chunk, level)))
+        self.runs["ensemble"].append(asyncio.run(served(url, self.ensemble, self.ensemble_inputs, chunk, level)))
+
+    def summary(self) -> dict:
+        ceiling, bare, full = (_summary(self.runs[key]) for key in ("ceiling", "detector", "ensemble"))
+        self.runs = {key: [] for key in self.runs}
+        return {"ceiling_in_process": ceiling, "served_detector": bare, "ensemble": full,
+                "ensemble_vs_ceiling": round(full["images_per_s"] / ceiling["images_per_s"], 3)}
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--build", type=Path, default=Path("build/yolov8n"), help="build directory (manifest.json)")
-    parser.add_argument("--precision", default="int8", choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--precision", default="int8", help="comma-separated: fp32, fp16, int8")
+    parser.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES, help="the local detector's runtime")
+    parser.add_argument("--precision-hint", default="f32", choices=("f32", "bf16"), help="OpenVINO only")
     parser.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--images", type=int, default=32, help="distinct COCO images cycled through")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="detector intra-op threads (0: all cores)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency level")
     parser.add_argument("--preprocess-instances", type=int, default=None, help="default: per target")
     parser.add_argument("--max-queue-delay-us", type=int, default=None, help="default: per target")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    return parser.parse_args()
 
-    paths = sorted((assets_dir() / "coco" / "val2017").glob("*.jpg"))[: args.images]
-    encoded = [p.read_bytes() for p in paths]
+
+def main() -> None:
+    if any(name not in os.environ for name in MALLOC_ENV):
+        # The server runs with these malloc settings; the in-process ceiling gets them too (read at process start).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
+    args = _arguments()
+    levels, precisions = [int(c) for c in args.concurrency.split(",")], args.precision.split(",")
+    options = RuntimeOptions(args.runtime, args.precision_hint, threads=args.threads)
+    encoded = [p.read_bytes() for p in sorted((assets_dir() / "coco" / "val2017").glob("*.jpg"))[: args.images]]
+    results = {"runtime": options.runtime, "precision_hint": options.precision_hint, "levels": {}}
     with tempfile.TemporaryDirectory(prefix="yqpack-serve-bench-") as tmp:
         repo = render_repository(
-            args.build, Path(tmp) / "model_repository", target="local", precisions=(args.precision,),
+            args.build, Path(tmp) / "model_repository", target="local", precisions=tuple(precisions),
             preprocess_instances=args.preprocess_instances, max_queue_delay_us=args.max_queue_delay_us,
-            intra_op_threads=args.threads,
+            intra_op_threads=args.threads, runtime=options.runtime, precision_hint=options.precision_hint,
         )
-        ensemble, detector = repo.ensembles[args.precision], detector_name(repo.model_name, args.precision)
-        onnx_path = repo.path / detector / "1" / "model.onnx"
-        imgsz = tuple(json.loads((repo.path / "yqpack_repository.json").read_text())["imgsz"])
-        tensors = [preprocess_bytes(data, imgsz)[0] for data in encoded]
-
-        def ensemble_inputs(i):
-            image = aioclient.InferInput("IMAGE", [1, 1], "BYTES")
-            image.set_data_from_numpy(np.array([[encoded[i % len(encoded)]]], dtype=object))
-            return [image]
-
-        def detector_inputs(i):
-            tensor = aioclient.InferInput("images", [1, *tensors[0].shape], "FP32")
-            tensor.set_data_from_numpy(tensors[i % len(tensors)][None])
-            return [tensor]
-
-        results = {"ceiling_in_process": {}, "served_detector": {}, "ensemble": {}, "ensemble_vs_ceiling": {}}
         grpc_port, http_port, metrics_port = find_free_ports(3)
         server = LocalTritonServer(
             repo.path, ensure_server_env(), grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
             log_path=Path(tmp) / "server.log",
         )
+        started = time.perf_counter()
         with server:
+            results["server_ready_s"] = round(time.perf_counter() - started, 1)  # compile time included
             pre, post = f"{repo.model_name}_preprocess", f"{repo.model_name}_postprocess"
-            ceiling_detector = InProcessDetector(onnx_path, tensors, args.threads)
-            results["ceiling_spinning"] = ceiling_detector.spinning == "1"
+            benches = [PrecisionBench(repo, precision, encoded, options) for precision in precisions]
             for level in levels:
-                # Interleaved rounds: on a shared machine the load drifts, and all three should see the same.
+                # Interleaved rounds: on a shared machine the load drifts, and every measurement should see the same.
                 chunk = max(args.requests // args.rounds, level)
-                runs = {"ceiling": [], "detector": [], "ensemble": []}
                 before = asyncio.run(statistics(server.grpc_url))
                 for _ in range(args.rounds):
-                    runs["ceiling"].append(ceiling_detector.run(chunk))
-                    runs["detector"].append(
-                        asyncio.run(served(server.grpc_url, detector, detector_inputs, chunk, level))
-                    )
-                    runs["ensemble"].append(
-                        asyncio.run(served(server.grpc_url, ensemble, ensemble_inputs, chunk, level))
-                    )
+                    for bench in benches:
+                        bench.round(server.grpc_url, chunk, level)
                 after = asyncio.run(statistics(server.grpc_url))
-                ceiling, bare, full = (_summary(runs[key]) for key in ("ceiling", "detector", "ensemble"))
-                results["ceiling_in_process"][level] = ceiling
-                results["served_detector"][level] = bare
-                results["ensemble"][level] = full
-                results["ensemble_vs_ceiling"][level] = round(full["images_per_s"] / ceiling["images_per_s"], 3)
-                results.setdefault("load_average_1min", {})[level] = round(os.getloadavg()[0], 2)
-                results.setdefault("pre_post_ms", {})[level] = _per_request_ms(before, after, [pre, post])
-                print(f"c={level}: ceiling {ceiling} | served detector {bare} | ensemble {full} "
-                      f"| ensemble/ceiling {results['ensemble_vs_ceiling'][level]:.1%} "
-                      f"| pre/post per request {results['pre_post_ms'][level]}")
+                row = {bench.precision: bench.summary() for bench in benches}
+                row["load_average_1min"] = round(os.getloadavg()[0], 2)
+                row["pre_post_ms"] = _per_request_ms(before, after, [pre, post])
+                results["levels"][level] = row
+                print(f"c={level}: {json.dumps(row)}", flush=True)
     results["machine"] = {"cpus": _cpu_count(), "platform": platform.platform(), "processor": cpu_name()}
     results["settings"] = {k: str(v) for k, v in vars(args).items()}
     if args.json:

@@ -4,6 +4,7 @@
 Runs with the tritonserver image's own Python (standard library only). The logic lives in packager/engines.py,
 mounted beside this script (deploy/../packager), so the CLI, the tests and the container share one code path.
 Usage: python3 build_engines.py /models [--allow-missing] [--timing-cache-dir /trt_cache] [--trtexec PATH]
+       [--plugins "/plugins/a.so;/plugins/b.so"]
 """
 
 import sys

@@ -56,19 +56,45 @@ def list_images(images_dir: str | Path) -> list[Path]:
     return files
 
 
+def split_calibration_and_tuning(
+    files: list[Path],
+    calib_size: int,
+    tune_files: list[Path] | None = None,
+    max_tune: int | None = None,
+) -> tuple[list[Path], list[Path]]:
+    """(calibration files, tuning files): calibration = the first `calib_size` of `files` (sorted by name), tuning
+    = `tune_files` when given (e.g. from --tune-images), else the rest of `files`; at most `max_tune` of them.
+
+    The two lists never share a file: a tuning file that is also a calibration file (same resolved path) is
+    dropped. Content-hash checks against validation images live with the gate, not here.
+    """
+    if calib_size < 0:
+        raise ValueError(f"calibration size must not be negative, got {calib_size}")
+    calibration = list(files[:calib_size])
+    candidates = list(files[calib_size:]) if tune_files is None else list(tune_files)
+    taken = {p.resolve() for p in calibration}
+    tuning = [p for p in candidates if p.resolve() not in taken]
+    if len(tuning) < len(candidates):
+        log.warning("%d tuning image(s) are also calibration images: not used for tuning",
+                    len(candidates) - len(tuning))
+    return calibration, tuning[:max_tune] if max_tune is not None else tuning
+
+
 def build_calibration(
     images_dir: str | Path,
     imgsz: tuple[int, int],
     count: int = DEFAULT_CALIB_SIZE,
     show_progress: bool = True,
+    files: list[Path] | None = None,
 ) -> CalibrationResult:
     """Letterbox the first `count` readable images of `images_dir` (sorted by name) into one tensor.
 
-    Unreadable files are skipped with a warning naming them; if none is usable, raises ValueError.
+    With `files` (e.g. the calibration part of `split_calibration_and_tuning`) only those are read, so a corrupt
+    file never pulls in a tuning image. Unreadable files are skipped with a warning; none usable is a ValueError.
     """
     if count < 1:
         raise ValueError(f"calibration size must be at least 1, got {count}")
-    files = list_images(images_dir)
+    files = list_images(images_dir) if files is None else files
     tensors: list[np.ndarray] = []
     skipped: list[str] = []
     iterator = iter(files)

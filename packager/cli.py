@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from packager.contracts import YqpackError
+from packager.contracts import ConfigError, YqpackError
 
 # Stages still raising the builtin errors for bad input are converted too (being moved onto YqpackError).
 _PLAIN_ERRORS = (YqpackError, ValueError, FileNotFoundError)
@@ -38,6 +38,16 @@ def main() -> None:
 # --- build / render / eval-onnx ---
 
 
+def _runtime_options(command):
+    """--runtime / --precision-hint: which CPU runtime evaluates (and, for --target local, serves) the ONNX."""
+    command = click.option("--precision-hint", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                           help="OpenVINO only: f32 keeps FP32 exact; bf16 is faster on AMX and less exact.")(command)
+    return click.option("--runtime", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
+                        show_default=True, help="openvino: INT8 on integer kernels (VNNI/AMX); onnxruntime: INT8 "
+                        "emulated (Q -> DQ -> float). Falls back to onnxruntime, with a message, where "
+                        "OpenVINO cannot run.")(command)
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(path_type=Path),
               help="Ultralytics .pt checkpoint, model .yaml (random init) or an existing .onnx export.")
@@ -51,9 +61,17 @@ def main() -> None:
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch served.")
 @click.option("--static-batch", is_flag=True, help="Export with a fixed batch of 1 instead of a dynamic batch.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the FP32 export.")
-@click.option("--preset", type=click.Choice(["mixed", "extreme"]), default="mixed", show_default=True,
+@click.option("--end2end/--no-end2end", default=None,
+              help="NMS-free one-to-one head (YOLO26) or the classic head + NMS. Default: NMS-free when the model has it.")
+@click.option("--preset", type=click.Choice(["mixed", "extreme", "auto"]), default="mixed", show_default=True,
               help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
-                   "extreme: quantize everything (stress test only, never deploy).")
+                   "extreme: quantize everything (stress test only, never deploy); auto: keep the most sensitive "
+                   "units precise until --auto-target agreement with FP32 on the tuning images.")
+@click.option("--auto-target", default=0.97, show_default=True, type=float,
+              help="auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images to reach.")
+@click.option("--tune-images", type=click.Path(path_type=Path),
+              help="auto: tuning images [default: --calib-images after the first --calib-size].")
+@click.option("--max-tune-images", default=64, show_default=True, type=int, help="auto: tuning images to use.")
 @click.option("--calibration-method", type=click.Choice(["max", "entropy"]), default="max", show_default=True)
 @click.option("--calibration-eps", default="cpu", show_default=True,
               help="Comma-separated ModelOpt calibration execution providers (cpu, cuda:0, trt).")
@@ -69,33 +87,38 @@ def main() -> None:
               help="Gate: INT8 mAP50-95 must be at least this fraction of FP32.")
 @click.option("--repository", type=click.Path(path_type=Path),
               help="Also render a Triton model repository from the build into this folder.")
-@click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True,
-              help="Serving target of the rendered repository (with --repository).")
+@click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
+              show_default=True, help="Serving target of the rendered repository (with --repository).")
 @click.option("--fp8/--no-fp8", default=None,
               help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 [default: only with "
                    "--target gpu, the one target that serves FP8].")
 @click.option("--allow-overlap", is_flag=True,
-              help="Warn instead of refusing when a --val-images image is also a calibration image (by content).")
-def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, preset,
+              help="Warn instead of refusing when a --val-images image is also a calibration/tuning image.")
+@_runtime_options
+def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, end2end, preset,
+          auto_target, tune_images, max_tune_images,
           calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
-          val_images, val_annotations, min_map_ratio, repository, target, fp8, allow_overlap) -> None:
+          val_images, val_annotations, min_map_ratio, repository, target, fp8, allow_overlap, runtime, precision_hint) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
 
     from packager.pipeline import BuildOptions, run_build, summary_table
     from packager.quantize import QuantizeOptions
+    from packager.runtime import RuntimeOptions
 
     options = BuildOptions(
         model=model, out=out, calib_images=calib_images, calib_data=calib_data, calib_size=calib_size, imgsz=imgsz,
-        max_batch=max_batch, dynamic_batch=not static_batch, opset=opset,
+        max_batch=max_batch, dynamic_batch=not static_batch, opset=opset, end2end=end2end,
         quantize=QuantizeOptions(
             preset=preset, calibration_method=calibration_method,
             calibration_eps=[ep.strip() for ep in calibration_eps.split(",") if ep.strip()], dq_only=dq_only,
             exclude_nodes=list(exclude_nodes), exclude_ops=list(exclude_ops), calibrate_per_node=calibrate_per_node,
-            trt_plugins=list(trt_plugins),
+            trt_plugins=list(trt_plugins), auto_target=auto_target,
         ),
+        tune_images=tune_images, max_tune_images=max_tune_images,
         val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
-        repository=repository, repository_target=target, fp8=fp8, allow_overlap=allow_overlap,
+        repository=repository, repository_target=target, runtime=RuntimeOptions(runtime, precision_hint), fp8=fp8,
+        allow_overlap=allow_overlap,
     )
     result = run_build(options)
     Console().print(summary_table(result))
@@ -106,15 +129,18 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
               help="Build directory made by yqpack build (read only: nothing is re-quantized).")
 @click.option("--repository", default=Path("model_repository"), show_default=True, type=click.Path(path_type=Path),
               help="Model repository to write (replaced atomically).")
-@click.option("--target", type=click.Choice(["local", "cpu", "gpu", "gpu-ort"]), default="local", show_default=True)
+@click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
+              show_default=True)
 @click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
 @click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
-def render(build_dir, repository, target, precisions, max_batch) -> None:
+@_runtime_options
+def render(build_dir, repository, target, precisions, max_batch, runtime, precision_hint) -> None:
     """Render a Triton model repository for a serving target from a finished build."""
     from packager.repository import RenderOptions, render as render_stage
 
     names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
-    result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch))
+    result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch,
+                                                               runtime=runtime, precision_hint=precision_hint))
     click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
                + ", ".join(result.ensembles.values()))
 
@@ -131,30 +157,58 @@ def render(build_dir, repository, target, precisions, max_batch) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics to this JSON file.")
 @click.option("--allow-overlap", is_flag=True,
               help="Warn instead of refusing when a validation image is one of the build's calibration images.")
-def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path, allow_overlap) -> None:
-    """COCO mAP of a build's ONNX variants with onnxruntime (CPU), ratios vs FP32 with 95 % intervals, gates."""
+@_runtime_options
+def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path, allow_overlap, runtime,
+              precision_hint) -> None:
+    """COCO mAP of a build's ONNX variants on CPU (OpenVINO or onnxruntime), ratios vs FP32 with 95 % intervals,
+    quantized MAC coverage, gates."""
     import json
 
     from rich.console import Console
 
     from packager.onnx_eval import check_gate, evaluate_build_detailed
     from packager.pipeline import metrics_table
+    from packager.runtime import RuntimeOptions, runtime_on_this_machine
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
-    evaluation = evaluate_build_detailed(build_dir, val_images, val_annotations, names, allow_overlap=allow_overlap)
-    Console().print(metrics_table(evaluation.metrics, evaluation.intervals, evaluation.coverage))
+    options = RuntimeOptions(runtime, precision_hint)
+    evaluation = evaluate_build_detailed(build_dir, val_images, val_annotations, names, allow_overlap=allow_overlap,
+                                         runtime=options)
+    label = runtime_on_this_machine(options).label  # what ran, fallbacks included
+    Console().print(metrics_table(evaluation.metrics, label, evaluation.intervals, evaluation.coverage))
     if json_path is not None:
-        json_path.write_text(json.dumps(evaluation.as_dict(), indent=2) + "\n")
+        rows = {v: {**row, "runtime": label} for v, row in evaluation.as_dict().items()}
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
     for variant in ("int8-fp32", "fp8-fp32"):
         if min_map_ratio > 0 and "fp32" in evaluation.metrics and variant in evaluation.metrics:
             gate = check_gate(evaluation.metrics, min_map_ratio, variant, evaluation.intervals.get(variant))
             click.echo(f"Gate passed: {gate.message()}")
 
 
+# --- sensitivity (label-free INT8 sensitivity per unit) ---
+@main.command()
+@click.option("--build", "build_dir", default=Path("build"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Unlabelled tuning images (the build's calibration images are skipped if this is their folder).")
+@click.option("--max-images", default=64, show_default=True, type=int)
+@click.option("--refine", default=2, show_default=True, type=int,
+              help="Split this many of the most sensitive units into their child blocks.")
+@click.option("--out", default=Path("sensitivity.json"), show_default=True, type=click.Path(path_type=Path),
+              help="JSON result; the markdown table (.md) and bar chart (.png) are written beside it.")
+def sensitivity(build_dir, images, max_images, refine, out) -> None:
+    """Rank the model's units by how much INT8 hurts them, against FP32, with no labels."""
+    from packager.sensitivity_report import run_sensitivity
+
+    outputs = run_sensitivity(build_dir, images, out, max_images, refine)
+    click.echo(outputs.markdown_path.read_text())
+    click.echo(f"Wrote {outputs.json_path}, {outputs.markdown_path}, {outputs.plot_path}")
+
+
 # --- serve / stop / server-env ---
 @main.command()
-@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"),
-              show_default=True, help="Triton model repository rendered by yqpack build.")
+@click.option("--repository", default="model_repository", show_default=True,
+              help="Triton model repository rendered by yqpack build: a folder, or s3://BUCKET/PREFIX (yqpack push; "
+                   "endpoint from AWS_ENDPOINT_URL) or s3://HOST:PORT/BUCKET/PREFIX.")
 @click.option("--local/--docker", "local", default=True, show_default=True,
               help="Embedded tritonserver on 127.0.0.1, or docker compose on deploy/ (GPU host).")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
@@ -171,9 +225,14 @@ def serve(repository, local, grpc_port, http_port, metrics_port, detach, ready_t
     from packager import serve as serving
 
     if not local:
-        serving.docker_compose_up(repository, detach, grpc_port=grpc_port, http_port=http_port,
-                                  metrics_port=metrics_port, allow_missing=allow_missing,
-                                  ready_timeout=ready_timeout or 1800.0)
+        if repository.startswith("s3://"):
+            raise ConfigError("--docker serves a local folder; serve s3:// repositories with --local or yqpack k8s")
+        from packager.contracts import Endpoints
+        from packager.deploy import compose_up
+
+        endpoints = Endpoints("localhost", http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+        compose_up(Path(repository), detach, allow_missing=allow_missing, endpoints=endpoints,
+                   timeout_s=ready_timeout or 1800.0)
         return
     options = serving.ServeOptions(repository, grpc_port, http_port, metrics_port, detach, ready_timeout or 300.0)
     serving.serve_local(options)
@@ -201,6 +260,48 @@ def server_env() -> None:
 
     env = ensure_server_env()
     click.echo(f"server env: {env.root} (tritonserver {env.tritonserver})")
+
+
+# --- push / k8s (scale-out) ---
+@main.command()
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("model_repository"), show_default=True,
+              help="Model repository rendered by yqpack build.")
+@click.option("--to", "destination", required=True, help="s3://BUCKET/PREFIX to upload it to.")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://minio:9000 [AWS_ENDPOINT_URL].")
+@click.option("--delete-stale", is_flag=True, help="Delete objects under the prefix that the repository lacks.")
+def push(repository, destination, endpoint_url, delete_stale) -> None:
+    """Upload a model repository to S3, verify what landed, skip what is unchanged."""
+    from packager.push import push_with_progress, report_push
+
+    report_push(push_with_progress(repository, destination, endpoint_url, delete_stale=delete_stale), click.echo)
+
+
+@main.command()
+@click.option("--repository", required=True, help="Model repository: a folder (on a PVC) or s3://BUCKET/PREFIX.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the Kustomize manifests.")
+@click.option("--image", required=True, help="Serving image: deploy/Dockerfile built and pushed to your registry.")
+@click.option("--namespace", default="yqpack", show_default=True)
+@click.option("--name", default=None, help="Deployment name [MODEL-triton].")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Minimum replicas.")
+@click.option("--max-replicas", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--gpus", type=click.IntRange(0), default=1, show_default=True, help="nvidia.com/gpu per pod.")
+@click.option("--queue-ms", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True,
+              help="HPA target: Triton queue time per request, ms.")
+@click.option("--s3-secret", default="yqpack-s3", show_default=True,
+              help="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_DEFAULT_REGION).")
+@click.option("--endpoint-url", envvar=["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], default=None,
+              help="S3-compatible endpoint the cluster reaches [AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL].")
+@click.option("--pvc", default=None, help="PersistentVolumeClaim holding a folder repository [NAME-models].")
+def k8s(out, **options) -> None:
+    """Render Kubernetes manifests (Deployment, Service, HPA, ServiceMonitor, PDB; KServe variant) for a repository."""
+    from packager.k8s import K8sOptions, render_k8s
+
+    result = render_k8s(K8sOptions(**options), out)
+    for path in result.files:
+        click.echo(f"wrote {path}")
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"apply: kubectl apply -k {out}   (KServe instead: kubectl apply -k {out / 'kserve'})")
 
 
 # --- verify ---
@@ -285,26 +386,29 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_pro
               help="For --engines print: the serving image's TensorRT version (deploy/.env documents it).")
 def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> None:
     """Build the TensorRT plans of a gpu repository where they will run (cached by ONNX, TensorRT, GPU)."""
+    from packager import engine_host
     from packager import engines as engine_stage
+    from packager.deploy import compose_engines, trt_plugin_libraries
 
     if build_dir is not None:
-        engine_stage.stage_engine_sources(build_dir, repository)
+        engine_host.stage_engine_sources(build_dir, repository)
+    plugins = trt_plugin_libraries(build_dir)  # $YQPACK_TRT_PLUGINS, else the build's --trt-plugins
     if mode == "print":
         version = engine_stage.TensorRTVersion.parse(tensorrt_version)
         for spec in engine_stage.repository_engine_specs(repository):
-            command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path)
+            command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path, plugins=plugins)
             click.echo(" ".join(command))
         return
     if mode == "compose":
-        from packager.deploy import compose_engines
-
-        compose_engines(repository, allow_missing=allow_missing)
+        compose_engines(repository, allow_missing=allow_missing, trt_plugins=plugins)
     elif mode == "local":
-        engine_stage.build_repository_engines_local(repository, allow_missing=allow_missing, report=click.echo)
+        engine_host.build_repository_engines_local(repository, allow_missing=allow_missing, plugins=plugins,
+                                                    report=click.echo)
     else:
-        engine_stage.build_repository_engines(repository, allow_missing=allow_missing, report=click.echo)
+        engine_stage.build_repository_engines(repository, allow_missing=allow_missing, plugins=plugins,
+                                              report=click.echo)
     if build_dir is not None:
-        recorded = engine_stage.record_engines(build_dir, repository)
+        recorded = engine_host.record_engines(build_dir, repository)
         click.echo(f"recorded {len(recorded)} engine key(s) in {build_dir / 'manifest.json'}")
 
 

@@ -133,10 +133,15 @@ class ModelSpec:
         return len(self.class_names)
 
     def ultralytics_metadata(self) -> dict:
-        """The dict Ultralytics' Triton client reads from a model's `metadata` config parameter."""
+        """The dict Ultralytics' Triton client reads from a detector's `metadata` config parameter
+        (`BaseBackend.apply_metadata`, `AutoBackend.forward`): `batch` 1, since the client pads every call to `batch`
+        images, and `args.dynamic` False, which keeps its letterbox square at our fixed imgsz."""
+        end2end = self.head is HeadFormat.END2END
         return {
-            "task": "detect", "stride": self.stride, "batch": self.max_batch, "imgsz": list(self.imgsz),
-            "names": dict(enumerate(self.class_names)), "end2end": self.head is HeadFormat.END2END,
+            "description": f"Ultralytics detector {self.name} served by yqpack",
+            "task": "detect", "stride": self.stride, "batch": 1, "channels": 3, "imgsz": list(self.imgsz),
+            "names": dict(enumerate(self.class_names)), "end2end": end2end,
+            "args": {"batch": 1, "dynamic": False, "nms": False if end2end else None},
         }
 
 

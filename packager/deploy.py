@@ -11,49 +11,25 @@ import os
 import shutil
 import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from packager.assets import PROJECT_ROOT
-from packager.contracts import DockerUnavailableError
+from packager.assets import DEPLOY_DIR, PACKAGE_DIR
+from packager.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
+                                MissingInputError, ServerError)
+from packager.readiness import wait_until_ready
 
-DEPLOY_DIR = PROJECT_ROOT / "deploy"
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
 ENV_FILE = DEPLOY_DIR / ".env"
 PROJECT_NAME = "yqpack"
+PLUGINS_MOUNT = "/plugins"  # where the compose file mounts TRT_PLUGIN_DIR in both services
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 DOCKER_HELP = (
     "the GPU path needs Docker Engine with the compose plugin and the NVIDIA Container Toolkit on an NVIDIA GPU "
     "host (see docs/gpu.md); without a GPU use `yqpack serve --local`"
 )
-
-
-@dataclass(frozen=True)
-class Ports:
-    http: int = 8000
-    grpc: int = 8001
-    metrics: int = 8002
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    http: str
-    grpc: str
-    metrics: str
-
-    @classmethod
-    def on(cls, host: str, ports: Ports) -> "Endpoints":
-        return cls(http=f"http://{host}:{ports.http}", grpc=f"{host}:{ports.grpc}",
-                   metrics=f"http://{host}:{ports.metrics}/metrics")
-
-    @property
-    def ready_url(self) -> str:
-        return f"{self.http}/v2/health/ready"
 
 
 @dataclass(frozen=True)
@@ -103,15 +79,64 @@ def compose_command(which: Callable[[str], str | None] = shutil.which) -> list[s
     raise DockerUnavailableError(f"Docker Compose not found (neither `docker compose` nor `docker-compose`): {DOCKER_HELP}")
 
 
-def compose_environment(repository: Path, ports: Ports, allow_missing: bool,
-                        base: dict[str, str] | None = None) -> dict[str, str]:
-    """Variables that override deploy/.env for this run (the shell environment beats the .env file)."""
+@dataclass(frozen=True)
+class TrtPlugins:
+    """TensorRT plugin libraries of a build, as the compose services see them (one host folder at /plugins)."""
+
+    host_dir: Path
+    names: tuple[str, ...]
+
+    @property
+    def container_paths(self) -> str:
+        """';'-separated, the separator of Triton's tensorrt `plugins=` setting."""
+        return ";".join(f"{PLUGINS_MOUNT}/{name}" for name in self.names)
+
+    @classmethod
+    def of(cls, libraries: list[Path]) -> "TrtPlugins | None":
+        if not libraries:
+            return None
+        missing = [str(p) for p in libraries if not Path(p).is_file()]
+        if missing:
+            raise MissingInputError(f"TensorRT plugin library not found on this host: {', '.join(missing)} "
+                                    "(set YQPACK_TRT_PLUGINS to their paths here, separated by ':')")
+        folders = {Path(p).resolve().parent for p in libraries}
+        if len(folders) != 1:
+            raise ConfigError("the TensorRT plugin libraries must share one folder (it is mounted at /plugins): "
+                             + ", ".join(map(str, libraries)))
+        return cls(folders.pop(), tuple(Path(p).name for p in libraries))
+
+
+def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
+    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
+    environ = os.environ if environ is None else environ
+    if environ.get("YQPACK_TRT_PLUGINS"):
+        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
+    if build_dir is not None:
+        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
+    return []
+
+
+def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: bool,
+                        base: dict[str, str] | None = None,
+                        trt_plugins: list[Path] | None = None) -> dict[str, str]:
+    """Variables that override deploy/.env for this run (the shell environment beats the .env file).
+
+    `trt_plugins` defaults to $YQPACK_TRT_PLUGINS of `base`; their folder is mounted at /plugins, trtexec gets
+    them through the engines service and Triton through --backend-config=tensorrt,plugins=...
+    """
     env = dict(os.environ if base is None else base)
+    plugins = TrtPlugins.of(trt_plugin_libraries(environ=env) if trt_plugins is None else trt_plugins)
+    if plugins is not None:
+        env.update({"TRT_PLUGIN_DIR": str(plugins.host_dir), "TRT_PLUGINS": plugins.container_paths,
+                    "TRITON_TENSORRT_CONFIG": f"plugins={plugins.container_paths}"})
     env.update({
+        # The engines service mounts yqpack's engine code from here (a checkout or an installed wheel).
+        "YQPACK_PACKAGE_DIR": str(PACKAGE_DIR),
         "MODEL_REPOSITORY": str(Path(repository).resolve()),
-        "TRITON_HTTP_PORT": str(ports.http),
-        "TRITON_GRPC_PORT": str(ports.grpc),
-        "TRITON_METRICS_PORT": str(ports.metrics),
+        "TRITON_HTTP_PORT": str(endpoints.http_port),
+        "TRITON_GRPC_PORT": str(endpoints.grpc_port),
+        "TRITON_METRICS_PORT": str(endpoints.metrics_port),
         "YQPACK_ALLOW_MISSING": "1" if allow_missing else "0",
         # A detector without a plan must then neither stop the server nor keep it "not ready" forever.
         "TRITON_EXIT_ON_ERROR": "false" if allow_missing else "true",
@@ -123,46 +148,80 @@ def compose_environment(repository: Path, ports: Ports, allow_missing: bool,
 def check_repository(repository: Path) -> None:
     repository = Path(repository)
     if not repository.is_dir():
-        raise FileNotFoundError(f"model repository not found: {repository} (render it with `yqpack build`)")
+        raise MissingInputError(f"model repository not found: {repository} (render it with `yqpack build`)")
     if not any(repository.glob("*/config.pbtxt")):
-        raise ValueError(f"{repository} holds no Triton model (no */config.pbtxt): render it with `yqpack build`")
+        raise ConfigError(f"{repository} holds no Triton model (no */config.pbtxt): render it with `yqpack build`")
     from packager.engines import repository_engine_specs
 
     unbuildable = [s.name for s in repository_engine_specs(repository)
                    if not s.onnx_path.is_file() and not s.plan_path.is_file()]
     if unbuildable:
-        raise ValueError(
+        raise ConfigError(
             f"{', '.join(unbuildable)}: neither model.onnx nor model.plan in the version folder, so no engine can be "
             f"built; copy the sources with `yqpack engines --build BUILD_DIR --repository {repository} --engines print`"
         )
 
 
-# ------------------------------------------------------------------------------------------------- health
-
-
-def wait_for_ready(url: str, timeout_s: float, *, poll_s: float = 2.0,
-                   still_starting: Callable[[], bool] = lambda: True,
-                   on_poll: Callable[[float], None] | None = None) -> float:
-    """Poll `url` until it answers 200; returns the seconds waited. Gives up when `still_starting()` is False."""
-    started = time.monotonic()
-    while True:
-        waited = time.monotonic() - started
-        try:
-            with urllib.request.urlopen(url, timeout=min(5.0, poll_s + 1)) as response:
-                if response.status == 200:
-                    return waited
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass  # not up yet
-        if not still_starting():
-            raise RuntimeError(f"the server stopped before {url} reported ready")
-        if waited >= timeout_s:
-            raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
-        if on_poll is not None:
-            on_poll(waited)
-        time.sleep(poll_s)
-
-
 # --------------------------------------------------------------------------------------------------- up
+
+
+class ComposeDeployment:
+    """The compose deployment behind the same lifecycle as the embedded server (contracts.ServerLifecycle):
+    start = `up` (the `engines` service builds the plans on this GPU, then `triton` starts), wait_ready = the one
+    readiness poller, stop = `down`. detach=False keeps compose in the foreground (is_alive follows it)."""
+
+    def __init__(self, repository: Path, *, endpoints: Endpoints = Endpoints(host="localhost"),
+                 allow_missing: bool = False, detach: bool = True, compose_file: Path = COMPOSE_FILE,
+                 docker_host: str | None = None):
+        self.repository = Path(repository)
+        self.endpoints = endpoints
+        self.allow_missing = allow_missing
+        self.detach = detach
+        self.compose_file = compose_file
+        self.docker_host = docker_host
+        self.command = compose_command() + ["-p", PROJECT_NAME, "-f", str(compose_file)]
+        self.process: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = compose_environment(self.repository, self.endpoints, self.allow_missing)
+        if self.docker_host:
+            env["DOCKER_HOST"] = self.docker_host
+        return env
+
+    def start(self) -> "ComposeDeployment":
+        check_repository(self.repository)
+        reachable, reason = docker_engine_status(self.docker_host)
+        if not reachable:
+            raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
+        env, cwd = self.environment(), self.compose_file.parent
+        if self.detach:
+            # `up -d` returns after `engines` finished (service_completed_successfully) and triton was started.
+            run = subprocess.run(self.command + ["up", "-d", "--build"], env=env, cwd=cwd)
+            if run.returncode != 0:
+                raise ServerError(_failure_message(self.command, env, self.compose_file, run.returncode))
+        else:
+            self.process = subprocess.Popen(self.command + ["up", "--build"], env=env, cwd=cwd)
+        return self
+
+    def is_alive(self) -> bool:
+        # Detached, compose (restart: unless-stopped) owns the containers; the poller's timeout bounds the wait.
+        return self.process is None or self.process.poll() is None
+
+    def wait_ready(self, timeout: float = 1800.0) -> float:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+            task = bar.add_task(f"waiting for {self.endpoints.http_url}/v2/health/ready "
+                                "(model load; gpu-ort builds engines now)")
+            return wait_until_ready(self.endpoints, timeout, alive=self.is_alive, poll_s=2.0,
+                                    on_poll=lambda waited: bar.update(task))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # compose stops the containers on SIGTERM/SIGINT
+            self.process.wait(timeout=timeout)
+        elif self.detach:
+            compose_down(self.compose_file, echo=lambda _: None)
 
 
 def compose_up(
@@ -170,8 +229,7 @@ def compose_up(
     detach: bool = True,
     *,
     allow_missing: bool = False,
-    ports: Ports = Ports(),
-    host: str = "localhost",
+    endpoints: Endpoints = Endpoints(host="localhost"),
     timeout_s: float = 1800.0,
     compose_file: Path = COMPOSE_FILE,
     docker_host: str | None = None,
@@ -182,44 +240,27 @@ def compose_up(
     detach=True returns once the server is ready (containers keep running; `yqpack stop --docker` or
     `docker compose down` stops them). detach=False keeps compose in the foreground until Ctrl-C.
     """
-    check_repository(repository)
-    command = compose_command() + ["-p", PROJECT_NAME, "-f", str(compose_file)]
-    reachable, reason = docker_engine_status(docker_host)
-    if not reachable:
-        raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
-    env = compose_environment(repository, ports, allow_missing)
-    if docker_host:
-        env["DOCKER_HOST"] = docker_host
-    endpoints = Endpoints.on(host, ports)
+    deployment = ComposeDeployment(repository, endpoints=endpoints, allow_missing=allow_missing, detach=detach,
+                                   compose_file=compose_file, docker_host=docker_host)
     echo(f"docker compose up: engines, then triton (repository {Path(repository).resolve()})")
-    if detach:
-        # `up -d` returns after `engines` finished (service_completed_successfully) and triton was started.
-        run = subprocess.run(command + ["up", "-d", "--build"], env=env, cwd=compose_file.parent)
-        if run.returncode != 0:
-            raise RuntimeError(_failure_message(command, env, compose_file, run.returncode))
-        ready_after = _wait_with_progress(endpoints, timeout_s, lambda: True)
-        _print_endpoints(endpoints, command, echo)
-        return ComposeResult(endpoints, command, ready_after)
-    process = subprocess.Popen(command + ["up", "--build"], env=env, cwd=compose_file.parent)
+    deployment.start()
     try:
-        ready_after = _wait_with_progress(endpoints, timeout_s, lambda: process.poll() is None)
-        _print_endpoints(endpoints, command, echo)
-        process.wait()
-    except KeyboardInterrupt:
-        process.terminate()  # compose stops the containers on SIGTERM/SIGINT
-        process.wait()
-        raise
+        ready_after = deployment.wait_ready(timeout_s)
+        _print_endpoints(endpoints, deployment.command, echo)
+        if deployment.process is not None:
+            deployment.process.wait()
     except BaseException:
-        process.terminate()
-        process.wait()
+        if deployment.process is not None:  # foreground: Ctrl-C or a failed wait ends compose too
+            deployment.stop()
         raise
-    return ComposeResult(endpoints, command, ready_after)
+    return ComposeResult(endpoints, deployment.command, ready_after)
 
 
 def compose_engines(
     repository: Path,
     *,
     allow_missing: bool = False,
+    trt_plugins: list[Path] | None = None,
     compose_file: Path = COMPOSE_FILE,
     docker_host: str | None = None,
 ) -> None:
@@ -229,10 +270,10 @@ def compose_engines(
     reachable, reason = docker_engine_status(docker_host)
     if not reachable:
         raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
-    env = compose_environment(repository, Ports(), allow_missing)
+    env = compose_environment(repository, Endpoints(), allow_missing, trt_plugins=trt_plugins)
     run = subprocess.run(command + ["run", "--rm", "engines"], env=env, cwd=compose_file.parent)
     if run.returncode != 0:
-        raise RuntimeError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
+        raise EngineBuildError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
                            "builder's output. Pass --allow-missing to serve without the failed model(s)")
 
 
@@ -244,24 +285,15 @@ def compose_down(compose_file: Path = COMPOSE_FILE, echo: Callable[[str], None] 
         raise DockerUnavailableError(f"{reason}: {DOCKER_HELP}")
     run = subprocess.run(command, cwd=compose_file.parent)
     if run.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {run.returncode}")
+        raise ServerError(f"`{' '.join(command)}` failed with exit code {run.returncode}")
     echo("docker compose: stopped")
-
-
-def _wait_with_progress(endpoints: Endpoints, timeout_s: float, alive: Callable[[], bool]) -> float:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(f"waiting for {endpoints.ready_url} (model load; gpu-ort builds engines now)")
-        return wait_for_ready(endpoints.ready_url, timeout_s, still_starting=alive,
-                              on_poll=lambda waited: bar.update(task))
 
 
 def _print_endpoints(endpoints: Endpoints, command: list[str], echo: Callable[[str], None]) -> None:
     echo("Triton is ready:")
-    echo(f"  HTTP     {endpoints.http}")
-    echo(f"  gRPC     {endpoints.grpc}   (yqpack verify --url {endpoints.grpc})")
-    echo(f"  metrics  {endpoints.metrics}")
+    echo(f"  HTTP     {endpoints.http_url}")
+    echo(f"  gRPC     {endpoints.grpc_url}   (yqpack verify --url {endpoints.grpc_url})")
+    echo(f"  metrics  {endpoints.metrics_url}")
     echo(f"  logs: {' '.join(command)} logs -f triton   stop: {' '.join(command)} down")
 
 

@@ -6,8 +6,9 @@ deploy/build_engines.py, which calls `main()` here). This module therefore uses 
 import time: the tritonserver image has no numpy/rich/click. Optional pieces (the TensorRT Python API, the
 build manifest) are imported inside the functions that need them.
 
-Cache key: (ONNX sha256, TensorRT version, compute capability), plus the optimization profile it was built
-for, written next to the plan as `model.plan.key.json` (and into the build manifest by `record_engines`).
+Cache key: (ONNX sha256, TensorRT version, GPU name, compute capability, TensorRT plugin libraries), plus the
+optimization profile it was built for, written next to the plan as `model.plan.key.json` (and into the build
+manifest by `record_engines`). Plans are tied to the exact GPU model, not only to its compute capability.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from packager.contracts import EngineBuildError
+from packager import gpu_probe
+from packager.contracts import (
+    ConfigError,
+    EngineBuildError,
+    ManifestError,
+    MissingInputError,
+    RepositoryIndex,
+    Role,
+    ServedModel,
+)
+from packager.gpu_probe import GpuInfo
 
 PLAN_FILENAME = "model.plan"
 SOURCE_ONNX_FILENAME = "model.onnx"  # the renderer (or stage_engine_sources) puts the source ONNX here
@@ -33,8 +44,7 @@ KEY_SUFFIX = ".key.json"
 LOG_SUFFIX = ".log"
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 30
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
-FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell
+TENSORRT_PLATFORM = "tensorrt_plan"  # the index platform of detectors served from a TensorRT plan
 
 
 # --------------------------------------------------------------------------------------------- versions
@@ -58,7 +68,7 @@ class TensorRTVersion:
     def parse(cls, text: str) -> "TensorRTVersion":
         parsed = parse_tensorrt_version(text)
         if parsed is None:
-            raise ValueError(f"not a TensorRT version: {text!r} (expected e.g. 10.8.0)")
+            raise ConfigError(f"not a TensorRT version: {text!r} (expected e.g. 10.8.0)")
         return parsed
 
 
@@ -77,32 +87,10 @@ def parse_tensorrt_version(text: str) -> TensorRTVersion | None:
     return None
 
 
-def parse_compute_capability(nvidia_smi_output: str) -> str:
-    """The first GPU's compute capability from `nvidia-smi --query-gpu=compute_cap --format=csv,noheader`."""
-    for line in nvidia_smi_output.splitlines():
-        match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", line)
-        if match:
-            return f"{match.group(1)}.{match.group(2)}"
-    raise ValueError(f"no compute capability in nvidia-smi output: {nvidia_smi_output.strip()[:200]!r}")
-
-
-def detect_compute_capability() -> str:
-    """The serving GPU's compute capability ($YQPACK_GPU_COMPUTE_CAPABILITY overrides), or a clear error."""
-    override = os.environ.get("YQPACK_GPU_COMPUTE_CAPABILITY")
-    if override:
-        return parse_compute_capability(override)
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        raise EngineBuildError(
-            "no NVIDIA GPU visible (nvidia-smi not found): TensorRT engines must be built on the GPU that serves "
-            "them; run the compose `engines` service on the GPU host (see docs/gpu.md)"
-        )
-    run = subprocess.run(
-        [smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=60
-    )
-    if run.returncode != 0:
-        raise EngineBuildError(f"nvidia-smi failed (exit {run.returncode}): {(run.stderr or run.stdout).strip()}")
-    return parse_compute_capability(run.stdout)
+def detect_gpu() -> GpuInfo:
+    """The serving GPU (name + compute capability, packager/gpu_probe.py); GpuProbeError (an EngineBuildError)
+    says what to set when nothing can tell."""
+    return gpu_probe.detect_gpu()
 
 
 def find_trtexec(explicit: str | os.PathLike | None = None) -> Path:
@@ -111,7 +99,7 @@ def find_trtexec(explicit: str | os.PathLike | None = None) -> Path:
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
-    raise FileNotFoundError(
+    raise MissingInputError(
         "trtexec not found (looked at $TRTEXEC, " + ", ".join(TRTEXEC_CANDIDATES) + " and PATH). Run the engine "
         "build inside the tritonserver image (docker compose run engines) or set TRTEXEC to its path"
     )
@@ -133,53 +121,6 @@ def detect_tensorrt_version(trtexec: Path) -> TensorRTVersion:
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
-    """What the engine build needs from a rendered detector config.pbtxt."""
-
-    name: str
-    backend: str  # "tensorrt" for tensorrt_plan configs
-    max_batch_size: int
-    input_name: str
-    input_dims: tuple[int, ...]
-    preferred_batch_sizes: tuple[int, ...] = ()
-
-    @property
-    def precision(self) -> str | None:
-        match = re.search(r"_(fp32|fp16|int8|fp8)_detector$", self.name)
-        return match.group(1) if match else None
-
-
-def parse_detector_config(text: str) -> DetectorConfig:
-    """Parse the fields of a Triton config.pbtxt the engine build needs (stdlib only: no protobuf in the image)."""
-    text = re.sub(r"#[^\n]*", "", text)  # comments may mention any of the keys below
-    name = re.search(r'^\s*name\s*:\s*"([^"]+)"', text, re.M)
-    if name is None:
-        raise ValueError("config.pbtxt has no model name")
-    platform = re.search(r'^\s*platform\s*:\s*"([^"]+)"', text, re.M)
-    backend = re.search(r'^\s*backend\s*:\s*"([^"]+)"', text, re.M)
-    kind = "tensorrt" if is_tensorrt_config(text) else (backend.group(1) if backend else (platform.group(1) if platform else ""))
-    max_batch = re.search(r"^\s*max_batch_size\s*:\s*(\d+)", text, re.M)
-    inputs = re.search(r"\binput\s*\[(.*?)\]\s*\n\s*output\b", text, re.S)
-    if inputs is None:
-        raise ValueError(f"config of {name.group(1)} has no input section")
-    input_name = re.search(r'name\s*:\s*"([^"]+)"', inputs.group(1))
-    dims = re.search(r"dims\s*:\s*\[([^\]]*)\]", inputs.group(1))
-    if input_name is None or dims is None:
-        raise ValueError(f"config of {name.group(1)} lacks the input name or dims")
-    preferred = re.search(r"preferred_batch_size\s*:\s*\[([^\]]*)\]", text)
-    return DetectorConfig(
-        name=name.group(1),
-        backend=kind,
-        max_batch_size=int(max_batch.group(1)) if max_batch else 0,
-        input_name=input_name.group(1),
-        input_dims=tuple(int(d) for d in dims.group(1).replace(" ", "").split(",") if d),
-        preferred_batch_sizes=tuple(int(b) for b in preferred.group(1).replace(" ", "").split(",") if b)
-        if preferred
-        else (),
-    )
-
-
-@dataclass(frozen=True)
 class EngineSpec:
     """One plan to build: which ONNX, where the plan goes, and the optimization profile."""
 
@@ -192,6 +133,7 @@ class EngineSpec:
     min_batch: int
     opt_batch: int
     max_batch: int
+    artifact: str | None = None  # the build artifact variant the plan is built from (e.g. int8)
 
     def shape(self, batch: int) -> str:
         return f"{self.input_name}:" + "x".join(str(d) for d in (batch, *self.input_dims))
@@ -201,42 +143,35 @@ class EngineSpec:
         return {"min": self.shape(self.min_batch), "opt": self.shape(self.opt_batch), "max": self.shape(self.max_batch)}
 
 
-def engine_spec(config: DetectorConfig, version_dir: Path, precision: str | None = None) -> EngineSpec:
+def engine_spec(model: ServedModel, version_dir: Path) -> EngineSpec:
     """The plan for one detector: profile 1 / largest preferred batch / max_batch_size (Triton never exceeds it)."""
-    precision = precision or config.precision
-    if precision not in PRECISIONS:
-        raise ValueError(f"cannot tell the precision of {config.name} (expected a name ending _<fp32|fp16|int8|fp8>_detector)")
-    max_batch = max(1, config.max_batch_size)
-    opt = max([b for b in config.preferred_batch_sizes if b <= max_batch] or [max_batch])
+    if model.precision is None or not model.inputs:
+        raise ManifestError(f"the repository index lists {model.name} without a precision or an input")
+    max_batch = max(1, model.max_batch_size)
+    opt = max([b for b in model.preferred_batch_sizes if b <= max_batch] or [max_batch])
+    tensor = model.inputs[0]
     return EngineSpec(
-        name=config.name,
-        precision=precision,
+        name=model.name,
+        precision=model.precision.value,
         onnx_path=version_dir / SOURCE_ONNX_FILENAME,
         plan_path=version_dir / PLAN_FILENAME,
-        input_name=config.input_name,
-        input_dims=tuple(config.input_dims),
+        input_name=tensor.name,
+        input_dims=tuple(tensor.dims),
         min_batch=1,
         opt_batch=opt,
         max_batch=max_batch,
+        artifact=model.artifact,
     )
 
 
 def repository_engine_specs(repository: Path) -> list[EngineSpec]:
-    """Every tensorrt_plan detector of a model repository (other models are not built here)."""
+    """Every TensorRT-plan detector the repository index lists (other models need no engine build)."""
     repository = Path(repository)
     if not repository.is_dir():
-        raise FileNotFoundError(f"model repository not found: {repository}")
-    specs = []
-    for config_path in sorted(repository.glob("*/config.pbtxt")):
-        text = config_path.read_text()
-        if is_tensorrt_config(text):  # python/ensemble/onnxruntime configs need no parsing here
-            specs.append(engine_spec(parse_detector_config(text), config_path.parent / "1"))
-    return specs
-
-
-def is_tensorrt_config(text: str) -> bool:
-    text = re.sub(r"#[^\n]*", "", text)
-    return bool(re.search(r'^\s*(platform\s*:\s*"tensorrt_plan"|backend\s*:\s*"tensorrt")', text, re.M))
+        raise MissingInputError(f"model repository not found: {repository}")
+    index = RepositoryIndex.load(repository)
+    return [engine_spec(model, repository / model.name / "1") for model in index.by_role(Role.DETECTOR)
+            if model.platform == TENSORRT_PLATFORM]
 
 
 # ------------------------------------------------------------------------------------------- command lines
@@ -248,6 +183,7 @@ def trtexec_command(
     version: TensorRTVersion,
     plan_out: Path,
     timing_cache: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
 ) -> list[str]:
     """The trtexec invocation for one plan.
 
@@ -255,6 +191,8 @@ def trtexec_command(
     INT8 Q/DQ with FP16 elsewhere); the legacy precision flags are deprecated there and removed in 11.
     TensorRT < 10: no strongly typed networks, so fall back to `--fp16` (and `--int8`, which honours the Q/DQ
     nodes as explicit quantization) and let the builder pick per layer.
+    Plugin libraries load with `--staticPlugins` (TensorRT >= 8.6; `--plugins` before, deprecated since): the
+    plan then needs the same library at load time, which Triton gets through --backend-config=tensorrt,plugins=.
     """
     command = [str(trtexec), f"--onnx={spec.onnx_path}", f"--saveEngine={plan_out}"]
     if version.strongly_typed:
@@ -265,6 +203,8 @@ def trtexec_command(
     command += [f"--minShapes={profile['min']}", f"--optShapes={profile['opt']}", f"--maxShapes={profile['max']}"]
     if timing_cache is not None:
         command.append(f"--timingCacheFile={timing_cache}")
+    plugin_flag = "--staticPlugins" if version >= TensorRTVersion(8, 6) else "--plugins"
+    command += [f"{plugin_flag}={library}" for library in plugins]
     # Build only: the benchmark run after the build would cost minutes and is not needed to serve.
     command.append("--skipInference" if version >= TensorRTVersion(8, 6) else "--buildOnly")
     return command
@@ -287,8 +227,10 @@ class EngineKey:
     onnx_sha256: str
     tensorrt_version: str
     compute_capability: str
+    gpu_name: str = ""  # plans are tied to the GPU model, not only its compute capability
     profile: dict = field(default_factory=dict)  # a new max batch needs a new plan, too
     strongly_typed: bool = True
+    plugins: list = field(default_factory=list)  # "<file name>:<sha256>" of each TensorRT plugin library
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -306,13 +248,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def engine_key(spec: EngineSpec, version: TensorRTVersion, compute_capability: str) -> EngineKey:
+def engine_key(spec: EngineSpec, version: TensorRTVersion, gpu: GpuInfo,
+               plugins: Sequence[str | os.PathLike] = ()) -> EngineKey:
     return EngineKey(
         onnx_sha256=sha256_file(spec.onnx_path),
         tensorrt_version=str(version),
-        compute_capability=compute_capability,
+        compute_capability=gpu.compute_capability,
+        gpu_name=gpu.name,
         profile=spec.profile,
         strongly_typed=version.strongly_typed,
+        plugins=[f"{Path(p).name}:{sha256_file(Path(p))}" for p in plugins],
     )
 
 
@@ -380,20 +325,22 @@ def remove_plan(plan_path: Path) -> None:
 
 
 def fp8_supported(compute_capability: str) -> bool:
+    """FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)."""
     try:
         major, minor = (int(part) for part in compute_capability.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) >= FP8_MIN_COMPUTE_CAPABILITY
+    return (major, minor) >= (8, 9)
 
 
 def build_engine(
     spec: EngineSpec,
     trtexec: str | os.PathLike,
     version: TensorRTVersion,
-    compute_capability: str,
+    gpu: GpuInfo,
     *,
     timing_cache: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
     runner: Runner = run_logged,
 ) -> EngineResult:
     """Build one plan unless a plan with the same key is already there. Never raises for a builder failure."""
@@ -401,19 +348,19 @@ def build_engine(
         remove_plan(spec.plan_path)
         return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
                             message=f"source ONNX missing: {spec.onnx_path}")
-    if spec.precision == "fp8" and not fp8_supported(compute_capability):
+    if spec.precision == "fp8" and not fp8_supported(gpu.compute_capability):
         remove_plan(spec.plan_path)
         return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
                             message=f"FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU is "
-                                    f"sm {compute_capability}: serve int8/fp16 (or --allow-missing)")
-    key = engine_key(spec, version, compute_capability)
+                                    f"sm {gpu.compute_capability}: serve int8/fp16 (or --allow-missing)")
+    key = engine_key(spec, version, gpu, plugins)
     if cached_plan_is_valid(spec.plan_path, key):
         return EngineResult(spec.name, spec.precision, "cached", spec.plan_path, key=key,
-                            message="plan matches (ONNX sha256, TensorRT, compute capability, profile)")
+                            message="plan matches (ONNX sha256, TensorRT, GPU, plugins, profile)")
     remove_plan(spec.plan_path)
     building = spec.plan_path.with_name(spec.plan_path.name + ".building")
     log_path = spec.plan_path.with_name(spec.plan_path.name + LOG_SUFFIX)
-    command = trtexec_command(trtexec, spec, version, building, timing_cache)
+    command = trtexec_command(trtexec, spec, version, building, timing_cache, plugins)
     started = time.monotonic()
     try:
         code = runner(command, log_path)
@@ -431,7 +378,7 @@ def build_engine(
     write_key(spec.plan_path, key)
     mode = "strongly typed" if version.strongly_typed else "legacy " + " ".join(legacy_precision_flags(spec.precision))
     return EngineResult(spec.name, spec.precision, "built", spec.plan_path, key=key, seconds=seconds,
-                        message=f"TensorRT {version} ({mode}), sm {compute_capability}")
+                        message=f"TensorRT {version} ({mode}), {gpu.name} sm {gpu.compute_capability}")
 
 
 def build_repository_engines(
@@ -440,8 +387,9 @@ def build_repository_engines(
     allow_missing: bool = False,
     trtexec: str | os.PathLike | None = None,
     version: TensorRTVersion | None = None,
-    compute_capability: str | None = None,
+    gpu: GpuInfo | None = None,
     timing_cache_dir: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
     runner: Runner = run_logged,
     report: Callable[[str], None] = print,
 ) -> list[EngineResult]:
@@ -457,15 +405,20 @@ def build_repository_engines(
         return []
     trtexec = find_trtexec(trtexec) if runner is run_logged else Path(trtexec or "trtexec")
     version = version or detect_tensorrt_version(Path(trtexec))
-    compute_capability = compute_capability or detect_compute_capability()
+    gpu = gpu or detect_gpu()
+    report(f"GPU: {gpu.name}, compute capability {gpu.compute_capability} (from {gpu.source})")
+    missing = [str(p) for p in plugins if not Path(p).is_file()]
+    if missing:
+        raise EngineBuildError(f"TensorRT plugin librar{'y' if len(missing) == 1 else 'ies'} not found: "
+                               + ", ".join(missing) + " (is the plugin folder mounted at /plugins?)")
     if not version.strongly_typed:
         report(f"TensorRT {version} < 10 has no strongly typed builds: falling back to --fp16 / --fp16 --int8 "
                "with the Q/DQ model (builder-chosen precisions)")
     results = []
     for spec in specs:
-        cache = timing_cache_path(timing_cache_dir or spec.plan_path.parent, version, compute_capability)
+        cache = timing_cache_path(timing_cache_dir or spec.plan_path.parent, version, gpu.compute_capability)
         report(f"{spec.name}: {spec.precision} plan, profile {spec.profile['min']} .. {spec.profile['max']}")
-        result = build_engine(spec, trtexec, version, compute_capability, timing_cache=cache, runner=runner)
+        result = build_engine(spec, trtexec, version, gpu, timing_cache=cache, plugins=plugins, runner=runner)
         results.append(result)
         report(f"{spec.name}: {result.status} ({result.message}{', %.0f s' % result.seconds if result.seconds else ''})")
         if not result.ok and result.log_tail:
@@ -482,140 +435,6 @@ def failure_summary(failed: list[EngineResult]) -> str:
     return f"{len(failed)} engine build(s) failed: " + ", ".join(f"{r.name} ({r.message})" for r in failed)
 
 
-# --------------------------------------------------------------------------- optional: TensorRT Python API
-
-
-def tensorrt_api_status() -> tuple[bool, str]:
-    """Whether `--engines local` can run here: the tensorrt package imports and a CUDA GPU is visible."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, ("the `tensorrt` Python package is not installed here; build the engines on the GPU host "
-                       "with the compose path instead: docker compose -f deploy/docker-compose.yml run --rm engines")
-    try:
-        detect_compute_capability()
-    except EngineBuildError as error:
-        return False, f"{error}"
-    return True, "tensorrt and a GPU are available"
-
-
-def build_engine_with_tensorrt_api(spec: EngineSpec, timing_cache: Path | None = None) -> Path:
-    """Same settings as trtexec_command, through the TensorRT Python API (strongly typed on TensorRT >= 10)."""
-    import tensorrt as trt  # optional dependency, only on GPU hosts
-
-    version = TensorRTVersion.parse(trt.__version__)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if version.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    else:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(spec.onnx_path)):
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{spec.name}: TensorRT could not parse {spec.onnx_path}:\n{tail(errors)}")
-    config = builder.create_builder_config()
-    if not version.strongly_typed:
-        for flag in legacy_precision_flags(spec.precision):
-            config.set_flag(trt.BuilderFlag.FP16 if flag == "--fp16" else trt.BuilderFlag.INT8)
-    profile = builder.create_optimization_profile()
-    shapes = [(b, *spec.input_dims) for b in (spec.min_batch, spec.opt_batch, spec.max_batch)]
-    profile.set_shape(spec.input_name, *shapes)
-    config.add_optimization_profile(profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineBuildError(f"{spec.name}: TensorRT failed to build the engine (see the TensorRT log above)")
-    building = spec.plan_path.with_name(spec.plan_path.name + ".building")
-    building.write_bytes(bytes(serialized))
-    os.replace(building, spec.plan_path)
-    if timing_cache is not None:
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return spec.plan_path
-
-
-def build_repository_engines_local(repository: Path, *, allow_missing: bool = False,
-                                   report: Callable[[str], None] = print) -> list[EngineResult]:
-    """`--engines local`: the same cache-keyed loop, built in-process with the TensorRT Python API."""
-    available, reason = tensorrt_api_status()
-    if not available:
-        raise EngineBuildError(reason)
-    import tensorrt as trt
-
-    version = TensorRTVersion.parse(trt.__version__)
-
-    def runner(command: Sequence[str], log_path: Path) -> int:
-        spec = next(s for s in specs if f"--onnx={s.onnx_path}" in command)
-        plan_out = Path(next(a for a in command if a.startswith("--saveEngine=")).split("=", 1)[1])
-        cache = next((Path(a.split("=", 1)[1]) for a in command if a.startswith("--timingCacheFile=")), None)
-        try:
-            build_engine_with_tensorrt_api(
-                EngineSpec(**{**asdict(spec), "plan_path": plan_out}), timing_cache=cache
-            )
-        except EngineBuildError as error:
-            log_path.write_text(f"{error}\n")
-            return 1
-        log_path.write_text("built with the TensorRT Python API\n")
-        return 0
-
-    specs = repository_engine_specs(repository)
-    return build_repository_engines(repository, allow_missing=allow_missing, trtexec="tensorrt-python-api",
-                                    version=version, runner=runner, report=report)
-
-
-# ------------------------------------------------------------------------------- build-env side: manifest
-
-
-def collect_engine_keys(repository: Path) -> dict[str, dict]:
-    """Detector name -> key record of every plan present in the repository."""
-    keys = {}
-    for spec in repository_engine_specs(repository):
-        key = read_key(spec.plan_path)
-        if key is not None and spec.plan_path.is_file():
-            keys[spec.name] = {**key.to_dict(), "precision": spec.precision, "plan": str(spec.plan_path)}
-    return keys
-
-
-def record_engines(build_dir: Path, repository: Path) -> dict[str, dict]:
-    """Write the engine keys found in `repository` into the build manifest's `engines` entry."""
-    manifest_path = Path(build_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {build_dir}: run `yqpack build` first")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["engines"] = collect_engine_keys(repository)
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
-    return manifest["engines"]
-
-
-def stage_engine_sources(build_dir: Path, repository: Path) -> list[Path]:
-    """Copy each gpu detector's source ONNX (fp16 -> model.fp16.onnx, int8 -> model.int8.onnx) to <detector>/1/."""
-    from packager.repository import ONNX_VARIANT  # build env only
-
-    manifest_path = Path(build_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {build_dir}: run `yqpack build` first")
-    artifacts = json.loads(manifest_path.read_text()).get("artifacts", {})
-    staged = []
-    for spec in repository_engine_specs(repository):
-        variant = ONNX_VARIANT["gpu"][spec.precision]
-        if variant not in artifacts:
-            raise ValueError(f"the build in {build_dir} has no {variant!r} model, needed for {spec.name}")
-        source = Path(build_dir) / artifacts[variant]["path"]
-        if not source.is_file():
-            raise FileNotFoundError(f"{variant} model missing: {source}")
-        if not spec.onnx_path.is_file() or sha256_file(spec.onnx_path) != sha256_file(source):
-            spec.onnx_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, spec.onnx_path)
-        staged.append(spec.onnx_path)
-    return staged
-
-
 # ------------------------------------------------------------------------------ entry (in the image too)
 
 
@@ -628,11 +447,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="exit 0 even when an engine fails (Triton then starts without that model)")
     parser.add_argument("--trtexec", default=None, help="trtexec path (default: $TRTEXEC or the image's)")
     parser.add_argument("--timing-cache-dir", type=Path, default=None, help="where timing caches are kept")
+    parser.add_argument("--plugins", default="",
+                        help="TensorRT plugin libraries separated by ';' (as Triton's tensorrt plugins= setting)")
     args = parser.parse_args(argv)
     try:
         results = build_repository_engines(
             args.repository, allow_missing=args.allow_missing, trtexec=args.trtexec,
-            timing_cache_dir=args.timing_cache_dir,
+            timing_cache_dir=args.timing_cache_dir, plugins=[p for p in args.plugins.split(";") if p.strip()],
         )
     except (EngineBuildError, FileNotFoundError, ValueError) as error:
         print(f"Error: {error}", file=sys.stderr)

@@ -3,6 +3,11 @@
 Ultralytics' `export(dynamic=True)` makes batch, height and width dynamic, which leaves Shape/Range anchor
 arithmetic in the graph. We export that, then pin H and W to `imgsz` and let onnxslim fold the arithmetic away,
 so only the batch stays dynamic (what Triton's dynamic batcher and TensorRT profiles want).
+
+Two head formats come out of Ultralytics, told apart from the exported graph and its metadata (never the name):
+`raw` (YOLOv8, YOLO11, YOLO26 with --no-end2end): (batch, 4 + nc, anchors) boxes cx, cy, w, h + class scores,
+which need NMS; `end2end` (YOLO26's one-to-one head, also YOLOv10): (batch, k, 6) rows x1, y1, x2, y2, score,
+class already selected by an in-graph top-k, no NMS.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .assets import ultralytics_offline_env
-from .contracts import HeadFormat
+from .contracts import ConfigError, HeadFormat, MissingInputError
 
 STRIDE = 32
 DEFAULT_OPSET = 17
@@ -38,8 +43,8 @@ class ExportResult:
     output_shape: list[int]
     dynamic_batch: bool
     opset: int
-    head_format: HeadFormat = HeadFormat.RAW
-    stride: int = 32
+    head_format: HeadFormat = HeadFormat.RAW  # detected from the graph + metadata (detect_head_format)
+    stride: int = STRIDE  # the model's largest stride
 
 
 def parse_imgsz(value) -> tuple[int, int]:
@@ -49,7 +54,7 @@ def parse_imgsz(value) -> tuple[int, int]:
         try:
             sizes = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"--imgsz must be an integer or H,W (e.g. 640 or 640,480), got {value!r}") from None
+            raise ConfigError(f"--imgsz must be an integer or H,W (e.g. 640 or 640,480), got {value!r}") from None
     elif isinstance(value, int):
         sizes = [value]
     else:
@@ -57,19 +62,19 @@ def parse_imgsz(value) -> tuple[int, int]:
     if len(sizes) == 1:
         sizes = sizes * 2
     if len(sizes) != 2 or any(s < STRIDE or s % STRIDE for s in sizes):
-        raise ValueError(f"--imgsz must be one or two positive multiples of {STRIDE} (e.g. 640), got {value!r}")
+        raise ConfigError(f"--imgsz must be one or two positive multiples of {STRIDE} (e.g. 640), got {value!r}")
     return sizes[0], sizes[1]
 
 
 def check_model_path(model: str | Path) -> Path:
     path = Path(model)
     if path.suffix.lower() not in MODEL_SUFFIXES:
-        raise ValueError(f"--model must be a .pt checkpoint, a model .yaml or an .onnx file, got {path.name}")
+        raise ConfigError(f"--model must be a .pt checkpoint, a model .yaml or an .onnx file, got {path.name}")
     # Ultralytics resolves bare model YAML names (yolo11n.yaml) from its own package: no file needed.
     if path.suffix.lower() in (".yaml", ".yml") and not path.exists() and path.parent == Path("."):
         return path
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise MissingInputError(f"model file not found: {path}")
     return path
 
 
@@ -80,11 +85,14 @@ def export_onnx(
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
     batchnorm_images: np.ndarray | None = None,
+    end2end: bool | None = None,
 ) -> ExportResult:
     """Export `model` (.pt, Ultralytics .yaml or existing .onnx) to `out_path` (ONNX, fixed HxW).
 
     `batchnorm_images` (N, 3, H, W) re-estimates BatchNorm statistics before export; use it for randomly
     initialised .yaml models, whose untouched statistics make activations vanish and calibration meaningless.
+    `end2end`: None exports the NMS-free one-to-one head when the model has one (YOLO26) and the classic head
+    otherwise; True requires it; False exports the classic one-to-many head. An existing .onnx is taken as is.
     """
     model_path = check_model_path(model)
     imgsz = parse_imgsz(imgsz)
@@ -92,7 +100,7 @@ def export_onnx(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if model_path.suffix.lower() == ".onnx":
         return _adopt_onnx(model_path, out_path, imgsz)
-    return _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batchnorm_images)
+    return _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batchnorm_images, end2end)
 
 
 def reestimate_batchnorm(torch_model, images: np.ndarray, batch_size: int = 4) -> None:
@@ -112,7 +120,7 @@ def reestimate_batchnorm(torch_model, images: np.ndarray, batch_size: int = 4) -
     torch_model.eval()
 
 
-def _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batchnorm_images) -> ExportResult:
+def _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batchnorm_images, end2end) -> ExportResult:
     ultralytics_offline_env()
     from ultralytics import YOLO
 
@@ -124,18 +132,32 @@ def _export_ultralytics(model_path, out_path, imgsz, dynamic_batch, opset, batch
             shutil.copyfile(model_path, source)
         with _working_dir(tmp):
             yolo = YOLO(str(source), task="detect")
+            one_to_one = _wants_one_to_one_head(yolo.model, model_path, end2end)
             if batchnorm_images is not None:
                 reestimate_batchnorm(yolo.model, batchnorm_images)
+            # Ultralytics 8.4: nms=False exports the NMS-free one-to-one head, nms=None the one-to-many head.
             exported = yolo.export(
                 format="onnx", imgsz=list(imgsz), dynamic=dynamic_batch, opset=opset, simplify=True, batch=1,
-                device="cpu", nms=False,
+                device="cpu", nms=False if one_to_one else None,
             )
             exported = Path(exported).resolve() if exported else None  # may be relative to the temp cwd
         if exported is None or not exported.is_file():
-            raise RuntimeError(f"Ultralytics did not export {model_path.name} to ONNX")
+            raise ConfigError(f"Ultralytics did not export {model_path.name} to ONNX")
         class_names = [str(yolo.names[i]) for i in sorted(yolo.names)]
+        stride = int(max(yolo.model.stride))
         _finalize_onnx(exported, out_path, imgsz, dynamic_batch)
-    return _describe(out_path, model_path, class_names, imgsz)
+    return _describe(out_path, model_path, class_names, imgsz, stride)
+
+
+def _wants_one_to_one_head(torch_model, model_path: Path, end2end: bool | None) -> bool:
+    """Whether to export the one-to-one (NMS-free) head: asked for and present (YOLO26, YOLOv10)."""
+    head = torch_model.model[-1]
+    has_one_to_one = getattr(head, "one2one_cv2", None) is not None
+    if end2end and not has_one_to_one:
+        raise ConfigError(
+            f"{model_path.name} has no NMS-free (one-to-one) detection head: build it without --end2end"
+        )
+    return has_one_to_one and end2end is not False
 
 
 def _adopt_onnx(model_path: Path, out_path: Path, imgsz) -> ExportResult:
@@ -146,9 +168,9 @@ def _adopt_onnx(model_path: Path, out_path: Path, imgsz) -> ExportResult:
     metadata = {p.key: p.value for p in model.metadata_props}
     input_dims = _dims(model.graph.input[0])
     if len(model.graph.input) != 1 or len(input_dims) != 4:
-        raise ValueError(f"{model_path.name} is not a single-input NCHW detector")
+        raise ConfigError(f"{model_path.name} is not a single-input NCHW detector")
     if all(isinstance(d, int) for d in input_dims[2:]) and tuple(input_dims[2:]) != tuple(imgsz):
-        raise ValueError(
+        raise ConfigError(
             f"{model_path.name} takes {input_dims[2]}x{input_dims[3]} images but --imgsz is {imgsz[0]}x{imgsz[1]}"
         )
     try:
@@ -156,11 +178,34 @@ def _adopt_onnx(model_path: Path, out_path: Path, imgsz) -> ExportResult:
     except (ValueError, SyntaxError):
         names = {}
     output_dims = _dims(model.graph.output[0])
-    num_classes = output_dims[1] - 4 if isinstance(output_dims[1], int) else len(names)
+    if detect_head_format(model, output_dims, metadata) is HeadFormat.END2END:
+        if not names:
+            raise ConfigError(f"{model_path.name} is an end-to-end export without class names in its metadata")
+        num_classes = max(names) + 1
+    else:
+        num_classes = output_dims[1] - 4 if isinstance(output_dims[1], int) else len(names)
     class_names = [str(names.get(i, f"class{i}")) for i in range(num_classes)]
     dynamic = not isinstance(input_dims[0], int)
+    stride = int(metadata.get("stride", STRIDE)) if str(metadata.get("stride", "")).isdigit() else STRIDE
     _finalize_onnx(model_path, out_path, imgsz, dynamic)
-    return _describe(out_path, model_path, class_names, imgsz)
+    return _describe(out_path, model_path, class_names, imgsz, stride)
+
+
+def detect_head_format(onnx_model, output_dims: list, metadata: dict[str, str]) -> HeadFormat:
+    """`end2end` when the graph selects (k, 6) rows with an in-graph TopK, else `raw`; checked against metadata.
+
+    Ultralytics writes `end2end: 'True'` into the ONNX metadata of NMS-free exports; a foreign export without
+    metadata is judged by its graph alone.
+    """
+    has_topk = any(node.op_type == "TopK" for node in onnx_model.graph.node)
+    selects_rows = len(output_dims) == 3 and output_dims[2] == 6 and has_topk
+    declared = str(metadata.get("end2end", "")).strip().lower()
+    if declared == "true" and not selects_rows:
+        raise ConfigError(
+            f"the ONNX metadata says end2end but output {onnx_model.graph.output[0].name} has shape {output_dims}, "
+            "not (batch, k, 6) from a TopK"
+        )
+    return HeadFormat.END2END if selects_rows else HeadFormat.RAW
 
 
 def _finalize_onnx(exported: Path, out_path: Path, imgsz, dynamic_batch: bool) -> None:
@@ -177,8 +222,8 @@ def _finalize_onnx(exported: Path, out_path: Path, imgsz, dynamic_batch: bool) -
         dims = output.type.tensor_type.shape.dim
         if dynamic_batch:
             dims[0].dim_param = "batch"
-        if len(dims) > 2:
-            dims[2].dim_param = "anchors"  # re-inferred from the pinned input size below
+        if len(dims) > 2 and not dims[2].HasField("dim_value"):
+            dims[2].dim_param = "anchors"  # re-inferred from the pinned input size below (raw heads only)
     del model.graph.value_info[:]
     model = onnxslim.slim(model)
     model = onnx.shape_inference.infer_shapes(model)
@@ -186,8 +231,8 @@ def _finalize_onnx(exported: Path, out_path: Path, imgsz, dynamic_batch: bool) -
     onnx.save(model, str(out_path))
 
 
-def _describe(onnx_path: Path, source: Path, class_names: list[str], imgsz) -> ExportResult:
-    """Read names/shapes back from the final graph and check it runs (with batch 2 if the batch is dynamic)."""
+def _describe(onnx_path: Path, source: Path, class_names: list[str], imgsz, stride: int) -> ExportResult:
+    """Read names/shapes/head format back from the final graph and check it runs (batch 2 if dynamic)."""
     import onnx
     import onnxruntime as ort
 
@@ -198,10 +243,15 @@ def _describe(onnx_path: Path, source: Path, class_names: list[str], imgsz) -> E
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     batch = 2 if dynamic else input_shape[0]
     result = session.run(None, {inp.name: np.zeros((batch, 3, *imgsz), dtype=np.float32)})[0]
-    if result.ndim != 3 or result.shape[1] != 4 + len(class_names):
-        raise ValueError(
+    metadata = {p.key: p.value for p in model.metadata_props}
+    head_format = detect_head_format(model, list(result.shape), metadata)
+    end2end = head_format is HeadFormat.END2END
+    expected = 6 if end2end else 4 + len(class_names)
+    if result.ndim != 3 or result.shape[2 if end2end else 1] != expected:
+        layout = "(batch, k, 6)" if end2end else f"(batch, 4 + {len(class_names)} classes, anchors)"
+        raise ConfigError(
             f"{source.name} does not look like a YOLO detection head: output {out.name} has shape "
-            f"{result.shape}, expected (batch, 4 + {len(class_names)} classes, anchors)"
+            f"{result.shape}, expected {layout}"
         )
     output_shape = [-1 if dynamic else batch, int(result.shape[1]), int(result.shape[2])]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -217,6 +267,8 @@ def _describe(onnx_path: Path, source: Path, class_names: list[str], imgsz) -> E
         output_shape=output_shape,
         dynamic_batch=dynamic,
         opset=int(opset),
+        head_format=head_format,
+        stride=int(stride),
     )
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from .contracts import ConfigError
+
 # How many distinct error messages are kept per level (the count is always complete).
 MAX_ERROR_MESSAGES = 5
 # Longest wait for the server's statistics to count the last requests of a level.
@@ -212,9 +214,9 @@ class TritonLoad:
         Raises ServerGone when a failure turns out to be the server or model disappearing.
         """
         if (requests is None) == (duration_s is None):
-            raise ValueError("give either a request count or a duration")
+            raise ConfigError("give either a request count or a duration")
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         outputs = [grpcclient.InferRequestedOutput(output_name)] if output_name else None
         outcomes: list[RequestOutcome] = []
         next_index = 0

@@ -1,4 +1,7 @@
-"""COCO mAP of a build's ONNX variants with onnxruntime (CPU), the serving letterbox and postprocess.
+"""COCO mAP of a build's ONNX variants on CPU (onnxruntime or OpenVINO), the serving letterbox and postprocess.
+
+The same Q/DQ ONNX scores differently per runtime: onnxruntime emulates INT8 (quantize -> dequantize -> float
+math), OpenVINO runs integer kernels with its own rounding and accumulation, as a served INT8 engine does.
 
 `int8` (fp16-mixed) is meant for TensorRT: onnxruntime's CPU QuantizeLinear truncates FP16 inputs, so on CPU
 the faithful stand-in for INT8 accuracy is the `int8-fp32` twin (identical scales). The gate compares that.
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 from rich.progress import track
 
 from .bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, PerImageResults, RatioInterval, paired_ratio
@@ -17,8 +21,9 @@ from .calibration import check_no_overlap
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate_images
 from .coverage import conv_coverage
 from .letterbox import preprocess, read_image
-from .contracts import AccuracyGateError, BuildManifest
+from .contracts import AccuracyGateError, BuildManifest, HeadFormat
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
+from .runtime import RuntimeOptions, open_model
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
 GATED_VARIANT = "int8-fp32"
@@ -118,16 +123,32 @@ def detect_images(
     thresholds: Thresholds = EVAL_THRESHOLDS,
     label: str = "",
     show_progress: bool = True,
+    runtime: RuntimeOptions | None = None,
+    head_format: HeadFormat = HeadFormat.RAW,
     optimize: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}."""
-    session = onnx_session(model_path, optimize=optimize)
-    input_name = session.get_inputs()[0].name
+    """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}.
+
+    `head_format` is the build's (`ModelSpec.head`): raw decodes + NMS, end2end selects the head's rows.
+    `optimize=False` (FP8 Q/DQ): onnxruntime with graph optimizations off, whatever `runtime` says.
+    """
+    if optimize:
+        model = open_model(model_path, runtime or RuntimeOptions())
+        for note in model.choice.notes:
+            Console(stderr=True).print(f"[yellow]{note}[/]")
+
+        def run(batch):
+            return model.run(batch)[0]
+    else:
+        session = onnx_session(model_path, optimize=False)
+        input_name = session.get_inputs()[0].name
+
+        def run(batch):
+            return session.run(None, {input_name: batch})[0][0]
     detections = {}
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
-        raw = session.run(None, {input_name: chw[None]})[0][0]
-        detections[path.name] = postprocess(raw, info, thresholds)
+        detections[path.name] = postprocess(run(chw[None]), info, thresholds, HeadFormat(head_format).value)
     return detections
 
 
@@ -137,9 +158,11 @@ def evaluate_build(
     annotations: str | Path,
     variants=DEFAULT_VARIANTS,
     show_progress: bool = True,
+    runtime: RuntimeOptions | None = None,
 ) -> dict[str, CocoMetrics]:
-    """mAP of each ONNX variant of a build on the annotated images found in `images_dir`."""
-    return evaluate_build_detailed(build_dir, images_dir, annotations, variants, show_progress).metrics
+    """mAP of each ONNX variant of a build on the annotated images found in `images_dir` (`runtime`: which
+    runtime runs them, OpenVINO with the f32 hint by default)."""
+    return evaluate_build_detailed(build_dir, images_dir, annotations, variants, show_progress, runtime=runtime).metrics
 
 
 def validation_files(images_dir: str | Path, annotations: str | Path) -> tuple[CocoGroundTruth, list[Path]]:
@@ -160,6 +183,7 @@ def evaluate_build_detailed(
     variants=DEFAULT_VARIANTS,
     show_progress: bool = True,
     allow_overlap: bool = False,
+    runtime: RuntimeOptions | None = None,
 ) -> BuildEvaluation:
     """Like `evaluate_build`, plus ratios vs fp32 with bootstrap intervals and MAC coverage. Refuses (or, with
     `allow_overlap`, warns) when a validation image is one of the build's calibration images."""
@@ -172,7 +196,8 @@ def evaluate_build_detailed(
     metrics, per_image = {}, {}
     for variant in variants:
         detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress, optimize=variant not in UNOPTIMIZED_VARIANTS)
+                                   show_progress=show_progress, runtime=runtime, head_format=manifest.model.head,
+                                   optimize=variant not in UNOPTIMIZED_VARIANTS)
         evaluation = evaluate_images(detections, ground_truth, list(manifest.model.class_names))
         metrics[variant], per_image[variant] = evaluation.metrics, evaluation.per_image
     result = BuildEvaluation(metrics, per_image, overlaps=overlaps)

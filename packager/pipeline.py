@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .bootstrap import RatioInterval
 from .calibration import (
     DEFAULT_CALIB_SIZE,
     CalibrationResult,
@@ -25,11 +25,21 @@ from .calibration import (
     image_hashes,
     list_images,
     load_calibration_file,
+    split_calibration_and_tuning,
 )
+from .bootstrap import RatioInterval
 from .coco_eval import CocoMetrics
 from .coverage import ConvCoverage, conv_coverage
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
-from .contracts import ARTIFACT_FILES, MANIFEST_NAME, AccuracyGateError, BuildManifest, ModelSpec, TensorSpec
+from .contracts import (
+    ARTIFACT_FILES,
+    MANIFEST_NAME,
+    AccuracyGateError,
+    BuildManifest,
+    ConfigError,
+    ModelSpec,
+    TensorSpec,
+)
 from .manifest import artifact_entries, library_versions
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
@@ -40,7 +50,17 @@ from .onnx_eval import (
     evaluate_build_detailed,
     validation_files,
 )
-from .quantize import Fp8Result, QuantizeOptions, QuantizeResult, convert_fp16, quantize_fp8_twins, quantize_int8_twins
+from .qdq_graph import int8_conv_mac_share
+from .quantize import (
+    Fp8Result,
+    QuantizeOptions,
+    QuantizeResult,
+    apply_auto_preset,
+    convert_fp16,
+    quantize_fp8_twins,
+    quantize_int8_twins,
+)
+from .runtime import RuntimeOptions, runtime_on_this_machine
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
 BATCHNORM_IMAGES = 16
@@ -53,19 +73,23 @@ class BuildOptions:
     calib_images: Path | None = None
     calib_data: Path | None = None  # .npy / .npz tensor instead of an image folder
     calib_size: int = DEFAULT_CALIB_SIZE
+    tune_images: Path | None = None  # preset auto: tuning images (default: --calib-images after the first calib_size)
+    max_tune_images: int = 64
     imgsz: tuple[int, int] = (640, 640)
     max_batch: int = 8
     dynamic_batch: bool = True
     opset: int = DEFAULT_OPSET
+    end2end: bool | None = None  # None: the NMS-free head when the model has one (YOLO26); False: classic head
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     val_images: Path | None = None
     val_annotations: Path | None = None
     min_map_ratio: float = DEFAULT_MIN_MAP_RATIO
     repository: Path | None = None  # render a Triton model repository from the finished build
     repository_target: str = "local"
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # runs the eval gate and the local detector
     show_progress: bool = True
     fp8: bool | None = None  # None: only when the repository target is gpu (the one target that serves FP8)
-    allow_overlap: bool = False  # validation images shared with calibration: warn instead of refusing
+    allow_overlap: bool = False  # validation images shared with calibration/tuning: warn instead of refusing
 
     @property
     def build_fp8(self) -> bool:
@@ -105,6 +129,12 @@ def validate_options(options: BuildOptions) -> None:
         raise FileNotFoundError(f"calibration data file not found: {options.calib_data}")
     if options.calib_size < 1:
         raise ValueError(f"--calib-size must be at least 1, got {options.calib_size}")
+    if options.tune_images is not None:
+        list_images(options.tune_images)
+    if options.quantize.preset == "auto" and options.tune_images is None and (
+            options.calib_images is None or len(list_images(options.calib_images)) <= options.calib_size):
+        raise ConfigError("--preset auto needs tuning images besides the calibration images: give more "
+                         "--calib-images than --calib-size, or --tune-images DIR")
     if options.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {options.max_batch}")
     if (options.val_images is None) != (options.val_annotations is None):
@@ -144,38 +174,27 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
     (build_dir / "onnx").mkdir(parents=True)
 
     started = time.perf_counter()
-    calibration = _calibration(options)
+    calibration, tuning = _calibration(options)
     calibration.save(build_dir / ARTIFACT_FILES["calib"])
     timings["calibration"] = time.perf_counter() - started
     if calibration.skipped:
         console.print(f"[yellow]Skipped {len(calibration.skipped)} unreadable calibration image(s):[/] "
                       + ", ".join(calibration.skipped))
-    calibration_hashes = _check_disjoint(options, calibration, console)
+    used_hashes = _check_disjoint(options, calibration, tuning, console)
 
     started = time.perf_counter()
     random_init = Path(options.model).suffix.lower() in (".yaml", ".yml")
     with console.status(f"Exporting {Path(options.model).name} to ONNX"):
         exported = export_onnx(
             options.model, build_dir / ARTIFACT_FILES["fp32"], options.imgsz, options.dynamic_batch, options.opset,
-            batchnorm_images=calibration.data[:BATCHNORM_IMAGES] if random_init else None,
+            batchnorm_images=calibration.data[:BATCHNORM_IMAGES] if random_init else None, end2end=options.end2end,
         )
     timings["export"] = time.perf_counter() - started
     if random_init:
         console.print(f"Random-init model: BatchNorm statistics re-estimated on "
                       f"{min(BATCHNORM_IMAGES, calibration.count)} calibration images")
 
-    started = time.perf_counter()
-    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
-                        f"calibration on {calibration.count} images)"):
-        quantization = quantize_int8_twins(
-            build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx", options.quantize
-        )
-    timings["quantize"] = time.perf_counter() - started
-    if quantization.excluded_nodes:
-        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
-                      + ", ".join(quantization.excluded_nodes))
-    if quantization.excluded_ops:
-        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    quantization = _quantize(build_dir, options, calibration.data, tuning, exported.class_names, console, timings)
     coverage = {"int8": conv_coverage(quantization.int8_fp32_path)}
     fp8 = _fp8_twins(build_dir, options, calibration, quantization, timings, console)
     if fp8 is not None:
@@ -186,17 +205,40 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
         convert_fp16(build_dir / ARTIFACT_FILES["fp32"], build_dir / ARTIFACT_FILES["fp16"])
     timings["fp16"] = time.perf_counter() - started
 
-    manifest = _manifest(build_dir, options, exported, calibration, quantization)
-    _record_quantization_extras(manifest, coverage, fp8, calibration_hashes)
+    manifest = _manifest(build_dir, options, exported, calibration, quantization, tuning)
+    _record_quantization_extras(manifest, coverage, fp8, used_hashes)
     manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings, coverage=coverage, fp8=fp8)
-
     if options.val_images is not None:
         started = time.perf_counter()
         _evaluate_and_gate(result, options, console)
         timings["evaluation"] = time.perf_counter() - started
         manifest.save(build_dir)
     return result
+
+
+def _quantize(build_dir: Path, options: BuildOptions, calibration: np.ndarray, tuning: list[Path],
+              class_names: list[str], console: Console, timings: dict[str, float]) -> QuantizeResult:
+    """INT8 twins from one calibration; preset auto then picks what to keep precise on the `tuning` images."""
+    started = time.perf_counter()
+    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
+                        f"calibration on {len(calibration)} images)"):
+        quantization = quantize_int8_twins(
+            build_dir / ARTIFACT_FILES["fp32"], calibration, build_dir / "onnx", options.quantize
+        )
+    timings["quantize"] = time.perf_counter() - started
+    if options.quantize.preset == "auto":
+        started = time.perf_counter()
+        apply_auto_preset(quantization, build_dir / ARTIFACT_FILES["fp32"], tuning, options.imgsz,
+                          class_names, options.quantize, options.show_progress)
+        timings["auto_preset"] = time.perf_counter() - started
+        console.print(f"Auto preset: {quantization.auto.reason()}")
+    elif quantization.excluded_nodes:
+        console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
+                      + ", ".join(quantization.excluded_nodes))
+    if quantization.excluded_ops:
+        console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
+    return quantization
 
 
 def _fp8_twins(build_dir: Path, options: BuildOptions, calibration: CalibrationResult, quantization: QuantizeResult,
@@ -212,26 +254,27 @@ def _fp8_twins(build_dir: Path, options: BuildOptions, calibration: CalibrationR
     return fp8
 
 
-def _check_disjoint(options: BuildOptions, calibration: CalibrationResult, console: Console) -> dict[str, str]:
-    """sha256 of the calibration images (recorded in the manifest for eval-onnx), and refuse validation images
-    that are calibration images too (same bytes, whatever their names)."""
-    if options.calib_images is None:
-        return {}
-    hashes = image_hashes(calibration_files(options.calib_images, calibration))
+def _check_disjoint(options: BuildOptions, calibration: CalibrationResult, tuning: list[Path],
+                    console: Console) -> dict[str, dict[str, str]]:
+    """sha256 of the calibration and tuning images (recorded in the manifest for eval-onnx), and refuse validation
+    images that are one of them too (same bytes, whatever their names)."""
+    used = {"calibration": image_hashes(calibration_files(options.calib_images, calibration))
+            if options.calib_images is not None else {}, "tuning": image_hashes(tuning)}
     if options.val_images is not None:
         _, val_files = validation_files(options.val_images, options.val_annotations)
-        overlaps = check_no_overlap(val_files, {"calibration": hashes}, allow=options.allow_overlap)
+        overlaps = check_no_overlap(val_files, used, allow=options.allow_overlap)
         if overlaps:
-            console.print(f"[bold red]WARNING: {len(overlaps)} validation image(s) are calibration images; the "
-                          "accuracy gate below is measured partly on seen data[/]")
-    return hashes
+            console.print(f"[bold red]WARNING: {len(overlaps)} validation image(s) are calibration/tuning images; "
+                          "the accuracy gate below is measured partly on seen data[/]")
+    return used
 
 
 def _record_quantization_extras(manifest: BuildManifest, coverage: dict[str, ConvCoverage], fp8: Fp8Result | None,
-                                calibration_hashes: dict[str, str]) -> None:
+                                used_hashes: dict[str, dict[str, str]]) -> None:
     manifest.quantization["int8_mac_coverage"] = round(coverage["int8"].share("int8"), 5)
     manifest.quantization["conv_coverage"] = {k: c.as_dict() for k, c in coverage.items()}
-    manifest.calibration["image_sha256"] = calibration_hashes
+    manifest.calibration["image_sha256"] = used_hashes["calibration"]
+    manifest.calibration["tuning_image_sha256"] = used_hashes["tuning"]
     if fp8 is not None:
         manifest.quantization["fp8"] = {
             "quantize_mode": "fp8", "format": "E4M3 (float8e4m3fn) Q/DQ",
@@ -248,12 +291,15 @@ def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Cons
     gated = [GATED_VARIANT] + (["fp8-fp32"] if result.fp8 is not None else [])
     evaluation = evaluate_build_detailed(result.build_dir, options.val_images, options.val_annotations,
                                          tuple(DEFAULT_VARIANTS) + tuple(gated[1:]),
-                                         show_progress=options.show_progress, allow_overlap=options.allow_overlap)
+                                         show_progress=options.show_progress, allow_overlap=options.allow_overlap,
+                                         runtime=options.runtime)
     result.metrics, result.intervals = evaluation.metrics, evaluation.intervals
     manifest = result.manifest
     manifest.evaluation = {variant: m.as_dict() for variant, m in result.metrics.items()}
     manifest.evaluation["ratios_vs_fp32"] = {v: i.as_dict() for v, i in result.intervals.items()}
-    console.print(metrics_table(result.metrics, result.intervals, evaluation.coverage))
+    runtime_label = runtime_on_this_machine(options.runtime).label
+    manifest.evaluation["runtime"] = runtime_label
+    console.print(metrics_table(result.metrics, runtime_label, result.intervals, evaluation.coverage))
     for variant in gated:
         try:
             gate = check_gate(result.metrics, options.min_map_ratio, variant, result.intervals.get(variant))
@@ -270,14 +316,22 @@ def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Cons
                                         "decidable": g.decidable} for g in result.gates]
 
 
-def _calibration(options: BuildOptions) -> CalibrationResult:
+def _calibration(options: BuildOptions) -> tuple[CalibrationResult, list[Path]]:
+    """The calibration tensor and the tuning image files (disjoint from calibration; used by preset auto)."""
+    tune_files = list_images(options.tune_images) if options.tune_images is not None else None
     if options.calib_data is not None:
         data = load_calibration_file(options.calib_data, options.imgsz)[: options.calib_size]
-        return CalibrationResult(data, str(Path(options.calib_data).resolve()))
-    return build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress)
+        return CalibrationResult(data, str(Path(options.calib_data).resolve())), (tune_files or [])[
+            : options.max_tune_images]
+    files, tuning = split_calibration_and_tuning(list_images(options.calib_images), options.calib_size, tune_files,
+                                                 options.max_tune_images)
+    calibration = build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress,
+                                    files=files)
+    return calibration, tuning
 
 
-def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult) -> BuildManifest:
+def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult,
+              tuning: list[Path]) -> BuildManifest:
     versions = library_versions()
     max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
     spec = ModelSpec(
@@ -316,14 +370,25 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "twins_from_one_calibration": True,
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
+            "int8_conv_mac_share": round(int8_conv_mac_share(_load_onnx(build_dir / ARTIFACT_FILES["int8-fp32"])), 5),
+            **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
         },
         calibration={
             "source": calibration.source,
             "count": calibration.count,
             "skipped": calibration.skipped,
             "letterbox": "packager.letterbox.preprocess",
+            # Tuning images (preset auto): never calibration images, see split_calibration_and_tuning.
+            "tuning": {"count": len(tuning), "files": [p.name for p in tuning],
+                       "used_by": "preset auto" if quantization.auto else None},
         },
     )
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -344,16 +409,17 @@ def _render_repository(build_dir: Path, options: BuildOptions, console: Console)
         target = options.repository_target
         # FP8 is served by TensorRT only (gpu target); CPU targets never serve it (see README).
         fp8 = ("fp8",) if target == "gpu" and (build_dir / ARTIFACT_FILES["fp8"]).is_file() else ()
-        render(build_dir, Path(options.repository),
-               RenderOptions(target=target, precisions=default_precisions(target) + fp8))
+        render(build_dir, Path(options.repository), RenderOptions(
+            target=target, precisions=default_precisions(target) + fp8, runtime=options.runtime.runtime,
+            precision_hint=options.runtime.precision_hint))
     return Path(options.repository)
 
 
-def metrics_table(metrics: dict[str, CocoMetrics], intervals: dict[str, RatioInterval] | None = None,
-                  coverage: dict[str, float] | None = None) -> Table:
+def metrics_table(metrics: dict[str, CocoMetrics], runtime_label: str = "onnxruntime",
+                  intervals: dict[str, RatioInterval] | None = None, coverage: dict[str, float] | None = None) -> Table:
     """Per variant: mAP, the ratio vs fp32 with its 95 % paired bootstrap interval, and quantized MAC coverage."""
     intervals, coverage = intervals or {}, coverage or {}
-    table = Table(title="ONNX COCO evaluation (onnxruntime CPU)")
+    table = Table(title=f"ONNX COCO evaluation ({runtime_label}, CPU; fp8 variants: onnxruntime unoptimized)")
     columns = ["variant", "mAP50-95", "mAP50", "ratio vs fp32", "95% interval", "images", "detections"]
     if coverage:
         columns.append("quantized MACs")
@@ -385,7 +451,9 @@ def summary_table(result: BuildResult) -> Table:
     quant = manifest.quantization
     table.caption = (
         f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
-        f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise; "
+        f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise, "
+        f"INT8 conv MACs {quant['int8_conv_mac_share']:.1%}; "
+        + (f"auto: {result.quantization.auto.reason()}; " if result.quantization.auto else "")
         + ", ".join(f"{k} {c.share(k):.1%} of conv MACs in {k.upper()}" for k, c in result.coverage.items()) + "; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
         + "".join(f"; gate {gate.message()}" for gate in (result.gates or ([result.gate] if result.gate else [])))

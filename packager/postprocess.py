@@ -1,11 +1,14 @@
-"""The one postprocess of yqpack (decode + class-aware NMS), numpy only.
+"""The one postprocess of yqpack (decode + class-aware NMS, or the end-to-end selection), numpy only.
 
 Used by local ONNX evaluation and, copied next to `model.py` at render time, by the served postprocess model,
 so served and local detections come from the same code. Runs under numpy 1 (server) and numpy 2 (build tools).
 
-Input is the raw YOLO detection head output, (batch, 4 + num_classes, anchors) with boxes as centre-x,
-centre-y, width, height in letterboxed input pixels and per-class scores (already sigmoid-ed), as exported by
-Ultralytics for YOLOv8/YOLO11 without embedded NMS.
+Two head formats (manifest `head_format`):
+- `raw`: (batch, 4 + num_classes, anchors) with boxes as centre-x, centre-y, width, height in letterboxed input
+  pixels and per-class scores (already sigmoid-ed), as exported by Ultralytics for YOLOv8/YOLO11 (and YOLO26 with
+  --no-end2end) without embedded NMS: `decode` (confidence filter + class-aware NMS).
+- `end2end`: (batch, k, 6) rows x1, y1, x2, y2, score, class_id in letterboxed pixels, sorted by score, from
+  the NMS-free one-to-one head (YOLO26, YOLOv10): `select_end2end` (confidence filter + max_det, no NMS).
 """
 
 from __future__ import annotations
@@ -102,8 +105,31 @@ def map_to_original(detections: np.ndarray, info: LetterboxInfo) -> np.ndarray:
     return out
 
 
-def postprocess(raw: np.ndarray, info: LetterboxInfo, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> np.ndarray:
-    """One image's raw head output -> detections (n, 6) in original image pixels."""
+def select_end2end(rows: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> np.ndarray:
+    """One image's end-to-end head output (k, 6) -> detections (n, 6) in letterboxed input pixels.
+
+    The one-to-one head already picked one box per object and sorted the rows by score, so this is only the
+    confidence filter (score > conf) and the first `max_det` rows, exactly as Ultralytics' own end-to-end path.
+    `thresholds.iou` and `thresholds.multi_label` do not apply (there is no NMS) and are ignored.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != 6:
+        raise ValueError(f"expected a (k, 6) end-to-end head output, got shape {rows.shape}")
+    return rows[rows[:, 4] > thresholds.conf][: thresholds.max_det].copy()
+
+
+def postprocess(
+    raw: np.ndarray, info: LetterboxInfo, thresholds: Thresholds = PRODUCTION_THRESHOLDS, head_format: str = "raw"
+) -> np.ndarray:
+    """One image's head output -> detections (n, 6) in original image pixels.
+
+    `head_format` `raw` decodes and runs NMS; `end2end` only filters by conf and max_det (iou_threshold and
+    multi_label are ignored: the NMS-free head has no duplicates to suppress).
+    """
+    if head_format == "end2end":
+        return map_to_original(select_end2end(raw, thresholds), info)
+    if head_format != "raw":
+        raise ValueError(f"unknown head format {head_format!r}: expected raw or end2end")
     return map_to_original(decode(raw, thresholds), info)
 
 

@@ -7,9 +7,11 @@ the step ModelOpt's own `quantize(high_precision_dtype="fp16")` runs after calib
 identical by construction (a slow test checks the result is bit-identical to ModelOpt's own fp16 path). The
 FP16 baseline comes from the same AutoCast function on the FP32 export.
 
-Presets: `mixed` (deployment) = ModelOpt's default placement, minus the detection head's output convs and the
-DFL/decode tail (found by graph structure) and minus residual Adds; `extreme` quantizes every listed op type,
-a stress test of INT8 sensitivity, never a deployment setting.
+Presets: `mixed` = ModelOpt's default placement, minus the detection head's output convs and the DFL/decode tail
+(found by graph structure) and minus residual Adds; `extreme` quantizes every listed op type, a stress test of
+INT8 sensitivity, never a deployment setting; `auto` calibrates ModelOpt's default placement with no preset
+exclusions, then keeps the fewest, most sensitive units precise until a label-free agreement target is met on
+tuning images (never calibration or validation images): see `apply_auto_preset` and packager/sensitivity.py.
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .contracts import ConfigError
+
 log = logging.getLogger(__name__)
 
-PRESETS = ("mixed", "extreme")
+PRESETS = ("mixed", "extreme", "auto")
+# auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images that must be reached (see sensitivity.py).
+DEFAULT_AUTO_TARGET = 0.97
+AUTO_MAX_TRIALS = 12  # greedy trials before giving up on the target (each costs one pass over the tuning images)
 CALIBRATION_METHODS = ("max", "entropy")
 CALIBRATION_EPS = ("cpu", "cuda:0", "trt")
 
@@ -61,10 +68,17 @@ class QuantizeOptions:
     exclude_ops: list[str] = field(default_factory=list)
     calibrate_per_node: bool = False
     trt_plugins: list[str] = field(default_factory=list)
+    auto_target: float = DEFAULT_AUTO_TARGET
+    auto_refine: int = 2  # auto: split this many of the most sensitive units one level deeper
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if not 0 < self.auto_target <= 1:
+            raise ConfigError(f"--auto-target must be in (0, 1], got {self.auto_target}")
+        if self.preset == "auto" and self.dq_only:
+            # Keeping a unit precise restores its FP32 weights from the QuantizeLinear input; dq_only has none.
+            raise ConfigError("--preset auto does not support --dq-only yet")
         if self.calibration_method not in CALIBRATION_METHODS:
             raise ValueError(
                 f"unknown calibration method {self.calibration_method!r}: choose {', '.join(CALIBRATION_METHODS)}"
@@ -90,6 +104,7 @@ class QuantizeResult:
     quantized_nodes: int  # nodes with a DequantizeLinear on an input
     calibration_images: int
     wall_time_s: float
+    auto: AutoSelection | None = None  # preset auto: what was kept precise and why
 
 
 def head_nodes_to_keep_precise(onnx_model) -> list[str]:
@@ -99,6 +114,9 @@ def head_nodes_to_keep_precise(onnx_model) -> list[str]:
     feature convolution (the DFL conv, fed by a Softmax, is an expectation over bins, not a feature layer,
     so the walk passes through it): for YOLOv8/YOLO11 that is every per-level box/class output conv (`cv2.*.2`, `cv3.*.2`),
     the DFL conv and the decode arithmetic after them (concat, split, softmax, dist2bbox, sigmoid).
+    The same walk covers both head formats: for an end-to-end head (YOLO26) it finds the one-to-one branch's
+    output convs (`one2one_cv2.*.2`, `one2one_cv3.*.2`), the box decode and the selection tail (ReduceMax,
+    TopK, GatherElements, Mod/Div class index, Concat of the (k, 6) rows), since none of those is a conv.
     """
     nodes = list(onnx_model.graph.node)
     consumers: dict[str, list[int]] = {}
@@ -178,8 +196,9 @@ def quantize_int8_twins(
     if options.preset == "mixed":
         excluded = sorted(set(excluded) | set(head_nodes_to_keep_precise(source)), key=_node_order(source))
         excluded_ops = list(dict.fromkeys(MIXED_OPS_TO_EXCLUDE + excluded_ops))
-    else:  # extreme: only the ops the model has (ModelOpt rejects unknown spellings, not absent ops)
+    elif options.preset == "extreme":  # only the ops the model has (ModelOpt rejects unknown spellings)
         op_types_to_quantize = [op for op in EXTREME_OP_TYPES if op in op_types_present]
+    # auto: ModelOpt's default placement with only the user's exclusions; apply_auto_preset picks the rest.
     nodes_to_exclude = [re.escape(name) + "$" for name in excluded]
 
     modelopt_logger = logging.getLogger("modelopt.onnx")
@@ -338,3 +357,78 @@ def quantize_fp8_twins(
         modelopt_logger.removeFilter(noise_filter)
     return Fp8Result(fp8_path, fp8_fp32_path, len(quantized_node_names(quantized)),
                      round(time.perf_counter() - started, 2))
+
+
+@dataclass
+class AutoSelection:
+    """What the auto preset kept precise, and the label-free evidence for it."""
+
+    target: float
+    tuning_images: int
+    met_target: bool
+    kept_precise: list[str]  # units, most sensitive first
+    final: dict  # agreement, SQNR and INT8 conv-MAC share of the chosen configuration
+    steps: list[dict]  # per greedy trial: unit tried, accepted?, units kept precise, agreement, SQNR, coverage
+    ranking: list[dict]  # every unit: only-this-unit-INT8 agreement and SQNR, most sensitive first
+    all_int8: dict  # agreement and SQNR with everything INT8
+    wall_time_s: float
+
+    def reason(self) -> str:
+        final = self.final
+        verdict = "reached" if self.met_target else "NOT reached"
+        return (f"agreement target {self.target} {verdict} on {self.tuning_images} tuning images: "
+                f"{self.all_int8['agreement']:.4f} with everything INT8 -> {final['agreement']:.4f} with "
+                f"{len(self.kept_precise)} unit(s) kept precise ({', '.join(self.kept_precise) or 'none'}), "
+                f"INT8 conv MACs {final['int8_conv_mac_share']:.1%}")
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "tuning_images": self.tuning_images, "met_target": self.met_target,
+                "kept_precise": self.kept_precise, "reason": self.reason(), "final": self.final,
+                "all_int8": self.all_int8,
+                "steps": self.steps, "ranking": self.ranking, "wall_time_s": self.wall_time_s}
+
+
+def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_images: list[Path],
+                      imgsz: tuple[int, int], class_names: list[str], options: QuantizeOptions,
+                      show_progress: bool = True) -> QuantizeResult:
+    """Preset auto, after `quantize_int8_twins` calibrated everything: rank units by sensitivity on the tuning
+    images, keep them precise greedily until the agreement target is met, rewrite both twins from that graph."""
+    import onnx
+    from modelopt.onnx.autocast import convert_to_f16
+
+    from .sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
+    from .qdq_graph import keep_precise
+
+    if not tuning_images:
+        raise ConfigError("--preset auto needs tuning images that are not calibration images: give more "
+                         "--calib-images than --calib-size, or --tune-images DIR")
+    started = time.perf_counter()
+    all_int8 = onnx.load(str(result.int8_fp32_path))
+    scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning_images, imgsz, class_names)
+    sensitivity = analyze(all_int8, scorer, refine=options.auto_refine, show_progress=show_progress)
+    steps = greedy_keep_precise(all_int8, sensitivity.units, scorer, options.auto_target, AUTO_MAX_TRIALS,
+                                show_progress=show_progress)
+    choice = chosen(steps)
+    units = [u for name in choice.kept_precise for u in sensitivity.units if u.unit == name]
+    final = keep_precise(all_int8, [n for u in units for n in u.nodes])
+    onnx.save(final, str(result.int8_fp32_path))
+    onnx.save(convert_to_f16(final, low_precision_type="fp16", keep_io_types=True), str(result.int8_path))
+    result.excluded_nodes = sorted(set(result.excluded_nodes) | {n for u in units for n in u.nodes},
+                                   key=_node_order(all_int8))
+    result.quantized_nodes = len(quantized_node_names(final))
+    result.auto = AutoSelection(
+        target=options.auto_target, tuning_images=sensitivity.images,
+        met_target=choice.score.agreement >= options.auto_target, kept_precise=choice.kept_precise,
+        final={"agreement": choice.score.agreement, "sqnr_db": choice.score.sqnr_db,
+               "int8_conv_mac_share": round(choice.int8_coverage, 5)},
+        steps=[{"tried": s.unit, "accepted": s.accepted, "kept_precise": s.kept_precise,
+                "agreement": s.score.agreement, "sqnr_db": s.score.sqnr_db,
+                "int8_conv_mac_share": round(s.int8_coverage, 5)} for s in steps],
+        ranking=[{"unit": u.unit, "agreement_alone": u.alone.agreement, "sqnr_db_alone": u.alone.sqnr_db}
+                 for u in sensitivity.units],
+        all_int8={"agreement": sensitivity.all_int8.agreement, "sqnr_db": sensitivity.all_int8.sqnr_db},
+        wall_time_s=round(time.perf_counter() - started, 1),
+    )
+    if not result.auto.met_target:
+        log.warning("auto preset: %s", result.auto.reason())
+    return result

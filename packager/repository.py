@@ -16,6 +16,7 @@ import jinja2
 
 from packager import letterbox as letterbox_module
 from packager import postprocess as postprocess_module
+from packager import runtime as runtime_module
 from packager.assets import TEMPLATES_DIR
 from packager.contracts import (
     BuildManifest,
@@ -31,12 +32,13 @@ from packager.contracts import (
 )
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 
-TARGETS = ("local", "cpu", "gpu", "gpu-ort")
+TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 # Which build artifact each target serves per precision (onnxruntime CPU mis-rounds FP16 Q/DQ inputs).
 ONNX_VARIANT = {
     "local": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     "cpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
+    "cpu-openvino": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     # gpu-ort: TensorRT picks FP16 layers itself (precision_mode FP16) from the FP32 graph, see docs/architecture.md.
     "gpu-ort": {"fp32": "fp32", "fp16": "fp32", "int8": "int8"},
     "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8"},
@@ -46,13 +48,17 @@ ONNX_VARIANT = {
 FP8_TARGETS = ("gpu",)
 # Python pre/post instances per target: on a CPU target the detector needs the cores (one of each keeps up
 # with it); a GPU detector is fast enough that decoding JPEGs on several host cores becomes the bottleneck.
-PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
+PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "cpu-openvino": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
 # How long the detector's batcher waits for more requests. A CPU detector runs ~100 ms per batch, so requests
 # pile up behind it anyway and a wait only adds latency (2 ms per request at concurrency 1, measured); a GPU
 # detector is done in a few ms, and a short wait is what lets batches form at all.
-MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "gpu": 2000, "gpu-ort": 2000}
+MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "cpu-openvino": 0, "gpu": 2000, "gpu-ort": 2000}
 # The Triton backend/platform each target's detector runs on (recorded in the repository index).
-DETECTOR_PLATFORM = {"local": "python", "cpu": "onnxruntime", "gpu": "tensorrt_plan", "gpu-ort": "onnxruntime"}
+DETECTOR_PLATFORM = {"local": "python", "cpu": "onnxruntime", "cpu-openvino": "openvino", "gpu": "tensorrt_plan",
+                     "gpu-ort": "onnxruntime"}
+# Detector template per precision where it differs from the target's own: Triton's openvino backend has no f32
+# precision hint (bf16 by default on AMX hosts), so cpu-openvino keeps FP32/FP16 exact on the onnxruntime backend.
+DETECTOR_TEMPLATE = {"cpu-openvino": {"fp32": "cpu", "fp16": "cpu"}}
 LABELS_FILE = "labels.txt"
 # The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
 IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
@@ -83,6 +89,8 @@ class RenderOptions:
     postprocess_instances: int | None = None
     intra_op_threads: int = 0
     thresholds: Thresholds = PRODUCTION_THRESHOLDS
+    runtime: str = runtime_module.DEFAULT_RUNTIME  # the local target's Python-backend detector: openvino|onnxruntime
+    precision_hint: str = "f32"  # its OpenVINO precision: f32 keeps FP32 exact, bf16 is opt-in
 
 
 def ensemble_name(model_name: str, precision: str) -> str:
@@ -186,6 +194,10 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
     if unservable:
         raise ConfigError(f"{', '.join(unservable)} is served only on the {', '.join(FP8_TARGETS)} target (TensorRT, "
                           f"compute capability >= 8.9), not on {target}: serve fp32/fp16/int8 there")
+    try:
+        runtime_module.RuntimeOptions(options.runtime, options.precision_hint)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not (TEMPLATES_DIR / "detector" / target / "config.pbtxt.j2").is_file():
         raise MissingInputError(f"no detector template for target {target!r} in {TEMPLATES_DIR / 'detector'}")
     spec = manifest.model
@@ -251,13 +263,18 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             "instance_count": options.detector_instances,
             "model_filename": "model.plan" if target == "gpu" else "model.onnx",
             "intra_op_threads": int(options.intra_op_threads),
+            "runtime": options.runtime,
+            "precision_hint": options.precision_hint,
+            "ultralytics_metadata": ultralytics_metadata_pbtxt(spec),
         }
         version_dir = staging / detector / "1"
         version_dir.mkdir(parents=True)
-        _render(env, f"detector/{target}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
+        template = DETECTOR_TEMPLATE.get(target, {}).get(precision.value, target)
+        _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
         for extra in sorted(detector_templates.iterdir()):
             if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
                 shutil.copy2(extra, version_dir / extra.name)
+                shutil.copy2(runtime_module.__file__, version_dir / "runtime.py")
         # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
         shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
         if precision in plan.plans:
@@ -275,7 +292,7 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
         (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
         models += [
             ServedModel(detector, Role.DETECTOR, precision, (spec.input,), (spec.output,), plan.max_batch,
-                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[target]),
+                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template]),
             ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,
                         platform="ensemble"),
         ]
@@ -284,6 +301,12 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
 
 def _labels(spec: ModelSpec) -> str:
     return "\n".join(spec.class_names) + "\n"
+
+
+def ultralytics_metadata_pbtxt(spec: ModelSpec) -> str:
+    """`spec.ultralytics_metadata()` as a Python-literal dict (what Ultralytics' client parses), escaped for a
+    double-quoted pbtxt string."""
+    return repr(spec.ultralytics_metadata()).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _pbtxt_string(text: str) -> str:

@@ -67,6 +67,19 @@ def serve_dir(home: Path | None = None) -> Path:
     return Path(home or yqpack_home()) / "serve"
 
 
+def model_repository_arg(repository: str | Path) -> tuple[Path | str, dict[str, str]]:
+    """tritonserver's --model-repository value and extra environment: a local folder, or an S3 URL in Triton's form.
+
+    s3://BUCKET/PREFIX (endpoint from AWS_ENDPOINT_URL) or s3://HOST:PORT/BUCKET/PREFIX; credentials reach the
+    server through the environment it inherits (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
+    """
+    if str(repository).startswith("s3://"):
+        from packager.push import triton_s3_repository
+
+        return triton_s3_repository(str(repository))
+    return Path(repository).resolve(), {}
+
+
 def find_free_ports(count: int = 3) -> list[int]:
     """Ports the OS reports free on 127.0.0.1 right now (for tests and parallel servers)."""
     sockets = []
@@ -107,7 +120,7 @@ class LocalTritonServer:
         log_verbose: int = 0,
         model_control_mode: str = "none",
     ):
-        self.repository = Path(repository).resolve()
+        self.repository, self.repository_env = model_repository_arg(repository)
         self.server_env = server_env
         self.ports = {"grpc": int(grpc_port), "http": int(http_port), "metrics": int(metrics_port)}
         self.shm_prefix = f"yqpack{uuid.uuid4().hex[:10]}"
@@ -179,7 +192,7 @@ class LocalTritonServer:
     def start(self) -> "LocalTritonServer":
         if self.process is not None:
             raise ServerError("this server is already started")
-        if not self.repository.is_dir():
+        if isinstance(self.repository, Path) and not self.repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.repository} (run yqpack build first)")
         if len(set(self.ports.values())) != len(self.ports):
             raise ServerError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
@@ -196,7 +209,7 @@ class LocalTritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.server_env.process_env(),
+                env={**self.server_env.process_env(), **self.repository_env},
                 start_new_session=True,  # Ctrl-C goes to yqpack, which then stops the server cleanly
             )
         self.started_at = time.time()
@@ -394,21 +407,10 @@ def _wait_gone(pid: int, timeout: float, waiter) -> bool:
     return False
 
 
-# -- docker -----------------------------------------------------------------------------------------------------
-def docker_compose_up(repository: Path, detach: bool = True, *, grpc_port: int = DEFAULT_PORTS["grpc"],
-                      http_port: int = DEFAULT_PORTS["http"], metrics_port: int = DEFAULT_PORTS["metrics"],
-                      allow_missing: bool = False, ready_timeout: float = 1800.0):
-    """`docker compose up` on deploy/ (engines, then tritonserver); a clear error without a Docker engine."""
-    from packager.deploy import Ports, compose_up
-
-    ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port)
-    return compose_up(Path(repository), detach, allow_missing=allow_missing, ports=ports, timeout_s=ready_timeout)
-
-
 # -- the `yqpack serve --local` / `yqpack stop` stages ------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeOptions:
-    repository: Path
+    repository: Path | str  # a folder, or s3://BUCKET/PREFIX (see model_repository_arg)
     grpc_port: int = DEFAULT_PORTS["grpc"]
     http_port: int = DEFAULT_PORTS["http"]
     metrics_port: int = DEFAULT_PORTS["metrics"]
@@ -427,8 +429,8 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
     from packager.server_env import ensure_server_env
 
     console = console or Console(stderr=True)
-    repository = Path(options.repository).resolve()
-    if not repository.is_dir():
+    repository = model_repository_arg(options.repository)[0]
+    if isinstance(repository, Path) and not repository.is_dir():
         raise FileNotFoundError(f"model repository not found: {repository} (run yqpack build, or pass --repository)")
     running = running_detached(options.home)
     if running is not None:

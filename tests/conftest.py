@@ -179,3 +179,78 @@ def ultralytics_reference_metrics(assets, coco_ground_truth):
             det[:, :4] = scale_boxes((640, 640), det[:, :4], image.shape[:2])
             detections[path.name] = det.numpy()
     return evaluate(detections, coco_ground_truth, [yolo.names[i] for i in sorted(yolo.names)])
+
+
+# --- S3 (a real S3-compatible server on 127.0.0.1: moto's, with IAM authentication on) ---
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server on a free 127.0.0.1 port that checks credentials; bucket `models`.
+
+    Yields packager-independent facts: endpoint, access key, secret key, bucket. Stopped (its own pid) at the end.
+    """
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    try:
+        import boto3
+        import moto  # noqa: F401
+    except ImportError as error:
+        pytest.fail(f"{error}: install the test extras (pip install -e .[test]) for the S3 tests")
+    from packager.serve import find_free_ports
+
+    port = find_free_ports(1)[0]
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    # INITIAL_NO_AUTH_ACTION_COUNT: the first 3 requests (creating the user, its policy and key) need no
+    # credentials; every later one is authenticated against moto's IAM, so a wrong key is refused as on AWS.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=handle, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:  # a bare TCP connect: an HTTP request could use up one of the unauthenticated actions
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1",
+                     "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **anonymous)
+        iam.create_user(UserName="yqpack")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="yqpack", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="yqpack")["AccessKey"]
+        server = {"endpoint": endpoint, "port": port, "access_key": key["AccessKeyId"],
+                  "secret_key": key["SecretAccessKey"], "bucket": "models", "region": "us-east-1"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=server["access_key"],
+                     aws_secret_access_key=server["secret_key"]).create_bucket(Bucket="models")
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def aws_env(s3_server, monkeypatch):
+    """The valid credentials of `s3_server` in the environment, as a user sets them (no endpoint variable)."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server["region"])
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # a developer's ~/.aws must not leak in
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    return s3_server

@@ -5,6 +5,8 @@ engine reachability probe against real sockets, and the health wait against a re
 from __future__ import annotations
 
 import http.server
+import json
+import os
 import re
 import shutil
 import socket
@@ -17,10 +19,12 @@ import pytest
 import yaml
 
 from packager import deploy
-from packager.assets import PROJECT_ROOT
+from packager.contracts import Endpoints
+from packager.readiness import NotReadyError, ServerGoneError, wait_until_ready
+from packager.assets import DEPLOY_DIR, PROJECT_ROOT
 from packager.server_env import MALLOC_ENV
 
-DEPLOY = PROJECT_ROOT / "deploy"
+DEPLOY = DEPLOY_DIR
 
 
 def compose_v1() -> str:
@@ -54,8 +58,9 @@ def test_compose_file_is_valid_for_a_real_compose(tmp_path):
     run = compose_config(DEPLOY)
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)
-    assert resolved["services"]["engines"]["image"] == env_file()["TRITON_IMAGE"]
-    assert resolved["services"]["triton"]["build"]["args"]["TRITON_IMAGE"] == env_file()["TRITON_IMAGE"]
+    image = f"{env_file()['TRITON_IMAGE_NAME']}:{env_file()['TRITON_TAG']}"
+    assert resolved["services"]["engines"]["image"] == image
+    assert resolved["services"]["triton"]["build"]["args"]["TRITON_IMAGE"] == image
 
 
 def test_real_compose_rejects_a_broken_copy(tmp_path):
@@ -70,7 +75,7 @@ def test_real_compose_rejects_a_broken_copy(tmp_path):
 def test_compose_environment_reaches_the_services(tmp_path):
     """What compose_up passes (repository, ports, --allow-missing) overrides .env in the resolved file."""
     repository = tmp_path / "model_repository"
-    env = deploy.compose_environment(repository, deploy.Ports(9000, 9001, 9002), allow_missing=True,
+    env = deploy.compose_environment(repository, Endpoints(http_port=9000, grpc_port=9001, metrics_port=9002), allow_missing=True,
                                      base={"PATH": "/usr/bin:/bin"})
     run = compose_config(DEPLOY, env)
     assert run.returncode == 0, run.stderr
@@ -83,7 +88,7 @@ def test_compose_environment_reaches_the_services(tmp_path):
     assert "--exit-on-error=false" in triton["command"] and "--strict-readiness=false" in triton["command"]
     assert engines["environment"]["YQPACK_ALLOW_MISSING"] == "1"
 
-    strict = deploy.compose_environment(repository, deploy.Ports(), allow_missing=False, base={})
+    strict = deploy.compose_environment(repository, Endpoints(), allow_missing=False, base={})
     assert (strict["TRITON_EXIT_ON_ERROR"], strict["YQPACK_ALLOW_MISSING"]) == ("true", "0")
 
 
@@ -93,8 +98,8 @@ def test_compose_structure(compose):
     engines, triton = services["engines"], services["triton"]
     # engines first, with the very image the server is built from; the server only after it succeeded.
     assert triton["depends_on"] == {"engines": {"condition": "service_completed_successfully"}}
-    assert engines["image"].startswith("${TRITON_IMAGE")
-    assert triton["build"]["args"]["TRITON_IMAGE"].startswith("${TRITON_IMAGE")
+    assert engines["image"].startswith("${TRITON_IMAGE_NAME")
+    assert triton["build"]["args"]["TRITON_IMAGE"] == engines["image"]
     assert engines["command"][:3] == ["python3", "/yqpack/deploy/build_engines.py", "/models"]
     for service in (engines, triton):
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
@@ -112,9 +117,9 @@ def test_compose_structure(compose):
 
 
 def test_image_tag_is_set_in_one_place():
-    tag = env_file()["TRITON_IMAGE"]
+    tag = f"{env_file()['TRITON_IMAGE_NAME']}:{env_file()['TRITON_TAG']}"
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", tag)
-    mentions = [p.name for p in DEPLOY.iterdir() if p.is_file() and "nvcr.io/nvidia/tritonserver:" in p.read_text()]
+    mentions = [p.name for p in DEPLOY.iterdir() if p.is_file() and "nvcr.io/nvidia/tritonserver" in p.read_text()]
     assert mentions == [".env"], mentions
     assert "TensorRT 10.8" in (DEPLOY / ".env").read_text()  # the documented default's TensorRT version
 
@@ -187,10 +192,10 @@ def test_engine_probe_reports_a_missing_engine(tmp_path):
     assert not ok and "unsupported DOCKER_HOST" in reason
 
 
-def test_compose_up_without_an_engine_says_so(tmp_path, monkeypatch):
-    repository = tmp_path / "model_repository"
-    (repository / "m").mkdir(parents=True)
-    (repository / "m" / "config.pbtxt").write_text('name: "m"\n')
+def test_compose_up_without_an_engine_says_so(yolov8n_build, tmp_path, monkeypatch):
+    from packager.repository import render_repository
+
+    repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu").path
     with pytest.raises(deploy.DockerUnavailableError, match="Docker") as failure:
         deploy.compose_up(repository, docker_host=f"unix://{tmp_path / 'absent.sock'}", echo=lambda _: None)
     assert "docs/gpu.md" in str(failure.value)
@@ -233,60 +238,152 @@ def _http_server(ready_after: int):
     return server, handler
 
 
-def test_wait_for_ready_polls_until_200():
+def test_the_readiness_poller_polls_until_200():
     server, handler = _http_server(ready_after=2)
     try:
-        endpoints = deploy.Endpoints.on("127.0.0.1", deploy.Ports(http=server.server_port))
-        deploy.wait_for_ready(endpoints.ready_url, timeout_s=30, poll_s=0.05)
+        waited = wait_until_ready(Endpoints("127.0.0.1", http_port=server.server_port), timeout_s=30, poll_s=0.05)
     finally:
         server.shutdown()
         server.server_close()
-    assert handler.calls == 3
+    assert handler.calls == 3 and waited >= 0.1
 
 
-def test_wait_for_ready_gives_up():
+def test_the_readiness_poller_gives_up_or_sees_the_server_die():
     server, _ = _http_server(ready_after=10**9)
-    url = f"http://127.0.0.1:{server.server_port}/v2/health/ready"
+    endpoints = Endpoints("127.0.0.1", http_port=server.server_port)
     try:
-        with pytest.raises(TimeoutError, match="not ready"):
-            deploy.wait_for_ready(url, timeout_s=0.2, poll_s=0.05)
-        with pytest.raises(RuntimeError, match="stopped before"):
-            deploy.wait_for_ready(url, timeout_s=30, poll_s=0.05, still_starting=lambda: False)
+        with pytest.raises(NotReadyError, match="not ready after"):
+            wait_until_ready(endpoints, timeout_s=0.2, poll_s=0.05)
+        with pytest.raises(ServerGoneError, match="stopped before"):
+            wait_until_ready(endpoints, timeout_s=30, poll_s=0.05, alive=lambda: False)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_ready_answer_from_a_dead_server_is_not_ready():
+    """Another process answering on the port must not pass for ours once our process is gone."""
+    server, handler = _http_server(ready_after=0)
+    answers = iter([True, False])  # alive before the poll, dead right after it answered 200
+    try:
+        with pytest.raises(ServerGoneError):
+            wait_until_ready(Endpoints("127.0.0.1", http_port=server.server_port), timeout_s=5, poll_s=0.05,
+                             alive=lambda: next(answers, False))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.calls == 1
 
 
 def test_endpoints_text():
-    endpoints = deploy.Endpoints.on("gpu-host", deploy.Ports())
-    assert endpoints.grpc == "gpu-host:8001"
-    assert endpoints.ready_url == "http://gpu-host:8000/v2/health/ready"
-    assert endpoints.metrics == "http://gpu-host:8002/metrics"
+    endpoints = Endpoints("gpu-host")
+    assert endpoints.grpc_url == "gpu-host:8001"
+    assert endpoints.http_url == "http://gpu-host:8000"
+    assert endpoints.metrics_url == "http://gpu-host:8002/metrics"
 
 
-def test_engines_command_without_docker_is_a_plain_error(tmp_path, monkeypatch):
+def test_engines_command_without_docker_is_a_plain_error(yolov8n_build, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from packager.cli import main
+    from packager.repository import render_repository
 
-    repository = tmp_path / "model_repository"
-    (repository / "m").mkdir(parents=True)
-    (repository / "m" / "config.pbtxt").write_text('name: "m"\n')
+    repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu").path
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'absent.sock'}")
     result = CliRunner().invoke(main, ["engines", "--repository", str(repository)])
     assert result.exit_code != 0
     assert result.output.startswith("Error:") and "Docker" in result.output and "docs/gpu.md" in result.output
 
 
-def test_compose_up_refuses_a_gpu_repository_without_engine_sources(tmp_path):
-    repository = tmp_path / "model_repository"
-    (repository / "m_fp16_detector" / "1").mkdir(parents=True)
-    (repository / "m_fp16_detector" / "config.pbtxt").write_text(
-        'name: "m_fp16_detector"\nplatform: "tensorrt_plan"\nmax_batch_size: 4\n'
-        'input [ { name: "images" data_type: TYPE_FP32 dims: [ 3, 64, 64 ] } ]\n'
-        'output [ { name: "output0" data_type: TYPE_FP32 dims: [ 84, 8400 ] } ]\n'
-    )
-    with pytest.raises(ValueError, match="m_fp16_detector: neither model.onnx nor model.plan"):
+def test_compose_up_refuses_a_gpu_repository_without_engine_sources(yolov8n_build, tmp_path):
+    from packager.repository import render_repository
+
+    repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu", precisions=("fp16",)).path
+    source = repository / "yolov8n_fp16_detector" / "1" / "model.onnx"
+    source.rename(tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match="yolov8n_fp16_detector: neither model.onnx nor model.plan"):
         deploy.compose_up(repository, echo=lambda _: None)
-    (repository / "m_fp16_detector" / "1" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "model.onnx").rename(source)
     deploy.check_repository(repository)  # sources present: passes
+
+
+# ------------------------------------------------------------------------------------------ issue 13
+
+
+def test_server_image_and_engine_cache_follow_the_triton_tag():
+    """A new TRITON_TAG can never be served by the old image or trip over the old onnxruntime engine cache."""
+    resolved = {}
+    for tag in ("25.01-py3", "24.04-py3"):
+        run = compose_config(DEPLOY, {"PATH": "/usr/bin:/bin", "TRITON_TAG": tag})
+        assert run.returncode == 0, run.stderr
+        resolved[tag] = yaml.safe_load(run.stdout)
+        services = resolved[tag]["services"]
+        assert services["engines"]["image"] == f"nvcr.io/nvidia/tritonserver:{tag}"
+        assert services["triton"]["build"]["args"]["TRITON_IMAGE"] == f"nvcr.io/nvidia/tritonserver:{tag}"
+        assert services["triton"]["image"] == f"yqpack/tritonserver:{tag}"
+        assert resolved[tag]["volumes"]["trt-cache"]["name"] == f"yqpack-trt-cache-{tag}"
+    # The by-hand command in the header and compose_up both rebuild (Dockerfile edits included).
+    header = [line for line in (DEPLOY / "docker-compose.yml").read_text().splitlines() if line.startswith("#")]
+    assert any("docker compose -p yqpack up -d --build" in line for line in header)
+    assert "docker compose -p yqpack up -d --build" in (PROJECT_ROOT / "docs" / "gpu.md").read_text()
+
+
+def test_engine_overrides_reach_the_engines_service():
+    env = {"PATH": "/usr/bin:/bin", "YQPACK_GPU_COMPUTE_CAPABILITY": "7.5", "YQPACK_GPU_NAME": "Tesla T4",
+           "YQPACK_TENSORRT_VERSION": "10.8.0", "TRTEXEC": "/opt/tensorrt/bin/trtexec"}
+    run = compose_config(DEPLOY, env)
+    assert run.returncode == 0, run.stderr
+    environment = yaml.safe_load(run.stdout)["services"]["engines"]["environment"]
+    assert {k: environment[k] for k in env if k != "PATH"} == {k: v for k, v in env.items() if k != "PATH"}
+    defaults = yaml.safe_load(compose_config(DEPLOY, {"PATH": "/usr/bin:/bin"}).stdout)["services"]["engines"]
+    assert defaults["environment"]["YQPACK_GPU_COMPUTE_CAPABILITY"] == ""  # empty = detect in the container
+
+
+def test_trt_plugins_reach_trtexec_and_triton(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    libraries = [plugins / "libnms.so", plugins / "libdcn.so"]
+    for library in libraries:
+        library.write_bytes(b"\x7fELF")
+    env = deploy.compose_environment(tmp_path / "repo", Endpoints(), False,
+                                     base={"PATH": "/usr/bin:/bin",
+                                           "YQPACK_TRT_PLUGINS": os.pathsep.join(map(str, libraries))})
+    run = compose_config(DEPLOY, env)
+    assert run.returncode == 0, run.stderr
+    services = yaml.safe_load(run.stdout)["services"]
+    expected = "/plugins/libnms.so;/plugins/libdcn.so"
+    assert services["engines"]["command"][-2:] == ["--plugins", expected]
+    assert f"--backend-config=tensorrt,plugins={expected}" in services["triton"]["command"]
+    for service in ("engines", "triton"):
+        assert f"{plugins}:/plugins:ro" in services[service]["volumes"]
+    plain = yaml.safe_load(compose_config(DEPLOY, {"PATH": "/usr/bin:/bin"}).stdout)["services"]["triton"]
+    # Triton refuses an empty --backend-config value: without plugins the setting is the backend's own default.
+    assert "--backend-config=tensorrt,coalesce-request-input=false" in plain["command"]
+
+
+def test_trt_plugin_sources_and_mistakes(tmp_path):
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_text(json.dumps({
+        "model_name": "m", "class_names": ["a"], "imgsz": [64, 64], "artifacts": {},
+        "input": {"name": "images", "shape": [-1, 3, 64, 64]}, "output": {"name": "output0", "shape": [-1, 5, 84]},
+        "quantization": {"trt_plugins": ["/opt/x/libnms.so"]},
+    }))
+    assert deploy.trt_plugin_libraries(build, environ={}) == [Path("/opt/x/libnms.so")]
+    assert deploy.trt_plugin_libraries(build, environ={"YQPACK_TRT_PLUGINS": "/a/l.so:/a/m.so"}) == [
+        Path("/a/l.so"), Path("/a/m.so")]  # the environment wins: paths differ on the GPU host
+    with pytest.raises(FileNotFoundError, match="set YQPACK_TRT_PLUGINS"):
+        deploy.TrtPlugins.of(deploy.trt_plugin_libraries(build, environ={}))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for library in (tmp_path / "a" / "l.so", tmp_path / "b" / "m.so"):
+        library.write_bytes(b"\x7fELF")
+    with pytest.raises(ValueError, match="share one folder"):
+        deploy.TrtPlugins.of([tmp_path / "a" / "l.so", tmp_path / "b" / "m.so"])
+    assert deploy.TrtPlugins.of([]) is None
+
+
+def test_env_file_lists_the_data_center_driver_branches():
+    text = (DEPLOY / ".env").read_text()
+    for branch in ("470.57", "525.85", "535.86", "545.23"):
+        assert branch in text

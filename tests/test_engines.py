@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jinja2
@@ -23,13 +24,25 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from packager import engines
+from packager import engine_host, engines, gpu_probe
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli import main
-from packager.engines import EngineBuildError, TensorRTVersion
+from packager.contracts import (
+    BuildManifest,
+    HeadFormat,
+    MissingInputError,
+    ModelSpec,
+    Precision,
+    RepositoryIndex,
+    Role,
+    ServedModel,
+    TensorSpec,
+)
+from packager.engines import EngineBuildError, GpuInfo, TensorRTVersion
 
 TRT10 = TensorRTVersion(10, 8, 0)
 TRT86 = TensorRTVersion(8, 6, 1)
+L4 = GpuInfo("NVIDIA L4", "8.9", "test")
 MAX_BATCH = 8
 PREFERRED = [2, 4, 8]
 
@@ -69,6 +82,7 @@ def detector_context(io: dict, precision: str, target: str, name: str = "yolov8n
         "target": target,
         "head_format": "raw",
         "model_name": name,
+        "ultralytics_metadata": "{'task': 'detect', 'end2end': False}",
     }
 
 
@@ -102,10 +116,23 @@ def sample_io(sample_onnx) -> dict:
     return onnx_io(sample_onnx)
 
 
+def served_detector(io: dict, precision: str, max_batch: int = MAX_BATCH, name: str = "yolov8n") -> ServedModel:
+    """A gpu detector's repository-index entry, made from a real ONNX's I/O."""
+    return ServedModel(
+        f"{name}_{precision}_detector", Role.DETECTOR, Precision(precision),
+        inputs=(TensorSpec(io["input_name"], (-1, *io["input_dims"])),),
+        outputs=(TensorSpec(io["output_name"], (-1, *io["output_dims"])),),
+        max_batch_size=max_batch, preferred_batch_sizes=tuple(b for b in PREFERRED if b <= max_batch) or (max_batch,),
+        artifact={"fp32": "fp32", "fp16": "fp16", "int8": "int8"}[precision], platform="tensorrt_plan",
+    )
+
+
 def make_gpu_repository(root: Path, source_onnx: Path, io: dict, precisions=("fp16", "int8"),
                         max_batch: int = MAX_BATCH) -> Path:
-    """A gpu-target repository of detectors only: rendered config + the source ONNX as <detector>/1/model.onnx."""
+    """A gpu-target repository of detectors only: rendered config, the source ONNX as <detector>/1/model.onnx, and
+    the repository index the engine build reads."""
     repository = root / "model_repository"
+    models = []
     for precision in precisions:
         context = {**detector_context(io, precision, "gpu"), "max_batch_size": max_batch,
                    "preferred_batch_sizes": [b for b in PREFERRED if b <= max_batch] or [max_batch]}
@@ -113,6 +140,10 @@ def make_gpu_repository(root: Path, source_onnx: Path, io: dict, precisions=("fp
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(render("gpu", context))
         shutil.copy2(source_onnx, model_dir / "1" / "model.onnx")
+        models.append(served_detector(io, precision, max_batch))
+    spec = ModelSpec("yolov8n", HeadFormat.RAW, models[0].inputs[0], models[0].outputs[0],
+                     tuple(f"class{i}" for i in range(io["output_dims"][0] - 4)), tuple(io["input_dims"][1:]))
+    RepositoryIndex(spec, "gpu", tuple(models)).save(repository)
     return repository
 
 
@@ -153,10 +184,9 @@ def stand_in_trtexec(tmp_path):
     return StandIn
 
 
-def build_all(repository: Path, trtexec, version=TRT10, cc="8.9", allow_missing=False):
-    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version,
-                                            compute_capability=cc, allow_missing=allow_missing,
-                                            report=lambda _: None)
+def build_all(repository: Path, trtexec, version=TRT10, gpu=L4, allow_missing=False, plugins=()):
+    return engines.build_repository_engines(repository, trtexec=trtexec.path, version=version, gpu=gpu,
+                                            allow_missing=allow_missing, plugins=plugins, report=lambda _: None)
 
 
 # ---------------------------------------------------------------------------------- versions / detection
@@ -185,17 +215,19 @@ def test_tensorrt_version_rejects_garbage():
 
 
 def test_compute_capability_parsing():
-    assert engines.parse_compute_capability("8.9\n") == "8.9"
-    assert engines.parse_compute_capability("7.5\n8.6\n") == "7.5"  # the first GPU
+    assert gpu_probe.parse_compute_capability("8.9\n") == "8.9"
+    assert gpu_probe.parse_compute_capability("7.5\n8.6\n") == "7.5"  # the first GPU
     with pytest.raises(ValueError):
-        engines.parse_compute_capability("[N/A]\n")
+        gpu_probe.parse_compute_capability("[N/A]\n")
 
 
 def test_no_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines"):
-        engines.detect_compute_capability()
+    if engines.gpu_probe.cuda_driver_gpu() is not None:
+        pytest.skip("a CUDA driver and GPU are present here")
+    with pytest.raises(EngineBuildError, match="nvidia-smi not found.*engines.*YQPACK_GPU_COMPUTE_CAPABILITY"):
+        engines.detect_gpu()
 
 
 def test_missing_trtexec_is_a_clear_error(monkeypatch, tmp_path):
@@ -247,34 +279,43 @@ def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, m
         assert name == sample_io["input_name"] and shape.split("x", 1)[1] == expected_tail
 
 
-def test_trtexec_profile_from_rendered_gpu_config(sample_io, tmp_path):
-    """The engine's optimization profile is derived from the rendered config, so it always covers max_batch."""
-    text = render("gpu", detector_context(sample_io, "int8", "gpu"))
-    config = parse_model_config(text)
-    detector = engines.parse_detector_config(text)
-    assert (detector.name, detector.backend, detector.precision) == (config.name, "tensorrt", "int8")
-    assert detector.max_batch_size == config.max_batch_size
-    assert list(detector.input_dims) == list(config.input[0].dims)
-    spec = engines.engine_spec(detector, tmp_path / "1")
+def test_trtexec_profile_agrees_with_the_rendered_gpu_config(sample_onnx, sample_io, tmp_path):
+    """The engine's profile comes from the repository index; it must agree with what Triton reads from the config."""
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
+    (spec,) = engines.repository_engine_specs(repository)
+    config = parse_model_config((repository / spec.name / "config.pbtxt").read_text())
+    assert (spec.name, spec.precision, spec.artifact) == (config.name, "int8", "int8")
+    assert spec.max_batch == config.max_batch_size and list(spec.input_dims) == list(config.input[0].dims)
     command = engines.trtexec_command("trtexec", spec, TRT10, spec.plan_path)
     flags = dict(arg.split("=", 1) for arg in command[1:] if "=" in arg)
     assert batch_of(flags["--maxShapes"]) >= config.max_batch_size
     assert batch_of(flags["--minShapes"]) == 1
     assert batch_of(flags["--optShapes"]) == max(config.dynamic_batching.preferred_batch_size)
-    assert flags["--onnx"] == str(tmp_path / "1" / "model.onnx")
+    assert flags["--onnx"] == str(repository / spec.name / "1" / "model.onnx")
 
 
-def test_non_tensorrt_configs_are_not_engine_builds(sample_io):
-    detector = engines.parse_detector_config(render("gpu-ort", detector_context(sample_io, "fp16", "gpu-ort")))
-    assert detector.backend == "onnxruntime"
+def test_only_tensorrt_plan_detectors_are_engine_builds(yolov8n_build, tmp_path):
+    from packager.repository import render_repository
+
+    ort = render_repository(yolov8n_build, tmp_path / "ort", target="gpu-ort")
+    assert engines.repository_engine_specs(ort.path) == []
+    gpu = render_repository(yolov8n_build, tmp_path / "gpu", target="gpu")
+    assert [s.precision for s in engines.repository_engine_specs(gpu.path)] == ["fp16", "int8"]
+
+
+def test_a_repository_without_an_index_is_a_clear_error(sample_onnx, sample_io, tmp_path):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io)
+    (repository / "yqpack_repository.json").unlink()
+    with pytest.raises(MissingInputError, match="not a yqpack model repository.*yqpack render"):
+        engines.repository_engine_specs(repository)
 
 
 # ------------------------------------------------------------------------------------------ command lines
 
 
 def spec_for(precision: str, tmp_path: Path) -> engines.EngineSpec:
-    config = engines.DetectorConfig(f"yolov8n_{precision}_detector", "tensorrt", 8, "images", (3, 640, 640), (2, 4, 8))
-    return engines.engine_spec(config, tmp_path)
+    io = {"input_name": "images", "input_dims": [3, 640, 640], "output_name": "output0", "output_dims": [84, 8400]}
+    return engines.engine_spec(served_detector(io, precision), tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -306,8 +347,9 @@ def test_trtexec_legacy_flags_before_tensorrt_10(precision, flags, tmp_path):
 
 
 def test_opt_batch_never_exceeds_max_batch(tmp_path):
-    config = engines.DetectorConfig("m_fp16_detector", "tensorrt", 4, "images", (3, 320, 320), (2, 4, 8))
-    spec = engines.engine_spec(config, tmp_path)
+    io = {"input_name": "images", "input_dims": [3, 320, 320], "output_name": "output0", "output_dims": [84, 2100]}
+    spec = engines.engine_spec(replace(served_detector(io, "fp16", max_batch=4), preferred_batch_sizes=(2, 4, 8)),
+                               tmp_path)
     assert (spec.min_batch, spec.opt_batch, spec.max_batch) == (1, 4, 4)
 
 
@@ -328,6 +370,7 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     key = json.loads((plan.parent / "model.plan.key.json").read_text())
     assert key["onnx_sha256"] == engines.sha256_file(sample_onnx)
     assert (key["tensorrt_version"], key["compute_capability"], key["strongly_typed"]) == ("10.8.0", "8.9", True)
+    assert key["gpu_name"] == "NVIDIA L4" and key["plugins"] == []
     assert key["profile"]["max"] == "images:8x3x640x640"
     assert len(stand_in_trtexec.calls()) == 1 and "--stronglyTyped" in stand_in_trtexec.calls()[0]
 
@@ -335,12 +378,13 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     assert len(stand_in_trtexec.calls()) == 1  # nothing rebuilt
 
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0))] == ["built"]
+    t4 = GpuInfo("Tesla T4", "7.5", "test")
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
-                                        cc="7.5")] == ["built"]
+                                        gpu=t4)] == ["built"]
     onnx_path = plan.parent / "model.onnx"
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")  # a re-quantized model: new sha256
     assert [r.status for r in build_all(repository, stand_in_trtexec, version=TensorRTVersion(10, 11, 0),
-                                        cc="7.5")] == ["built"]
+                                        gpu=t4)] == ["built"]
     assert len(stand_in_trtexec.calls()) == 4
 
     make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",), max_batch=4)  # new profile
@@ -352,7 +396,7 @@ def test_legacy_build_logs_the_fallback(sample_onnx, sample_io, tmp_path, stand_
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
     messages = []
     engines.build_repository_engines(repository, trtexec=stand_in_trtexec.path, version=TRT86,
-                                     compute_capability="7.5", report=messages.append)
+                                     gpu=GpuInfo("Tesla T4", "7.5", "test"), report=messages.append)
     assert any("falling back to --fp16 / --fp16 --int8" in m for m in messages)
     assert "--fp16 --int8" in stand_in_trtexec.calls()[0] and "--stronglyTyped" not in stand_in_trtexec.calls()[0]
 
@@ -413,8 +457,8 @@ def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tm
     build_all(repository, stand_in_trtexec)
     build_dir = tmp_path / "build"
     build_dir.mkdir()
-    (build_dir / "manifest.json").write_text(json.dumps({"model_name": "yolov8n", "max_batch": 8}))
-    recorded = engines.record_engines(build_dir, repository)
+    BuildManifest(RepositoryIndex.load(repository).model, "yolov8n.pt", 17, {}).save(build_dir)
+    recorded = engine_host.record_engines(build_dir, repository)
     manifest = json.loads((build_dir / "manifest.json").read_text())
     assert manifest["model_name"] == "yolov8n" and manifest["engines"] == recorded
     assert set(recorded) == {"yolov8n_fp16_detector", "yolov8n_int8_detector"}
@@ -426,7 +470,7 @@ def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tm
 
 
 def test_engines_local_without_tensorrt_says_so(sample_onnx, sample_io, tmp_path):
-    if engines.tensorrt_api_status()[0]:
+    if engine_host.tensorrt_api_status()[0]:
         pytest.skip("tensorrt and a GPU are present here")
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
     result = CliRunner().invoke(main, ["engines", "--repository", str(repository), "--engines", "local"])
@@ -472,15 +516,210 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
         assert (config.input[0].name, list(config.input[0].dims)) == (io["input_name"], io["input_dims"])
         assert (config.output[0].name, list(config.output[0].dims)) == (io["output_name"], io["output_dims"])
         if target == "gpu":
-            spec = engines.engine_spec(engines.parse_detector_config(config_path.read_text()), config_path.parent / "1")
+            (spec,) = [s for s in engines.repository_engine_specs(result.path) if s.name == config.name]
             assert spec.max_batch >= config.max_batch_size
         else:
             assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
 
     if target == "gpu":
-        staged = engines.stage_engine_sources(build_dir, result.path)
+        staged = engine_host.stage_engine_sources(build_dir, result.path)
         assert len(staged) == 3
         for path in staged:
             precision = path.parent.parent.name.split("_")[-2]
             artifact = manifest["artifacts"][ONNX_VARIANT["gpu"][precision]]
             assert engines.sha256_file(path) == artifact["sha256"]
+
+
+# ------------------------------------------------------------- GPU detection without compute_cap (issue 13)
+
+# Real `nvidia-smi -q` headers. NVIDIA's own documentation pages found by the search tool show the command but no
+# full output, so these are user-posted captures of the real tool (whitespace as nvidia-smi prints it):
+#   R470: https://pastebin.com/BAswyuH6 (driver 470.103.01, no "Product Architecture" line at all)
+#   R560: https://pastebin.com/7aivMN92 (driver 560.35.03, RTX 3090, "Product Architecture : Ampere")
+#   R566: github.com/Jesse3692/MultiLanguageLearning cuda-c/docs/nvidia-smi.md (RTX 4070 Laptop, Ada Lovelace)
+SMI_Q_R470 = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Mon Feb 21 10:05:47 2022
+Driver Version                            : 470.103.01
+CUDA Version                              : 11.4
+
+Attached GPUs                             : 1
+GPU 00000000:2D:00.0
+    Product Name                          : NVIDIA GeForce GTX 670
+    Product Brand                         : GeForce
+    Display Mode                          : N/A
+    Display Active                        : N/A
+    Persistence Mode                      : Disabled
+"""
+SMI_Q_R560_AMPERE = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Thu Oct 17 12:40:42 2024
+Driver Version                            : 560.35.03
+CUDA Version                              : 12.6
+
+Attached GPUs                             : 1
+GPU 00000000:01:00.0
+    Product Name                          : NVIDIA GeForce RTX 3090
+    Product Brand                         : GeForce
+    Product Architecture                  : Ampere
+    Display Mode                          : Disabled
+"""
+SMI_Q_R566_ADA = """
+==============NVSMI LOG==============
+
+Timestamp                                 : Thu Jan 30 16:14:43 2025
+Driver Version                            : 566.36
+CUDA Version                              : 12.7
+
+Attached GPUs                             : 1
+GPU 00000000:01:00.0
+    Product Name                          : NVIDIA GeForce RTX 4070 Laptop GPU
+    Product Brand                         : GeForce
+    Product Architecture                  : Ada Lovelace
+    Display Mode                          : Disabled
+"""
+
+STAND_IN_SMI = """#!/bin/sh
+# Stand-in for nvidia-smi: answers --query-gpu like a driver >= R510 (or refuses compute_cap like R470) and -q
+# with the captured text in {q_file}.
+case "$1" in
+  --query-gpu=*)
+    if [ -f "{modern_flag}" ]; then echo "NVIDIA L4, 8.9"; exit 0; fi
+    echo 'Field "compute_cap" is not a valid field to query.' >&2; exit 2;;
+  -q) cat "{q_file}";;
+esac
+"""
+
+
+@pytest.fixture
+def stand_in_smi(tmp_path):
+    q_file, modern_flag, script = tmp_path / "smi-q.txt", tmp_path / "modern", tmp_path / "smi" / "nvidia-smi"
+    script.parent.mkdir()
+    script.write_text(STAND_IN_SMI.format(q_file=q_file, modern_flag=modern_flag))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+
+    def with_output(q_text: str, modern: bool = False) -> str:
+        q_file.write_text(q_text)
+        modern_flag.touch() if modern else modern_flag.unlink(missing_ok=True)
+        return str(script)
+
+    return with_output
+
+
+def test_nvidia_smi_q_parsing_on_real_output():
+    assert engines.gpu_probe.parse_nvidia_smi_q(SMI_Q_R470) == ("NVIDIA GeForce GTX 670", None)
+    assert engines.gpu_probe.parse_nvidia_smi_q(SMI_Q_R560_AMPERE) == ("NVIDIA GeForce RTX 3090", "Ampere")
+    collapsed = " ".join(SMI_Q_R566_ADA.split("    "))  # as pasted on web pages, indentation squeezed
+    assert engines.gpu_probe.parse_nvidia_smi_q(collapsed) == ("NVIDIA GeForce RTX 4070 Laptop GPU", "Ada Lovelace")
+
+
+def test_detect_gpu_uses_the_query_when_the_driver_has_compute_cap(stand_in_smi, monkeypatch):
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    gpu = engines.gpu_probe.detect_gpu(stand_in_smi(SMI_Q_R470, modern=True), library="absent-libcuda.so.1")
+    assert gpu == GpuInfo("NVIDIA L4", "8.9", "nvidia-smi --query-gpu")
+
+
+def test_detect_gpu_falls_back_to_nvidia_smi_q(stand_in_smi, monkeypatch):
+    """No compute_cap field (R470-style refusal): the -q architecture answers where it is unambiguous."""
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    gpu = engines.gpu_probe.detect_gpu(stand_in_smi(SMI_Q_R566_ADA), library="absent-libcuda.so.1")
+    assert (gpu.name, gpu.compute_capability) == ("NVIDIA GeForce RTX 4070 Laptop GPU", "8.9")
+    assert "Product Architecture Ada Lovelace" in gpu.source
+    # With the CUDA driver's answer the -q text only contributes the name.
+    assert engines.gpu_probe.gpu_from_nvidia_smi_q(SMI_Q_R470, "8.6") == GpuInfo(
+        "NVIDIA GeForce GTX 670", "8.6", "nvidia-smi -q + libcuda")
+
+
+@pytest.mark.parametrize("q_text", [SMI_Q_R470, SMI_Q_R560_AMPERE])
+def test_detect_gpu_refuses_to_guess(stand_in_smi, monkeypatch, q_text):
+    """R470 -q has no architecture, Ampere spans 8.0/8.6/8.7: without libcuda, say what to set instead."""
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    if engines.gpu_probe.cuda_driver_gpu() is not None:
+        pytest.skip("a CUDA driver and GPU are present here")
+    with pytest.raises(engines.gpu_probe.GpuProbeError, match='compute_cap" is not a valid field.*YQPACK_GPU_COMPUTE_CAP'):
+        engines.gpu_probe.detect_gpu(stand_in_smi(q_text))
+
+
+def test_cuda_driver_probe_without_a_driver():
+    """ctypes path: a missing library and a real library that is not the CUDA driver both mean 'no answer'."""
+    assert engines.gpu_probe.cuda_driver_gpu("absent-libcuda.so.1") is None
+    assert engines.gpu_probe.cuda_driver_gpu("libc.so.6") is None
+
+
+def test_override_names_the_gpu(monkeypatch):
+    monkeypatch.setenv("YQPACK_GPU_COMPUTE_CAPABILITY", "7.5")
+    monkeypatch.setenv("YQPACK_GPU_NAME", "Tesla T4")
+    assert engines.detect_gpu() == GpuInfo("Tesla T4", "7.5", "YQPACK_GPU_COMPUTE_CAPABILITY")
+
+
+def test_another_gpu_of_the_same_compute_capability_rebuilds(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
+    """Plans are tied to the GPU model: an RTX 4070 (sm 8.9 like the L4) gets its own plan, keyed by name."""
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    assert [r.status for r in build_all(repository, stand_in_trtexec)] == ["built"]
+    assert [r.status for r in build_all(repository, stand_in_trtexec)] == ["cached"]
+    name, _ = engines.gpu_probe.parse_nvidia_smi_q(SMI_Q_R566_ADA)
+    rebuilt = build_all(repository, stand_in_trtexec, gpu=GpuInfo(name, "8.9", "nvidia-smi -q"))
+    assert [r.status for r in rebuilt] == ["built"] and rebuilt[0].key.gpu_name == name
+
+
+# ------------------------------------------------------------------------- TensorRT plugins (issue 13)
+
+
+def test_trtexec_loads_plugins_with_the_flag_of_its_version(tmp_path):
+    spec = spec_for("int8", tmp_path)
+    plugins = [tmp_path / "libA.so", tmp_path / "libB.so"]
+    command = engines.trtexec_command("trtexec", spec, TRT10, tmp_path / "p", plugins=plugins)
+    assert [a for a in command if "Plugins=" in a] == [f"--staticPlugins={p}" for p in plugins]
+    old = engines.trtexec_command("trtexec", spec, TensorRTVersion(8, 5, 3), tmp_path / "p", plugins=plugins)
+    assert [a for a in old if a.startswith("--plugins=")] == [f"--plugins={p}" for p in plugins]
+
+
+def test_plugins_are_part_of_the_key_and_reach_trtexec_in_the_image(sample_onnx, sample_io, tmp_path,
+                                                                    stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    (plugin_dir / "libyolo_nms.so").write_bytes(b"\x7fELF plugin v1")
+    env = {"PATH": os.environ["PATH"], "YQPACK_TENSORRT_VERSION": "10.8.0", "YQPACK_GPU_COMPUTE_CAPABILITY": "8.6"}
+    command = [sys.executable, "-S", "-I", str(PROJECT_ROOT / "deploy" / "build_engines.py"), str(repository),
+               "--trtexec", str(stand_in_trtexec.path), "--plugins", str(plugin_dir / "libyolo_nms.so")]
+    first = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert f"--staticPlugins={plugin_dir / 'libyolo_nms.so'}" in stand_in_trtexec.calls()[0]
+    key = json.loads((repository / "yolov8n_fp16_detector" / "1" / "model.plan.key.json").read_text())
+    assert key["plugins"] == [f"libyolo_nms.so:{engines.sha256_file(plugin_dir / 'libyolo_nms.so')}"]
+    (plugin_dir / "libyolo_nms.so").write_bytes(b"\x7fELF plugin v2")  # a new plugin build: the plan is stale
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert "engines: 1 built, 0 reused" in second.stdout and len(stand_in_trtexec.calls()) == 2
+    (plugin_dir / "libyolo_nms.so").unlink()
+    missing = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "plugin library not found" in missing.stderr
+
+
+# ------------------------------------------------------------------------------- gpu-ort INT8 (issue 13)
+
+# The TensorRT accelerator parameters Triton's onnxruntime backend accepts at r25.01 (src/onnxruntime.cc, the
+# `param_key ==` branches); any other key makes the model fail to load ("unknown parameter"). There is no FP16
+# key besides precision_mode, which maps to exactly one of trt_fp16_enable / trt_int8_enable.
+ORT_BACKEND_TRT_KEYS_R2501 = {
+    "precision_mode", "max_workspace_size_bytes", "trt_max_partition_iterations", "trt_min_subgraph_size",
+    "int8_calibration_table_name", "int8_use_native_calibration_table", "trt_dla_enable", "trt_dla_core",
+    "trt_engine_cache_enable", "trt_engine_cache_path", "trt_engine_cache_prefix", "trt_dump_subgraphs",
+    "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
+    "trt_timing_cache_enable", "trt_timing_cache_path", "trt_force_timing_cache", "trt_detailed_build_log",
+    "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_builder_optimization_level", "trt_auxiliary_streams",
+    "trt_tactic_sources", "trt_extra_plugin_lib_paths", "trt_profile_min_shapes", "trt_profile_max_shapes",
+    "trt_profile_opt_shapes", "trt_cuda_graph_enable", "trt_dump_ep_context_model", "trt_ep_context_file_path",
+    "trt_ep_context_embed_mode",
+}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_gpu_ort_uses_only_keys_the_backend_accepts(sample_io, precision):
+    text = render("gpu-ort", detector_context(sample_io, precision, "gpu-ort"))
+    parameters = accelerator_parameters(parse_model_config(text))
+    assert set(parameters) <= ORT_BACKEND_TRT_KEYS_R2501
+    if precision == "int8":  # the limitation is stated where the user reads the config
+        assert parameters["precision_mode"] == "INT8" and "no separate FP16 key" in text

@@ -58,6 +58,15 @@ def test_cli_eval_onnx_writes_json_and_gates(yolov8n_build, assets, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) == {"fp32", "int8-fp32"} and metrics["fp32"]["images"] == 6
     assert 0 < metrics["fp32"]["map50_95"] <= 1
+    assert {m["runtime"] for m in metrics.values()} == {"openvino (f32 hint)"}  # the default, named per number
+    assert "ONNX COCO evaluation (openvino (f32 hint), CPU)" in passed.output
+    # onnxruntime stays selectable; FP32 is FP32 under both (OpenVINO with the f32 hint)
+    emulated = CliRunner().invoke(main, [*args[:-1], "fp32", "--runtime", "onnxruntime", "--min-map-ratio", "0",
+                                         "--json", str(tmp_path / "ort.json")])
+    assert emulated.exit_code == 0, emulated.output
+    ort_fp32 = json.loads((tmp_path / "ort.json").read_text())["fp32"]
+    assert ort_fp32["runtime"] == "onnxruntime"
+    assert abs(ort_fp32["map50_95"] - metrics["fp32"]["map50_95"]) < 1e-3
     failed = CliRunner().invoke(main, [*args, "--min-map-ratio", "1.5"])
     assert failed.exit_code != 0 and "Error: INT8 accuracy gate failed" in failed.output
 

@@ -89,6 +89,7 @@ def test_fp8_served_on_gpu_target_only(fp8_build, tmp_path):
 def test_fp8_engine_needs_compute_capability_8_9(tmp_path):
     """On a GPU below sm 8.9 the fp8 plan is refused with a plain message and trtexec is never started."""
     from packager.engines import EngineSpec, TensorRTVersion, build_engine, trtexec_command
+    from packager.gpu_probe import GpuInfo
 
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"not used")
@@ -96,7 +97,7 @@ def test_fp8_engine_needs_compute_capability_8_9(tmp_path):
                       plan_path=tmp_path / "model.plan", input_name="images", input_dims=(3, 640, 640),
                       min_batch=1, opt_batch=4, max_batch=8)
     started = []
-    result = build_engine(spec, "trtexec", TensorRTVersion(10, 8), "8.6",
+    result = build_engine(spec, "trtexec", TensorRTVersion(10, 8), GpuInfo("NVIDIA A10", "8.6", "test"),
                           runner=lambda command, log: started.append(command) or 0)
     assert result.status == "failed" and "compute capability >= 8.9" in result.message and not started
     command = trtexec_command("trtexec", spec, TensorRTVersion(10, 8), spec.plan_path)

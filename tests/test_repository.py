@@ -75,7 +75,8 @@ def test_batching_is_consistent(rendered):
         assert detector.instance_group and detector.instance_group[0].count >= 1
         # A CPU detector's ~100 ms batches gather waiting requests anyway; a GPU one needs a short window.
         delay = detector.dynamic_batching.max_queue_delay_microseconds
-        assert delay == 0 if rendered.target in ("local", "cpu") else 0 < delay <= 10_000, (rendered.target, delay)
+        cpu = rendered.target in ("local", "cpu", "cpu-openvino")
+        assert delay == 0 if cpu else 0 < delay <= 10_000, (rendered.target, delay)
         for step in ensemble.ensemble_scheduling.step:
             assert ensemble.max_batch_size <= configs[step.model_name].max_batch_size, step.model_name
 
@@ -244,3 +245,49 @@ def test_an_index_from_an_older_yqpack_is_refused_clearly(yolov8n_build, tmp_pat
     path.write_text("{ truncated")
     with pytest.raises(ManifestError, match="not valid JSON"):
         RepositoryIndex.load(result.path)
+
+
+# Parameters Triton's openvino backend reads (triton-inference-server/openvino_backend r25.01, src/openvino.cc),
+# with the values it accepts; any other key is silently ignored by the backend, so a typo would go unnoticed.
+OPENVINO_BACKEND_PARAMETERS = {
+    "PERFORMANCE_HINT": {"LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"},
+    "NUM_STREAMS": None,  # AUTO, NUMA or an integer
+    "INFERENCE_NUM_THREADS": None,  # non-negative integer
+    "COMPILATION_NUM_THREADS": None,
+    "HINT_BF16": {"YES"},
+}
+
+
+def test_cpu_openvino_runs_int8_on_openvino_and_keeps_float_exact(yolov8n_build, tmp_path):
+    result = render_repository(yolov8n_build, tmp_path / "repo", target="cpu-openvino", precisions=PRECISIONS)
+    configs = _configs(result.path)
+    int8 = configs[detector_name(result.model_name, "int8")]
+    assert int8.backend == "openvino" and int8.default_model_filename == "model.onnx"
+    assert [group.kind for group in int8.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    params = {key: value.string_value for key, value in int8.parameters.items()}
+    assert params["PERFORMANCE_HINT"] == "LATENCY" and "HINT_BF16" not in params  # no silent bf16
+    for key, value in params.items():
+        if key.startswith("yqpack_"):  # yqpack's own facts for clients; the backend ignores them
+            continue
+        assert key in OPENVINO_BACKEND_PARAMETERS, f"the openvino backend ignores parameter {key}"
+        allowed = OPENVINO_BACKEND_PARAMETERS[key]
+        assert value.upper() in allowed if allowed else (value.isdigit() or value.upper() in ("AUTO", "NUMA")), value
+    # The backend has no f32 hint (bf16 by default on AMX hosts): FP32/FP16 stay on the onnxruntime backend.
+    for precision in ("fp32", "fp16"):
+        assert configs[detector_name(result.model_name, precision)].backend == "onnxruntime"
+    platforms = {p.value: m.platform for p, m in RepositoryIndex.load(result.path).detectors().items()}
+    assert platforms == {"fp32": "onnxruntime", "fp16": "onnxruntime", "int8": "openvino"}
+
+
+@pytest.mark.parametrize("runtime,hint", [("openvino", "f32"), ("openvino", "bf16"), ("onnxruntime", "f32")])
+def test_local_detector_runtime_is_a_config_parameter(yolov8n_build, tmp_path, runtime, hint):
+    from packager import runtime as runtime_module
+
+    result = render_repository(yolov8n_build, tmp_path / "repo", precisions=("int8",), runtime=runtime,
+                               precision_hint=hint)
+    detector = detector_name(result.model_name, "int8")
+    params = {key: value.string_value for key, value in _configs(result.path)[detector].parameters.items()}
+    assert (params["runtime"], params["precision_hint"]) == (runtime, hint)
+    assert filecmp.cmp(result.path / detector / "1" / "runtime.py", runtime_module.__file__, shallow=False)
+    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
+        render_repository(yolov8n_build, tmp_path / "other", runtime="tvm")

@@ -18,6 +18,8 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
@@ -26,6 +28,7 @@ from packager.contracts import YqpackError
 from packager.letterbox import preprocess_bytes
 from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
 from packager.repository import detector_name
+from packager.runtime import RuntimeOptions, open_model
 from packager.serve import LocalTritonServer, find_free_ports, read_state, shm_regions, stub_processes
 from packager.server_env import MALLOC_ENV
 
@@ -36,17 +39,16 @@ TOLERANCE = 1e-4
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 class InProcessPipeline:
-    """The package's own pipeline in this process: letterbox -> onnxruntime (same ONNX) -> postprocess."""
+    """The package's own pipeline in this process: letterbox -> the served runtime (same ONNX) -> postprocess."""
 
-    def __init__(self, onnx_path: Path, imgsz: tuple[int, int]):
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+    def __init__(self, onnx_path: Path, imgsz: tuple[int, int], runtime: RuntimeOptions):
+        self.model = open_model(onnx_path, runtime)
         self.imgsz = imgsz
 
     def __call__(self, data: bytes, *thresholds: Thresholds) -> np.ndarray | list[np.ndarray]:
         """Detections for each thresholds given (production by default): one detector run for all."""
         tensor, info = preprocess_bytes(data, self.imgsz)
-        raw = self.session.run(None, {self.input_name: tensor[None]})[0][0]
+        raw = self.model.run(tensor[None])[0]
         results = [postprocess(raw, info, t) for t in thresholds or (PRODUCTION_THRESHOLDS,)]
         return results if len(thresholds) > 1 else results[0]
 
@@ -93,10 +95,13 @@ def model_name(model_repository):
 @pytest.fixture(scope="module")
 def pipelines(model_repository, model_name):
     imgsz = tuple(json.loads((model_repository.path / "yqpack_repository.json").read_text())["imgsz"])
-    return {
-        precision: InProcessPipeline(model_repository.path / detector_name(model_name, precision) / "1" / "model.onnx", imgsz)
-        for precision in PRECISIONS
-    }
+    pipelines = {}
+    for precision in PRECISIONS:
+        detector = model_repository.path / detector_name(model_name, precision)
+        params = text_format.Parse((detector / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()).parameters
+        runtime = RuntimeOptions(params["runtime"].string_value, params["precision_hint"].string_value)
+        pipelines[precision] = InProcessPipeline(detector / "1" / "model.onnx", imgsz, runtime)
+    return pipelines
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +128,20 @@ def test_served_detections_equal_in_process(client, model_repository, pipelines,
             _assert_same(served, local, f"{precision} image {index} {thresholds}")
             total += len(served)
     assert total > 20 * 5, "yolov8n finds objects in COCO images; almost none means a broken pipeline"
+
+
+def test_served_detectors_run_openvino_with_the_f32_hint(local_server, model_repository, pipelines):
+    """The default local repository serves on OpenVINO (f32 hint): same runtime in process, said in the log."""
+    for precision in PRECISIONS:
+        config = model_repository.path / detector_name(model_repository.model_name, precision) / "config.pbtxt"
+        params = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig()).parameters
+        assert (params["runtime"].string_value, params["precision_hint"].string_value) == ("openvino", "f32")
+    assert all(pipeline.model.label == "openvino (f32 hint)" for pipeline in pipelines.values())
+    log = Path(local_server.log_path).read_text()
+    for precision in PRECISIONS:
+        assert f"{detector_name(model_repository.model_name, precision)}: openvino (f32 hint), compiled in" in log
+    assert all((model_repository.path / detector_name(model_repository.model_name, p) / "openvino_cache").is_dir()
+               for p in PRECISIONS), "the compiled-model cache lives beside each detector"
 
 
 def test_request_parameters_reach_postprocess_through_the_ensemble(client, model_repository, pipelines, sample_images):
@@ -402,9 +421,13 @@ def test_server_env_is_reused_and_keeps_numpy_1(server_env):
     assert (log.stat().st_mtime_ns if log.exists() else None) == stamp, "a complete env must not be reinstalled"
     assert json.loads((server_env.root / MARKER_NAME).read_text())["requirements"] == list(server_env.requirements)
     versions = subprocess.run(
-        [str(server_env.python), "-c", "import numpy, onnxruntime, cv2; print(numpy.__version__, onnxruntime.__version__)"],
+        [str(server_env.python), "-c",
+         "import numpy, onnxruntime, cv2, openvino; print(numpy.__version__, onnxruntime.__version__, openvino.__version__)"],
         capture_output=True, text=True, check=True,
     ).stdout.split()
+    import openvino
+
+    assert versions[2] == openvino.__version__, "served and in-process OpenVINO should be the same version"
     assert int(versions[0].split(".")[0]) < 2, f"numpy {versions[0]} in the server env corrupts tensors"
     assert versions[1] == ort.__version__, "served and in-process onnxruntime should be the same version"
 

@@ -1,9 +1,10 @@
 """Served postprocess: raw head output + letterbox_info -> DETECTIONS (n, 6) in original image pixels.
 
 Rendered into `<model>_postprocess/1/` next to flat copies of yqpack's own `postprocess.py` and `letterbox.py`:
-the same decode + class-aware NMS as local evaluation. Thresholds default to this model's config parameters
-and can be overridden per request with the request parameters conf_threshold, iou_threshold, max_det and
-multi_label. A request with a batch of b images gets DETECTIONS (b, max_n, 6), short rows padded with
+the same decode + class-aware NMS (raw head) or end-to-end selection (NMS-free head, config parameter
+yqpack_head_format) as local evaluation. Thresholds default to this model's config parameters and can be overridden
+per request with the request parameters conf_threshold, iou_threshold, max_det and multi_label (for an
+end2end head only conf_threshold and max_det apply). A request with a batch of b images gets DETECTIONS (b, max_n, 6), short rows padded with
 score 0 and class_id -1 (one image per request, the documented use, never pads).
 """
 
@@ -28,6 +29,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.raw_name = config["input"][0]["name"]
         self.defaults = _thresholds(params, Thresholds())
+        self.head_format = params.get("yqpack_head_format", "raw")  # rendered from the build's ModelSpec.head
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -38,7 +40,7 @@ class TritonPythonModel:
             raw = pb_utils.get_input_tensor_by_name(request, self.raw_name).as_numpy()
             infos = pb_utils.get_input_tensor_by_name(request, "letterbox_info").as_numpy()
             per_image = [
-                postprocess(raw[index], LetterboxInfo.from_array(infos[index]), thresholds)
+                postprocess(raw[index], LetterboxInfo.from_array(infos[index]), thresholds, self.head_format)
                 for index in range(len(raw))
             ]
         except Exception as error:  # noqa: BLE001  (any failure is this request's error, not the server's)

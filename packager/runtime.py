@@ -1,0 +1,225 @@
+"""Open an ONNX model for CPU inference with onnxruntime or OpenVINO behind one `run(batch) -> output` interface.
+
+Why two runtimes: onnxruntime runs ModelOpt's Q/DQ INT8 graph by emulation (quantize -> dequantize -> float math),
+so INT8 is slower than FP32 there; OpenVINO fuses the same Q/DQ pairs into integer kernels (VNNI / AMX).
+OpenVINO's CPU default precision on AMX or AVX512-BF16 CPUs is bf16, so `f32` is always requested explicitly
+(FP32 must stay FP32); `bf16` is an opt-in.
+
+Standalone on purpose (numpy + the chosen runtime only): the served `local` detector copies this file beside its
+model.py and runs it in the server env.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RUNTIMES = ("onnxruntime", "openvino")
+# The default for evaluation and the served `local` detector, chosen from measurements (README, benchmarks/
+# runtime_bench.py): OpenVINO f32 is faster than onnxruntime on FP32, and INT8 runs on integer kernels.
+DEFAULT_RUNTIME = "openvino"
+PRECISION_HINTS = ("f32", "bf16")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+# OpenVINO's documented CPU minimum; without it the plugin refuses to load.
+OPENVINO_REQUIRED_FLAGS = ("sse4_2",)
+# Dot-product instructions that make OpenVINO's INT8 kernels fast, best first (as named in /proc/cpuinfo).
+INT8_FLAGS = {"amx_int8": "AMX-INT8", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI"}
+BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    runtime: str = DEFAULT_RUNTIME
+    precision_hint: str = "f32"  # OpenVINO only: f32 keeps FP32 exact; bf16 is faster on AMX and less exact
+    performance_hint: str = "LATENCY"  # OpenVINO only
+    threads: int = 0  # 0: the runtime's default (all cores)
+    cache_dir: str | None = None  # OpenVINO only: compiled-model cache, so a restart does not recompile
+    allow_spinning: bool = True  # onnxruntime only: spinning threads save the wake-up latency
+
+    def __post_init__(self):
+        for value, allowed, what in (
+            (self.runtime, RUNTIMES, "runtime"),
+            (self.precision_hint, PRECISION_HINTS, "precision hint"),
+            (self.performance_hint, PERFORMANCE_HINTS, "performance hint"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """What will actually run, and why it differs from what was asked (each note is a plain sentence)."""
+
+    runtime: str
+    precision_hint: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """e.g. 'openvino (f32 hint)' or 'onnxruntime': what produced a number, for reports."""
+        return f"openvino ({self.precision_hint} hint)" if self.runtime == "openvino" else "onnxruntime"
+
+
+def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
+    """The instruction-set flags of the first processor in /proc/cpuinfo text."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    try:
+        return cpu_flags(Path(path).read_text())
+    except OSError:
+        return frozenset()
+
+
+def int8_isa(flags: frozenset[str]) -> str | None:
+    """The best integer dot-product instruction set present, e.g. 'AMX-INT8', or None."""
+    return next((name for flag, name in INT8_FLAGS.items() if flag in flags), None)
+
+
+def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_installed: bool = True) -> RuntimeChoice:
+    """Decide what runs on this CPU: fall back to onnxruntime / f32 (with a note saying why) when needed."""
+    if options.runtime == "onnxruntime":
+        return RuntimeChoice("onnxruntime", "f32")
+    if not flags:  # not x86 Linux (e.g. ARM lists "Features"): nothing to check, OpenVINO decides itself
+        return RuntimeChoice("openvino", options.precision_hint, (
+            "no x86 instruction-set flags in /proc/cpuinfo: OpenVINO picks its kernels itself.",))
+    missing = [flag for flag in OPENVINO_REQUIRED_FLAGS if flag not in flags]
+    if missing:
+        return RuntimeChoice("onnxruntime", "f32", (
+            f"OpenVINO needs the {', '.join(missing).upper()} instruction set, which this CPU does not report: "
+            "falling back to onnxruntime (INT8 then runs emulated, slower than FP32).",))
+    if not openvino_installed:
+        return RuntimeChoice("onnxruntime", "f32", (
+            "the openvino package is not installed in this Python: falling back to onnxruntime "
+            "(pip install openvino; yqpack's server env pins it).",))
+    notes = []
+    precision = options.precision_hint
+    if precision == "bf16" and not any(flag in flags for flag in BF16_FLAGS):
+        precision = "f32"
+        notes.append("bf16 was requested but this CPU has neither AMX-BF16 nor AVX512-BF16: running f32.")
+    if int8_isa(flags) is None:
+        notes.append("this CPU has no VNNI/AMX: OpenVINO's INT8 kernels run without integer dot-product "
+                     "instructions, expect little INT8 speed-up.")
+    return RuntimeChoice("openvino", precision, tuple(notes))
+
+
+def runtime_on_this_machine(options: RuntimeOptions) -> RuntimeChoice:
+    """What `open_model` will run here for `options` (fallbacks included), without opening a model."""
+    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed())
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+@dataclass
+class CompiledModel:
+    """One opened model: `run(batch)` takes N x C x H x W float32 and returns the first output."""
+
+    path: Path
+    choice: RuntimeChoice
+    input_name: str
+    output_name: str
+    compile_seconds: float
+    static_batch: int | None  # a fixed-batch ONNX runs a larger batch in slices
+    _infer: object = field(repr=False, default=None)
+    _compiled: object = field(repr=False, default=None)
+
+    @property
+    def runtime(self) -> str:
+        return self.choice.runtime
+
+    @property
+    def label(self) -> str:
+        return self.choice.label
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.static_batch is None or self.static_batch == len(batch):
+            return self._infer(batch)
+        parts = [batch[i : i + self.static_batch] for i in range(0, len(batch), self.static_batch)]
+        return np.concatenate([self._infer(part) for part in parts])
+
+    def layer_precisions(self) -> dict[str, dict[str, int]]:
+        """OpenVINO only: executed layers per type and runtime precision, from the compiled execution graph,
+        e.g. {'Convolution': {'i8': 57, 'f32': 7}, ...} (constants left out)."""
+        if self.runtime != "openvino":
+            raise ValueError("layer precisions come from OpenVINO's execution graph; this model runs onnxruntime")
+        counts: dict[str, dict[str, int]] = {}
+        for op in self._compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            kind, precision = info["layerType"].value, info["runtimePrecision"].value.lower()
+            if kind != "Const":
+                counts.setdefault(kind, {}).setdefault(precision, 0)
+                counts[kind][precision] += 1
+        return counts
+
+
+def open_model(path: str | Path, options: RuntimeOptions = RuntimeOptions(),
+               flags: frozenset[str] | None = None) -> CompiledModel:
+    """Open `path` with the runtime `options` ask for, or the fallback `resolve_runtime` picks on this CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model not found: {path}")
+    choice = (runtime_on_this_machine(options) if flags is None
+              else resolve_runtime(options, flags, options.runtime != "openvino" or openvino_installed()))
+    start = time.perf_counter()
+    opener = _open_openvino if choice.runtime == "openvino" else _open_onnxruntime
+    model = opener(path, options, choice)
+    model.compile_seconds = time.perf_counter() - start
+    return model
+
+
+def _open_onnxruntime(path: Path, options: RuntimeOptions, choice: RuntimeChoice) -> CompiledModel:
+    import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = options.threads
+    session_options.inter_op_num_threads = 1
+    session_options.log_severity_level = 3  # warnings about unused initializers are noise here
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
+    session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    batch_dim = session.get_inputs()[0].shape[0]
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return session.run([output_name], {input_name: batch})[0]
+
+    return CompiledModel(path, choice, input_name, output_name, 0.0,
+                         batch_dim if isinstance(batch_dim, int) else None, infer, session)
+
+
+def _open_openvino(path: Path, options: RuntimeOptions, choice: RuntimeChoice) -> CompiledModel:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {
+        "INFERENCE_PRECISION_HINT": choice.precision_hint,
+        "PERFORMANCE_HINT": options.performance_hint,
+    }
+    if options.threads > 0:
+        config["INFERENCE_NUM_THREADS"] = options.threads
+    if options.cache_dir:
+        os.makedirs(options.cache_dir, exist_ok=True)
+        config["CACHE_DIR"] = str(options.cache_dir)
+    # Compiling from the file path lets OpenVINO skip reading and compiling the ONNX on a cache hit.
+    compiled = core.compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    batch_dim = compiled.input(0).get_partial_shape()[0]
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        request.infer({0: batch})
+        return request.get_output_tensor(0).data.copy()  # the request reuses its output buffer
+
+    return CompiledModel(path, choice, compiled.input(0).get_any_name(), compiled.output(0).get_any_name(), 0.0,
+                         None if batch_dim.is_dynamic else batch_dim.get_length(), infer, compiled)
