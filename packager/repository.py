@@ -7,6 +7,7 @@ repository is built in a temporary sibling folder and swapped in, so a failure l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from pathlib import Path
 import jinja2
 
 from packager import letterbox as letterbox_module
+from packager import image_header as image_header_module
 from packager import postprocess as postprocess_module
+from packager import request_params as request_params_module
 from packager.assets import TEMPLATES_DIR
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 
@@ -37,6 +40,8 @@ PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "gpu": (4, 2), "gpu-ort": 
 # detector is done in a few ms, and a short wait is what lets batches form at all.
 MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "gpu": 2000, "gpu-ort": 2000}
 REPOSITORY_INFO = "yqpack_repository.json"
+# Model names become folder names and pbtxt strings: nothing that could leave the repository or quote out.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 LABELS_FILE = "labels.txt"
 
 
@@ -72,13 +77,16 @@ def render_repository(
     intra_op_threads: int = 0,
     thresholds: Thresholds = PRODUCTION_THRESHOLDS,
     engines: dict[str, Path] | None = None,
+    max_pixels: int = letterbox_module.DEFAULT_MAX_PIXELS,
+    reject_corrupt: bool = True,
 ) -> RepositoryResult:
     """Render a repository for `target` serving each precision of the build in `build_dir`.
 
     `max_batch` defaults to the manifest's `max_batch` (8 if absent). `engines` maps precision -> TensorRT
     plan for the `gpu` target; without one the config is rendered and `model.plan` is expected later.
     `intra_op_threads` 0 lets onnxruntime pick. Pre/post instance counts and the detector's batching delay default
-    per target (PRE_POST_INSTANCES, MAX_QUEUE_DELAY_US).
+    per target (PRE_POST_INSTANCES, MAX_QUEUE_DELAY_US). `max_pixels` (the served pixel budget) and
+    `reject_corrupt` (refuse corrupt JPEG data) become the preprocess config parameters of the same names.
     """
     build_dir, repository_dir = Path(build_dir), Path(repository_dir)
     if target not in TARGETS:
@@ -109,6 +117,10 @@ def render_repository(
         max_queue_delay_us = MAX_QUEUE_DELAY_US[target]
 
     name = manifest["model_name"]
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"manifest model_name {name!r} must use only letters, digits, '_', '.' and '-'")
+    if int(max_pixels) < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     input_dims = [int(d) for d in manifest["input"]["shape"][1:]]
     output_dims = [int(d) for d in manifest["output"]["shape"][1:]]
     if len(input_dims) != 3 or min(input_dims + output_dims) < 1:
@@ -132,11 +144,15 @@ def render_repository(
         class_names_pbtxt = json.dumps(manifest["class_names"]).replace("\\", "\\\\").replace("'", "\\'")
         pre, post = f"{name}_preprocess", f"{name}_postprocess"
         _python_model(
-            env, staging / pre, "preprocess", [letterbox_module.__file__],
-            {**common, "name": pre, "instance_count": preprocess_instances},
+            env, staging / pre, "preprocess", [letterbox_module.__file__, image_header_module.__file__,
+                                               request_params_module.__file__],
+            {**common, "name": pre, "instance_count": preprocess_instances, "max_pixels": int(max_pixels),
+             "reject_corrupt": bool(reject_corrupt)},
         )
         _python_model(
-            env, staging / post, "postprocess", [letterbox_module.__file__, postprocess_module.__file__],
+            env, staging / post, "postprocess",
+            [letterbox_module.__file__, image_header_module.__file__, postprocess_module.__file__,
+             request_params_module.__file__],
             {**common, "name": post, "instance_count": postprocess_instances, "thresholds": thresholds},
         )
         (staging / post / LABELS_FILE).write_text(labels)
