@@ -166,7 +166,8 @@ def stop(docker, timeout) -> None:
         return
     from packager.serve import stop_local
 
-    stop_local(timeout=timeout)
+    if stop_local(timeout=timeout) is None:
+        sys.exit(1)  # nothing was stopped: scripts must not take that for success
 
 
 @main.command("server-env")
