@@ -95,7 +95,7 @@ def _listening_inodes(port: int) -> set[int]:
 def die_with_parent_hook(sig: int = signal.SIGTERM):
     """A Popen preexec_fn: the child gets `sig` when the process that started it dies (even by SIGKILL).
 
-    The kernel ties it to the parent *thread*: start servers from a thread that lives as long as they should.
+    The kernel ties the death signal to the parent *thread*: start servers from a thread that lives as long.
     """
     parent = os.getpid()
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: nothing to import in the child

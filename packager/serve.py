@@ -246,6 +246,7 @@ class LocalTritonServer:
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             if self._http_ok("/v2/health/ready") and self._owns_ports():
+                restrict_shm(self.shm_prefix)
                 return
             if time.monotonic() > deadline:
                 not_ready = self._models_not_ready()
@@ -409,6 +410,16 @@ def stub_processes(shm_prefix: str) -> list[int]:
 def shm_regions(shm_prefix: str) -> list[str]:
     shm = Path("/dev/shm")
     return sorted(p.name for p in shm.iterdir() if p.name.startswith(shm_prefix)) if shm.is_dir() else []
+
+
+def restrict_shm(shm_prefix: str) -> None:
+    """Owner-only shm regions: the Python backend creates them 0644 whatever the umask (it fchmods), so any
+    local user could read the tensors; the stubs hold them open, so the change applies to the live regions."""
+    for name in shm_regions(shm_prefix):
+        try:
+            os.chmod(Path("/dev/shm") / name, 0o600)
+        except OSError:  # removed meanwhile
+            pass
 
 
 def cleanup_leftovers(shm_prefix: str) -> tuple[list[int], list[str]]:

@@ -100,8 +100,12 @@ def test_kill_9_of_the_server_leaves_nothing_after_the_next_command(model_reposi
     assert started.returncode == 0, started.stderr
     state = read_state(Path(env["YQPACK_HOME"]))
     stubs = stub_processes(state.shm_prefix)
-    assert len(stubs) >= 5 and shm_regions(state.shm_prefix)
-    os.kill(state.pid, signal.SIGKILL)
+    try:
+        assert len(stubs) >= 5 and shm_regions(state.shm_prefix)
+        modes = {oct(os.stat(f"/dev/shm/{name}").st_mode & 0o777) for name in shm_regions(state.shm_prefix)}
+        assert modes == {"0o600"}, f"shm regions must be owner-only, got {modes}"
+    finally:
+        os.kill(state.pid, signal.SIGKILL)
     assert _wait_gone(state.pid, 10)
     stopped = _yqpack("stop", env=env, cwd=work, timeout=60)
     assert stopped.returncode == 1, stopped.stderr  # nothing was running to stop ...
