@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +33,9 @@ from packager.server_env import ServerEnv
 HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 STATE_FILE = "server.json"
+# Admin API groups that answer only requests with the header ADMIN_HEADER = the server's admin_key.
+RESTRICTED_APIS = "shared-memory,logging,trace"
+ADMIN_HEADER = "triton-admin-key"
 # Python-backend shm: one region per stub; start at 64 MiB so that a batch of 640x640 images fits without growth.
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
 
@@ -127,6 +131,7 @@ class LocalTritonServer:
         self.server_env = server_env
         self.ports = {"grpc": int(grpc_port), "http": int(http_port), "metrics": int(metrics_port)}
         self.shm_prefix = f"yqpack{uuid.uuid4().hex[:10]}"
+        self.admin_key = secrets.token_hex(16)  # per server: the admin APIs stay closed to other clients
         self.log_path = Path(log_path or serve_dir() / f"tritonserver-{grpc_port}.log").resolve()
         self.log_verbose = log_verbose
         if model_control_mode not in ("none", "explicit"):
@@ -190,6 +195,8 @@ class LocalTritonServer:
             "--exit-on-error=true",
             "--exit-timeout-secs=20",
             f"--log-verbose={self.log_verbose}",
+            f"--http-restricted-api={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={RESTRICTED_APIS}:{ADMIN_HEADER}={self.admin_key}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--model-control-mode={self.model_control_mode}",

@@ -209,3 +209,21 @@ def test_model_names_outside_the_safe_set_are_refused_at_render(yolov8n_build, t
     with pytest.raises(ValueError, match="must use only letters, digits"):
         render_repository(build, tmp_path / "repo", precisions=("fp32",))
     assert not (tmp_path / "repo").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_admin_apis_need_the_servers_admin_key(local_server, client):
+    from packager.serve import ADMIN_HEADER
+
+    for call in (client.get_log_settings, client.get_system_shared_memory_status):
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+        # Triton prefixes the gRPC header name with triton-grpc-protocol-
+        assert call(headers={f"triton-grpc-protocol-{ADMIN_HEADER}": local_server.admin_key}) is not None
+    request = urllib.request.Request(f"{local_server.http_url}/v2/logging")
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(request, timeout=10)
+    request.add_header(ADMIN_HEADER, local_server.admin_key)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    assert client.is_server_ready() and client.get_model_repository_index() is not None  # verify's calls stay open

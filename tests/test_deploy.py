@@ -5,6 +5,7 @@ engine reachability probe against real sockets, and the health wait against a re
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import shutil
 import socket
@@ -32,6 +33,8 @@ def compose_v1() -> str:
 
 def compose_config(compose_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`docker-compose config`: parses, interpolates .env and validates against the compose schema; no engine."""
+    env = {**(os.environ if env is None else env)}
+    env.setdefault("TRITON_ADMIN_KEY", "test-admin-key")  # compose refuses to start without one
     return subprocess.run([compose_v1(), "-f", str(compose_dir / "docker-compose.yml"), "config"],
                           cwd=compose_dir, capture_output=True, text=True, env=env)
 
@@ -78,7 +81,7 @@ def test_compose_environment_reaches_the_services(tmp_path):
     triton, engines = services["triton"], services["engines"]
     assert f"{repository}:/models:ro" in triton["volumes"]
     assert f"{repository}:/models:rw" in engines["volumes"]
-    published = {int(p["published"]) if isinstance(p, dict) else int(p.split(":")[0]) for p in triton["ports"]}
+    published = {int(p["published"]) if isinstance(p, dict) else int(p.split(":")[-2]) for p in triton["ports"]}
     assert published == {9000, 9001, 9002}
     assert "--exit-on-error=false" in triton["command"] and "--strict-readiness=false" in triton["command"]
     assert engines["environment"]["YQPACK_ALLOW_MISSING"] == "1"
