@@ -431,6 +431,7 @@ def run_verify(options: VerifyOptions, console: Console | None = None) -> Verify
     images = scan_images(Path(options.images_dir), ground_truth, options.max_images)
     for skipped in images.skipped:
         console.print(f"[yellow]image {skipped.file}: {skipped.reason}[/yellow]")
+    _warn_decoder_mismatch(console)
     result = asyncio.run(_verify(options, console, ground_truth, images))
     result.report_files = report.write_report(result, Path(options.report_dir))
     return result
@@ -524,6 +525,18 @@ def _references(options: VerifyOptions, models: list[ServedModel], images: Image
                                        ground_truth, model.class_names, options.progress)
         for model in models
     }
+
+
+def _warn_decoder_mismatch(console: Console) -> None:
+    """The readability check above decodes with this env's OpenCV; the server's is pinned in server_env."""
+    import cv2
+
+    from .server_env import SERVER_REQUIREMENTS
+
+    server = next(r.split("==")[1] for r in SERVER_REQUIREMENTS if r.startswith("opencv"))
+    if not server.startswith(cv2.__version__ + "."):
+        console.print(f"[yellow]OpenCV {cv2.__version__} here, {server} in the server: an image readable here may "
+                      "be refused there (it is then scored as an image without detections)[/yellow]")
 
 
 def _check_options(options: VerifyOptions) -> None:
