@@ -227,3 +227,41 @@ def test_admin_apis_need_the_servers_admin_key(local_server, client):
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
     assert client.is_server_ready() and client.get_model_repository_index() is not None  # verify's calls stay open
+
+
+# -- NMS cost -----------------------------------------------------------------------------------------------------
+def _greedy_reference(boxes, scores, iou_threshold, max_keep):
+    """One greedy sweep over every candidate (the NMS before blocks), to compare with."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    keep = []
+    while order.size and len(keep) < max_keep:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        inter = ((np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest])).clip(0)
+                 * (np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest])).clip(0))
+        order = rest[inter / (areas[best] + areas[rest] - inter + 1e-7) <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+@pytest.mark.parametrize("count, iou, max_keep", [(5000, 0.45, 100), (5000, 0.0, 1000), (3000, 0.99, 1000),
+                                                 (30000, 0.7, 300), (2500, 1.0, 1000), (10, 0.5, 1000)])
+def test_block_nms_keeps_exactly_what_one_greedy_sweep_keeps(count, iou, max_keep):
+    from packager.postprocess import nms
+
+    rng = np.random.default_rng(count)
+    xy = rng.uniform(0, 600, (count, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 80, (count, 2)).astype(np.float32)], axis=1)
+    scores = rng.choice(np.linspace(0, 1, 500, dtype=np.float32), count)  # ties too
+    np.testing.assert_array_equal(nms(boxes, scores, iou, max_keep), _greedy_reference(boxes, scores, iou, max_keep))
+
+
+@pytest.mark.parametrize("levels", [3, 50, 100000])
+def test_top_candidates_equal_a_stable_sort(levels):
+    from packager.postprocess import top_candidates
+
+    scores = np.random.default_rng(levels).integers(0, levels, 70000).astype(np.float32) / levels
+    for count in (1, 30000, 69999):
+        expected = np.argsort(-scores, kind="stable")[:count]
+        np.testing.assert_array_equal(top_candidates(scores, count), expected)
