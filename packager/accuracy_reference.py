@@ -24,14 +24,14 @@ def find_build_dir(build_dir: Path | None, url: str) -> Path | None:
     if build_dir is not None:
         return Path(build_dir)
     from .repository import load_repository_info
-    from .serve import read_state
+    from .serve import StateFileError, read_state
 
     try:
         state = read_state()
         if state is None or state.grpc_url != url.replace("localhost", "127.0.0.1"):
             return None
         sources = load_repository_info(Path(state.repository)).get("detector_sources", {})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, StateFileError):  # no usable record: no reference from it
         return None
     for source in sources.values():  # <build>/onnx/model.<variant>.onnx
         candidate = Path(source).parent.parent

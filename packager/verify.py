@@ -220,14 +220,14 @@ def manifest_class_names(build_dir: Path) -> list[str]:
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
     """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
     from .repository import load_repository_info
-    from .serve import read_state
+    from .serve import StateFileError, read_state
 
     try:
         state = read_state()
         if state is None or state.grpc_url != url.replace("localhost", "127.0.0.1"):
             return None, ""
         names = load_repository_info(Path(state.repository)).get("class_names")
-    except (OSError, ValueError, TypeError):  # no or unreadable record: just no fallback
+    except (OSError, ValueError, TypeError, StateFileError):  # no or unreadable record: just no fallback
         return None, ""
     return (list(names), f"{state.repository} (detached yqpack serve)") if names else (None, "")
 
