@@ -35,10 +35,11 @@ def is_alive(pid: int) -> bool:
 
 
 def argv(pid: int) -> list[str]:
+    """The command line; [""] for a process that is gone (or a kernel thread), so argv(pid)[0] always works."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
     except OSError:
-        return []
+        return [""]
 
 
 def environ_value(pid: int, name: str) -> str | None:
