@@ -127,10 +127,12 @@ def test_dockerfile_adds_what_the_python_models_import():
     assert re.search(r"^FROM \$\{TRITON_IMAGE\}$", dockerfile, re.M)
     assert '"numpy<2"' in dockerfile and '"opencv-python-headless<4.12"' in dockerfile
     imports = set()
-    for module in ("templates/preprocess/model.py", "templates/postprocess/model.py", "packager/letterbox.py"):
+    copied = ("letterbox", "postprocess", "image_header", "request_params")  # flat copies beside model.py
+    for module in ("templates/preprocess/model.py", "templates/postprocess/model.py",
+                   *(f"packager/{name}.py" for name in copied)):
         imports |= set(re.findall(r"^(?:import|from) (\w+)", (PROJECT_ROOT / module).read_text(), re.M))
-    third_party = imports - set(sys.stdlib_module_names) - {"triton_python_backend_utils", "letterbox",
-                                                            "postprocess", "packager", "__future__"}
+    third_party = imports - set(sys.stdlib_module_names) - {"triton_python_backend_utils", "packager",
+                                                            "__future__", *copied}
     assert third_party <= {"numpy", "cv2"}, third_party
 
 
