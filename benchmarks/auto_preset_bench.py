@@ -25,7 +25,8 @@ import onnx
 from packager.assets import assets_dir
 from packager.calibration import list_images, split_calibration_and_tuning
 from packager.coco_eval import CocoGroundTruth, evaluate
-from packager.manifest import artifact_path, load_manifest
+from packager.contracts import BuildManifest
+from packager.manifest import artifact_path
 from packager.onnx_eval import detect_images
 from packager.qdq_graph import int8_conv_mac_share, keep_precise
 from packager.quantize import QuantizeOptions, quantize_int8_twins
@@ -96,7 +97,7 @@ def main() -> None:
                         help="only FP32/mixed/extreme on val (cached in OUT/presets.json for the full run)")
     args = parser.parse_args()
     assets = assets_dir()
-    manifest = load_manifest(args.build)
+    manifest = BuildManifest.load(args.build)
     imgsz, names = manifest.model.imgsz, list(manifest.model.class_names)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="auto-bench-"))

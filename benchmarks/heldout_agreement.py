@@ -19,7 +19,8 @@ import onnx
 
 from packager.assets import assets_dir
 from packager.coco_eval import CocoGroundTruth
-from packager.manifest import artifact_path, load_manifest
+from packager.contracts import BuildManifest
+from packager.manifest import artifact_path
 from packager.qdq_graph import int8_conv_mac_share, keep_precise
 from packager.sensitivity import AgreementScorer
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], help="NAME=unit,unit,... (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("heldout_agreement.json"))
     args = parser.parse_args()
-    manifest = load_manifest(args.build)
+    manifest = BuildManifest.load(args.build)
     assets = assets_dir()
     ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
     images = ground_truth.image_files(assets / "coco" / "val2017")

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from packager.assets import assets_dir
-from packager.manifest import artifact_path, load_manifest
+from packager.contracts import BuildManifest
+from packager.manifest import artifact_path
 from packager.onnx_eval import evaluate_build, onnx_session
 
 
@@ -38,12 +39,12 @@ def build(model: Path, calib: Path, out: Path, calib_size: int, preset: str) -> 
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"build failed: {' '.join(command)}\n{process.stderr.read()[-3000:]}")
-    manifest = load_manifest(out)
+    manifest = BuildManifest.load(out)
     return {
         "preset": preset,
         "calib_images": calib_size,
         "build_wall_s": round(wall, 1),
-        "quantize_wall_s": manifest["quantization"]["wall_time_s"],
+        "quantize_wall_s": manifest.quantization["wall_time_s"],
         "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux reports KiB
     }
 
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"built extreme: {builds['extreme'][1]}", flush=True)
 
     main_build = builds[f"mixed-{sizes[0]}"][0]
-    imgsz = tuple(load_manifest(main_build)["imgsz"])
+    imgsz = BuildManifest.load(main_build).model.imgsz
     # (row label, build dir, variant)
     rows = [("FP32", main_build, "fp32"), ("FP16 (AutoCast)", main_build, "fp16")]
     rows += [(f"INT8 mixed, {s} calib (int8-fp32)", builds[f"mixed-{s}"][0], "int8-fp32") for s in sizes]

@@ -250,7 +250,8 @@ def stop(docker, timeout) -> None:
         return
     from packager.serve import stop_local
 
-    stop_local(timeout=timeout)
+    if stop_local(timeout=timeout) is None:
+        sys.exit(1)  # nothing was stopped: scripts must not take that for success
 
 
 @main.command("server-env")
@@ -344,19 +345,25 @@ def _concurrency_levels(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--max-errors", default=0, show_default=True, help="Gate: failed requests per model.")
 @click.option("--min-throughput", default=None, type=float, help="Gate: peak images/s per model.")
 @click.option("--max-p99-ms", default=None, type=float, help="Gate: p99 latency (ms) at every concurrency level.")
+@click.option("--max-map-drift", default=0.005, show_default=True,
+              help="Gate: |served mAP50-95 - the build's own eval-onnx of the same ONNX| (needs --build or a "
+                   "detached yqpack serve); every precision, even a single one.")
+@click.option("--min-map", default=None, type=float, help="Gate: served mAP50-95 floor per model.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs, CI).")
-def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, no_progress, **options) -> None:
+def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, max_map_drift, min_map, no_progress,
+           **options) -> None:
     """Check a running server: served COCO mAP, load test, precision comparison, gates, report.
 
     Exit code 0 when every gate holds, 1 when a gate fails, 3 when the run is incomplete.
     """
-    from packager.gates import GateThresholds
+    from packager.gates import AbsoluteGates, GateThresholds
     from packager.verify import VerifyOptions, run_verify
 
     verify_options = VerifyOptions(
         models=[name.strip() for name in models.split(",") if name.strip()] if models else None,
         gates=GateThresholds(min_map_ratio, max_errors, min_throughput, max_p99_ms),
         progress=not no_progress,
+        absolute=AbsoluteGates(max_map_drift, min_map),
         **options,
     )
     result = run_verify(verify_options)

@@ -322,6 +322,7 @@ class RepositoryIndex:
     target: str
     models: tuple[ServedModel, ...]
     default_thresholds: dict = field(default_factory=dict)
+    source_build: str | None = None  # the build directory it was rendered from (verify's accuracy reference)
 
     def by_role(self, role: Role) -> list[ServedModel]:
         return [m for m in self.models if m.role is role]
@@ -352,6 +353,7 @@ class RepositoryIndex:
             "default_thresholds": self.default_thresholds,
             "model": BuildManifest(spec, "", 0, {}).to_dict() | {"artifacts": {}},
             "models": [m.to_dict() for m in self.models],
+            "source_build": self.source_build,
         }
 
     @classmethod
@@ -362,7 +364,8 @@ class RepositoryIndex:
         try:
             spec = BuildManifest.from_dict(data["model"], where).model
             models = tuple(ServedModel.from_dict(m) for m in data["models"])
-            return cls(spec, str(data["target"]), models, dict(data.get("default_thresholds", {})))
+            return cls(spec, str(data["target"]), models, dict(data.get("default_thresholds", {})),
+                       data.get("source_build"))
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, YqpackError):
                 raise

@@ -8,6 +8,7 @@ runs compose with the repository and ports passed as environment (overriding dep
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -142,6 +143,7 @@ def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: b
         "TRITON_EXIT_ON_ERROR": "false" if allow_missing else "true",
         "TRITON_STRICT_READINESS": "false" if allow_missing else "true",
     })
+    env.setdefault("TRITON_ADMIN_KEY", secrets.token_hex(16))  # admin APIs closed unless the operator sets one
     return env
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .bootstrap import PerImageResults, RatioInterval, paired_ratio
 from .coco_eval import CocoMetrics
@@ -25,6 +25,7 @@ class ServedAccuracy:
     images: int
     errors: int
     error_messages: list[str]
+    failed_files: list[str] = field(default_factory=list)  # scored as images without detections
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +218,62 @@ def evaluate_gates(
                        + ("" if passed else f", {errors - thresholds.max_errors} over"))
         )
     return gates
+
+
+@dataclass
+class AbsoluteGates:
+    """Accuracy gates that hold a single precision too: served mAP against the build's own ONNX evaluation."""
+
+    max_map_drift: float = 0.005  # |served - eval-onnx of the same ONNX|, mAP50-95
+    min_map: float | None = None  # floor on served mAP50-95
+
+
+@dataclass(frozen=True)
+class AccuracyReference:
+    """What the served mAP of one ensemble must equal: the build's own evaluation of the ONNX it serves."""
+
+    model: str
+    variant: str
+    map50_95: float
+    images: int
+    source: str
+
+
+def absolute_accuracy_gates(
+    gates: AbsoluteGates,
+    accuracy: Sequence[ServedAccuracy],
+    references: dict[str, AccuracyReference | None],
+) -> list[GateResult]:
+    """--max-map-drift for every served model (fails when there is no reference to compare with, unless
+    --min-map holds the model instead) and --min-map when given. A model without a mAP fails both."""
+    results = []
+    for item in accuracy:
+        served = item.metrics.map50_95 if item.metrics else float("nan")
+        reference = references.get(item.model)
+        if reference is not None:
+            drift = abs(served - reference.map50_95) if item.metrics else float("inf")
+            passed = drift <= gates.max_map_drift
+            results.append(GateResult(
+                "--max-map-drift", item.model, passed, drift, gates.max_map_drift,
+                f"served mAP50-95 {served:.4f} vs {reference.map50_95:.4f} from {reference.source}"
+                + ("" if passed else f": off by {drift:.4f}, over the {gates.max_map_drift:g} allowed")))
+        elif gates.min_map is None:
+            results.append(GateResult(
+                "--max-map-drift", item.model, False, float("nan"), gates.max_map_drift,
+                "no reference mAP for the served ONNX: pass --build DIR (the build it was rendered from) "
+                "or hold it to --min-map"))
+        if gates.min_map is not None:
+            passed = item.metrics is not None and served >= gates.min_map
+            results.append(GateResult(
+                "--min-map", item.model, passed, served, gates.min_map,
+                f"served mAP50-95 {served:.4f}" + ("" if passed else f", below the minimum {gates.min_map:g}")))
+    return results
+
+
+def readiness_gates(not_ready: dict[str, str]) -> list[GateResult]:
+    """A model the server lists but does not serve (failed to load) fails verify instead of being skipped."""
+    return [GateResult("ready", model, False, 0.0, 1.0, f"not ready on the server: {reason}")
+            for model, reason in not_ready.items()]
 
 
 def decide_status(gates: Sequence[GateResult], incomplete_reason: str | None) -> str:

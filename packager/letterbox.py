@@ -12,10 +12,21 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import os
+
 import cv2
 import numpy as np
 
+try:
+    from .image_header import ImageHeaderError, read_header
+except ImportError:  # served: copied flat next to model.py
+    from image_header import ImageHeaderError, read_header
+
 PAD_VALUE = 114
+# Served pixel budget (preprocess config parameter max_pixels): 50 MP decodes to 150 MB of BGR.
+DEFAULT_MAX_PIXELS = 50_000_000
+# libjpeg's warnings for damaged data (it still returns an image, partly grey); benign warnings are not listed.
+_CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file")
 _INV_255 = np.float32(1.0 / 255.0)
 
 
@@ -38,19 +49,66 @@ class LetterboxInfo(NamedTuple):
         return cls(scale, pad_x, pad_y, int(round(orig_h)), int(round(orig_w)))
 
 
-def decode_image(data: bytes) -> np.ndarray:
+class ImageRejected(ValueError):
+    """The client sent an image the server refuses: unreadable, over the pixel budget, or corrupt."""
+
+
+def decode_image(data: bytes, max_pixels: int | None = None, reject_corrupt: bool = False) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, ...) to a BGR uint8 HxWx3 array, as cv2.imread would.
 
-    Grayscale and RGBA are converted to 3 channels (IMREAD_COLOR). Raises ValueError with a plain
-    message when the bytes are empty or not a decodable image.
+    Grayscale and RGBA are converted to 3 channels (IMREAD_COLOR). With `max_pixels`, the size announced by
+    the header is checked before decoding. With `reject_corrupt`, data libjpeg reports as corrupt ("Corrupt
+    JPEG data: ...", otherwise only a log line and a partly grey image) is refused. Raises ImageRejected
+    (a ValueError) with a plain message.
     """
     if data is None or len(data) == 0:
-        raise ValueError("empty image bytes")
+        raise ImageRejected("empty image bytes")
+    if max_pixels is not None:
+        check_pixel_budget(data, max_pixels)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if reject_corrupt:
+        image, warnings = _imdecode_with_warnings(buffer)
+        if warnings:
+            raise ImageRejected(f"corrupt image data ({len(data)} bytes): {warnings}")
+    else:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        raise ValueError(f"could not decode image ({len(data)} bytes): not a JPEG/PNG/BMP/WebP or truncated")
+        raise ImageRejected(f"could not decode image ({len(data)} bytes): not a JPEG/PNG/BMP/WebP or truncated")
     return image
+
+
+def check_pixel_budget(data: bytes, max_pixels: int) -> None:
+    """Refuse bytes whose header is unreadable or announces more than `max_pixels` pixels (nothing decoded)."""
+    try:
+        header = read_header(data)
+    except ImageHeaderError as error:
+        raise ImageRejected(str(error)) from None
+    if header.pixels > max_pixels:
+        raise ImageRejected(
+            f"{header.format} of {header.width}x{header.height} = {header.pixels / 1e6:.1f} MP is over the "
+            f"{max_pixels / 1e6:g} MP pixel budget (preprocess parameter max_pixels)"
+        )
+
+
+def _imdecode_with_warnings(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """cv2.imdecode with libjpeg's warnings caught: they go to file descriptor 2, not to Python."""
+    capture = os.memfd_create("yqpack-decode-warnings")
+    saved = os.dup(2)
+    try:
+        os.dup2(capture, 2)
+        try:
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        finally:
+            os.dup2(saved, 2)
+        os.lseek(capture, 0, os.SEEK_SET)
+        text = os.read(capture, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(saved)
+        os.close(capture)
+    if text:
+        os.write(2, text.encode())  # still in the server log
+    warnings = [line for line in text.splitlines() if line.startswith(_CORRUPT_JPEG)]
+    return image, "; ".join(warnings)
 
 
 def read_image(path) -> np.ndarray:

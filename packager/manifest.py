@@ -10,8 +10,7 @@ from pathlib import Path
 
 from .contracts import ARTIFACT_FILES, MANIFEST_NAME, Artifact, BuildManifest
 
-__all__ = ["ARTIFACT_FILES", "MANIFEST_NAME", "artifact_entries", "artifact_path", "library_versions",
-           "load_manifest", "sha256_file"]
+__all__ = ["ARTIFACT_FILES", "MANIFEST_NAME", "artifact_entries", "artifact_path", "library_versions", "sha256_file"]
 
 _VERSIONED_PACKAGES = {
     "yqpack": "yqpack",
@@ -55,10 +54,6 @@ def artifact_entries(build_dir: str | Path, variants=tuple(ARTIFACT_FILES)) -> d
         for variant in variants
         if (build_dir / ARTIFACT_FILES[variant]).is_file()
     }
-
-
-def load_manifest(build_dir: str | Path) -> BuildManifest:
-    return BuildManifest.load(build_dir)
 
 
 def artifact_path(build_dir: str | Path, variant: str) -> Path:

@@ -26,6 +26,8 @@ except ImportError:  # served: both modules are copied flat next to model.py
 _CLASS_OFFSET = 7680.0
 # Candidates kept before NMS, highest scores first, as Ultralytics does (bounds the NMS cost at conf 0.001).
 MAX_CANDIDATES = 30000
+# Candidates NMS compares at a time (see nms): bounds its work by max_det, not by the candidate count.
+NMS_BLOCK = 1024
 
 
 class Thresholds(NamedTuple):
@@ -41,21 +43,38 @@ PRODUCTION_THRESHOLDS = Thresholds()
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int) -> np.ndarray:
-    """Greedy NMS over xyxy boxes; returns kept indices, highest score first, at most `max_keep`."""
+    """Greedy NMS over xyxy boxes; returns kept indices, highest score first, at most `max_keep`.
+
+    Candidates are visited in blocks of NMS_BLOCK (score order): a block is first thinned by the boxes kept so
+    far (one matrix), then greedily within itself. The same boxes as one greedy sweep over all candidates,
+    but the work stops with the block that fills `max_keep`: 1000 barely overlapping boxes out of 30,000
+    candidates cost a few ms instead of a second.
+    """
     order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x2 - x1).clip(0) * (y2 - y1).clip(0)
-    keep = []
-    while order.size and len(keep) < max_keep:
-        best = order[0]
-        keep.append(best)
-        rest = order[1:]
-        inter_w = (np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest])).clip(0)
-        inter_h = (np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest])).clip(0)
-        inter = inter_w * inter_h
-        iou = inter / (areas[best] + areas[rest] - inter + 1e-7)
-        order = rest[iou <= iou_threshold]
+    areas = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+    keep: list[int] = []
+    for start in range(0, order.size, NMS_BLOCK):
+        block = order[start : start + NMS_BLOCK]
+        if keep:
+            kept = np.asarray(keep)
+            block = block[(_iou(boxes, areas, kept[:, None], block[None, :]) <= iou_threshold).all(axis=0)]
+        while block.size and len(keep) < max_keep:
+            best = block[0]
+            keep.append(best)
+            rest = block[1:]
+            block = rest[_iou(boxes, areas, best, rest) <= iou_threshold]
+        if len(keep) >= max_keep:
+            break
     return np.asarray(keep, dtype=np.int64)
+
+
+def _iou(boxes: np.ndarray, areas: np.ndarray, first, second) -> np.ndarray:
+    """IoU of boxes[first] with boxes[second] (index arrays broadcast); the same float ops in every caller."""
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    inter_w = (np.minimum(x2[first], x2[second]) - np.maximum(x1[first], x1[second])).clip(0)
+    inter_h = (np.minimum(y2[first], y2[second]) - np.maximum(y1[first], y1[second])).clip(0)
+    inter = inter_w * inter_h
+    return inter / (areas[first] + areas[second] - inter + 1e-7)
 
 
 def decode(raw: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> np.ndarray:
@@ -81,7 +100,7 @@ def decode(raw: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> n
     if scores.size == 0:
         return np.zeros((0, 6), dtype=np.float32)
     if scores.size > MAX_CANDIDATES:
-        top = np.argsort(-scores, kind="stable")[:MAX_CANDIDATES]
+        top = top_candidates(scores, MAX_CANDIDATES)
         anchor_idx, class_idx, scores = anchor_idx[top], class_idx[top], scores[top]
     boxes = _xywh_to_xyxy(predictions[anchor_idx, :4])
     shifted = boxes + class_idx[:, None].astype(np.float32) * _CLASS_OFFSET
@@ -91,6 +110,16 @@ def decode(raw: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> n
     detections[:, 4] = scores[keep]
     detections[:, 5] = class_idx[keep]
     return detections
+
+
+def top_candidates(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` best scores, best first, ties by index: argsort(-scores, stable)[:count] without
+    sorting all of them (672,000 candidates at conf 0 with multi_label: a partition, not a 0.4 s sort)."""
+    cutoff = np.partition(scores, scores.size - count)[scores.size - count]  # the count-th largest score
+    above = np.nonzero(scores > cutoff)[0]
+    ties = np.nonzero(scores == cutoff)[0][: count - above.size]
+    chosen = np.sort(np.concatenate([above, ties]))
+    return chosen[np.argsort(-scores[chosen], kind="stable")]
 
 
 def map_to_original(detections: np.ndarray, info: LetterboxInfo) -> np.ndarray:

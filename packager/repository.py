@@ -15,8 +15,10 @@ from pathlib import Path
 import jinja2
 
 from packager import letterbox as letterbox_module
+from packager import image_header as image_header_module
 from packager import postprocess as postprocess_module
 from packager import runtime as runtime_module
+from packager import request_params as request_params_module
 from packager.assets import TEMPLATES_DIR
 from packager.contracts import (
     BuildManifest,
@@ -89,6 +91,8 @@ class RenderOptions:
     postprocess_instances: int | None = None
     intra_op_threads: int = 0
     thresholds: Thresholds = PRODUCTION_THRESHOLDS
+    max_pixels: int = letterbox_module.DEFAULT_MAX_PIXELS  # served pixel budget, checked from the image header
+    reject_corrupt: bool = True  # refuse JPEG data libjpeg reports as corrupt
     runtime: str = runtime_module.DEFAULT_RUNTIME  # the local target's Python-backend detector: openvino|onnxruntime
     precision_hint: str = "f32"  # its OpenVINO precision: f32 keeps FP32 exact, bf16 is opt-in
 
@@ -138,7 +142,8 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
     staging = Path(tempfile.mkdtemp(prefix=f".{repository_dir.name}.rendering-", dir=repository_dir.parent))
     try:
         models = _render_pre_post(env, staging, plan) + _render_precisions(env, staging, plan)
-        index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict())
+        index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict(),
+                                str(Path(build_dir).resolve()))
         index.save(staging)
         _swap_in(staging, repository_dir)
     except BaseException:
@@ -202,6 +207,8 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
         raise MissingInputError(f"no detector template for target {target!r} in {TEMPLATES_DIR / 'detector'}")
     spec = manifest.model
     check_model_name(spec.name)
+    if int(options.max_pixels) < 1:
+        raise ConfigError(f"max_pixels must be positive, got {options.max_pixels}")
     max_batch = int(options.max_batch or spec.max_batch or 8)
     if max_batch < 1:
         raise ConfigError(f"max_batch must be at least 1, got {max_batch}")
@@ -229,10 +236,14 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
     pre, post = f"{spec.name}_preprocess", f"{spec.name}_postprocess"
     instances = PRE_POST_INSTANCES[options.target]
     common = plan.common()
-    _python_model(env, staging / pre, "preprocess", [letterbox_module.__file__],
+    _python_model(env, staging / pre, "preprocess",
+                  [letterbox_module.__file__, image_header_module.__file__, request_params_module.__file__],
                   {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
-                   "role": Role.PREPROCESS.value, "precision": ""})
-    _python_model(env, staging / post, "postprocess", [letterbox_module.__file__, postprocess_module.__file__],
+                   "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
+                   "reject_corrupt": bool(options.reject_corrupt)})
+    _python_model(env, staging / post, "postprocess",
+                  [letterbox_module.__file__, image_header_module.__file__, postprocess_module.__file__,
+                   request_params_module.__file__],
                   {**common, "name": post, "instance_count": options.postprocess_instances or instances[1],
                    "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": ""})
     (staging / post / LABELS_FILE).write_text(_labels(spec))

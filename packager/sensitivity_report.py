@@ -12,7 +12,8 @@ import numpy as np
 
 from .calibration import list_images, split_calibration_and_tuning
 from .contracts import ConfigError
-from .manifest import artifact_path, load_manifest
+from .contracts import BuildManifest
+from .manifest import artifact_path
 from .sensitivity import AgreementScorer, SensitivityResult, analyze
 
 DEFAULT_MAX_IMAGES = 64
@@ -41,7 +42,7 @@ def run_sensitivity(build_dir: str | Path, images_dir: str | Path, out: str | Pa
     if max_images < 1:
         raise ConfigError(f"--max-images must be at least 1, got {max_images}")
     build_dir = Path(build_dir)
-    manifest = load_manifest(build_dir)
+    manifest = BuildManifest.load(build_dir)
     calibration = manifest.calibration
     files = list_images(images_dir)
     same_folder = Path(calibration["source"]).resolve() == Path(images_dir).resolve()

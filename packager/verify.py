@@ -22,6 +22,8 @@ from tritonclient.utils import InferenceServerException
 from . import coco_eval
 from .contracts import MANIFEST_NAME, BuildManifest, Precision, RepositoryIndex, YqpackError
 from .gates import (
+    AbsoluteGates,
+    AccuracyReference,
     Comparison,
     GateResult,
     GateThresholds,
@@ -29,6 +31,8 @@ from .gates import (
     compare_precisions,
     decide_status,
     evaluate_gates,
+    absolute_accuracy_gates,
+    readiness_gates,
 )
 from .letterbox import decode_image, preprocess_bytes
 from .loadtest import LevelResult, ServerGone, TritonLoad, first_distinct, image_inputs, tensor_inputs
@@ -69,6 +73,7 @@ class VerifyOptions:
     max_images: int | None = None  # accuracy pass on the first N annotated images only
     gates: GateThresholds = field(default_factory=GateThresholds)
     progress: bool = True
+    absolute: AbsoluteGates = field(default_factory=AbsoluteGates)  # served mAP == the build's own eval
 
 
 @dataclass
@@ -111,6 +116,8 @@ class VerifyResult:
     started: str
     wall_time_s: float
     report_files: dict[str, str] = field(default_factory=dict)
+    not_ready: dict[str, str] = field(default_factory=dict)  # model -> state: reason
+    references: dict[str, AccuracyReference | None] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -227,14 +234,14 @@ def build_coverage(build_dir: Path | None) -> dict[str, float]:
 
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
     """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
-    from .serve import read_state
+    from .serve import StateFileError, read_state
 
     try:
         state = read_state()
         if state is None or state.grpc_url != url.replace("localhost", "127.0.0.1"):
             return None, ""
         names = list(RepositoryIndex.load(Path(state.repository)).model.class_names)
-    except (OSError, ValueError, TypeError):  # no or unreadable record: just no fallback
+    except (OSError, ValueError, TypeError, StateFileError):  # no or unreadable record: just no fallback
         return None, ""
     return (names, f"{state.repository} (detached yqpack serve)") if names else (None, "")
 
@@ -248,6 +255,7 @@ class _Session:
         self.load = TritonLoad(options.url, options.timeout_s)
         self.client = self.load.client
         self.per_image: dict[str, object] = {}  # ensemble -> pycocotools per-image results (bootstrap intervals)
+        self.not_ready: dict[str, str] = {}
 
     def progress(self) -> Progress:
         return Progress(
@@ -288,6 +296,11 @@ class _Session:
     async def discover(self) -> list[ServedModel]:
         index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
         states = {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
+        self.not_ready = {
+            entry["name"]: f"{entry.get('state') or 'no state'}: {entry.get('reason') or 'no reason given'}"
+            for entry in index.get("models", [])
+            if entry.get("state") != "READY" and (not self.options.models or entry["name"] in self.options.models)
+        }
         if self.options.models:
             missing = [name for name in self.options.models if states.get(name) != "READY"]
             if missing:
@@ -371,15 +384,17 @@ class _Session:
             output_name="DETECTIONS",
             on_done=done,
         )
-        detections = {
-            files[outcome.index].name: _real_rows(outcome.output) for outcome in outcomes if outcome.error is None
-        }
+        failed = sorted(files[o.index].name for o in outcomes if o.error is not None)
+        # A failed image is scored as one without detections: leaving it out would let errors raise the mAP.
+        detections = {file.name: np.zeros((0, 6), np.float32) for file in files}
+        detections.update({files[o.index].name: _real_rows(o.output) for o in outcomes if o.error is None})
         messages = first_distinct([o.error for o in outcomes if o.error is not None], 5)
-        evaluation = coco_eval.evaluate_images(detections, ground_truth, model.class_names) if detections else None
+        answered = len(files) - len(failed)
+        evaluation = coco_eval.evaluate_images(detections, ground_truth, model.class_names) if answered else None
         if evaluation is not None:
             self.per_image[model.name] = evaluation.per_image
         return ServedAccuracy(model.name, model.family, model.precision, evaluation and evaluation.metrics,
-                              len(detections), errors, messages)
+                              len(files), errors, messages, failed)
 
     async def load_levels(
         self, target: str, make_inputs, progress: Progress, step_models: Sequence[str] = ()
@@ -436,6 +451,7 @@ def run_verify(options: VerifyOptions, console: Console | None = None) -> Verify
     images = scan_images(Path(options.images_dir), ground_truth, options.max_images)
     for skipped in images.skipped:
         console.print(f"[yellow]image {skipped.file}: {skipped.reason}[/yellow]")
+    _warn_decoder_mismatch(console)
     result = asyncio.run(_verify(options, console, ground_truth, images))
     result.report_files = report.write_report(result, Path(options.report_dir))
     return result
@@ -483,6 +499,8 @@ async def _verify(
 
     comparisons = compare_precisions(accuracy, load, session.per_image, build_coverage(options.build_dir))
     gates = evaluate_gates(options.gates, accuracy, comparisons, load, detector_load)
+    references = _references(options, models, images, ground_truth) if incomplete is None else {}
+    gates += absolute_accuracy_gates(options.absolute, accuracy, references) + readiness_gates(session.not_ready)
     status = decide_status(gates, incomplete)
     from .report import collect_versions
 
@@ -509,7 +527,36 @@ async def _verify(
         versions=collect_versions(),
         started=started,
         wall_time_s=time.perf_counter() - began,
+        not_ready=session.not_ready,
+        references=references,
     )
+
+
+def _references(options: VerifyOptions, models: list[ServedModel], images: ImageSet,
+                ground_truth: coco_eval.CocoGroundTruth) -> dict[str, AccuracyReference | None]:
+    """The build's own mAP of each served ONNX on the images scored here (None: no build to compare with)."""
+    from .accuracy_reference import accuracy_reference, find_build_dir
+
+    build_dir = find_build_dir(options.build_dir, options.url)
+    if build_dir is None:
+        return {}
+    return {
+        model.name: accuracy_reference(model.name, model.precision, build_dir, images.accuracy_files,
+                                       ground_truth, model.class_names, options.progress)
+        for model in models
+    }
+
+
+def _warn_decoder_mismatch(console: Console) -> None:
+    """The readability check above decodes with this env's OpenCV; the server's is pinned in server_env."""
+    import cv2
+
+    from .server_env import SERVER_REQUIREMENTS
+
+    server = next(r.split("==")[1] for r in SERVER_REQUIREMENTS if r.startswith("opencv"))
+    if not server.startswith(cv2.__version__ + "."):
+        console.print(f"[yellow]OpenCV {cv2.__version__} here, {server} in the server: an image readable here may "
+                      "be refused there (it is then scored as an image without detections)[/yellow]")
 
 
 def _check_options(options: VerifyOptions) -> None:
@@ -535,6 +582,7 @@ def _settings(options: VerifyOptions) -> dict:
         "timeout_s": options.timeout_s,
         "eval_parameters": EVAL_PARAMETERS,
         "gates": asdict(options.gates),
+        "absolute_gates": asdict(options.absolute),
         "models": list(options.models) if options.models else None,
         "build_dir": str(options.build_dir) if options.build_dir else None,
     }

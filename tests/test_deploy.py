@@ -36,6 +36,8 @@ def compose_v1() -> str:
 
 def compose_config(compose_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`docker-compose config`: parses, interpolates .env and validates against the compose schema; no engine."""
+    env = {**(os.environ if env is None else env)}
+    env.setdefault("TRITON_ADMIN_KEY", "test-admin-key")  # compose refuses to start without one
     return subprocess.run([compose_v1(), "-f", str(compose_dir / "docker-compose.yml"), "config"],
                           cwd=compose_dir, capture_output=True, text=True, env=env)
 
@@ -83,7 +85,7 @@ def test_compose_environment_reaches_the_services(tmp_path):
     triton, engines = services["triton"], services["engines"]
     assert f"{repository}:/models:ro" in triton["volumes"]
     assert f"{repository}:/models:rw" in engines["volumes"]
-    published = {int(p["published"]) if isinstance(p, dict) else int(p.split(":")[0]) for p in triton["ports"]}
+    published = {int(p["published"]) if isinstance(p, dict) else int(p.split(":")[-2]) for p in triton["ports"]}
     assert published == {9000, 9001, 9002}
     assert "--exit-on-error=false" in triton["command"] and "--strict-readiness=false" in triton["command"]
     assert engines["environment"]["YQPACK_ALLOW_MISSING"] == "1"
@@ -129,10 +131,12 @@ def test_dockerfile_adds_what_the_python_models_import():
     assert re.search(r"^FROM \$\{TRITON_IMAGE\}$", dockerfile, re.M)
     assert '"numpy<2"' in dockerfile and '"opencv-python-headless<4.12"' in dockerfile
     imports = set()
-    for module in ("templates/preprocess/model.py", "templates/postprocess/model.py", "packager/letterbox.py"):
+    copied = ("letterbox", "postprocess", "image_header", "request_params")  # flat copies beside model.py
+    for module in ("templates/preprocess/model.py", "templates/postprocess/model.py",
+                   *(f"packager/{name}.py" for name in copied)):
         imports |= set(re.findall(r"^(?:import|from) (\w+)", (PROJECT_ROOT / module).read_text(), re.M))
-    third_party = imports - set(sys.stdlib_module_names) - {"triton_python_backend_utils", "letterbox",
-                                                            "postprocess", "packager", "__future__"}
+    third_party = imports - set(sys.stdlib_module_names) - {"triton_python_backend_utils", "packager",
+                                                            "__future__", *copied}
     assert third_party <= {"numpy", "cv2"}, third_party
 
 

@@ -14,7 +14,8 @@ import onnx
 import pytest
 
 from packager.calibration import list_images, split_calibration_and_tuning
-from packager.manifest import artifact_path, load_manifest
+from packager.contracts import BuildManifest
+from packager.manifest import artifact_path
 from packager.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
 from packager.quantize import QuantizeOptions, quantize_int8_twins
 from packager.sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
@@ -51,13 +52,13 @@ def all_int8(yolov8n_build, calibration, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuning_files(yolov8n_build, assets):
     files = list_images(assets / "coco" / "calib2017")
-    _, tuning = split_calibration_and_tuning(files, load_manifest(yolov8n_build).calibration["count"], max_tune=3)
+    _, tuning = split_calibration_and_tuning(files, BuildManifest.load(yolov8n_build).calibration["count"], max_tune=3)
     return tuning
 
 
 @pytest.fixture(scope="module")
 def scorer(yolov8n_build, tuning_files):
-    spec = load_manifest(yolov8n_build).model
+    spec = BuildManifest.load(yolov8n_build).model
     fp32 = onnx.load(str(artifact_path(yolov8n_build, "fp32")))
     return AgreementScorer(fp32, tuning_files, spec.imgsz, list(spec.class_names))
 
@@ -176,7 +177,7 @@ def test_sensitivity_cli_writes_json_table_and_chart(yolov8n_build, assets, tmp_
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    calib_count = load_manifest(yolov8n_build).calibration["count"]
+    calib_count = BuildManifest.load(yolov8n_build).calibration["count"]
     files = [p.name for p in list_images(assets / "coco" / "calib2017")]
     assert data["image_files"] == files[calib_count:calib_count + 2]
     keys = [(u["alone"]["agreement"], u["alone"]["sqnr_db"]) for u in data["units"]]

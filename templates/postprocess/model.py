@@ -3,8 +3,10 @@
 Rendered into `<model>_postprocess/1/` next to flat copies of yqpack's own `postprocess.py` and `letterbox.py`:
 the same decode + class-aware NMS (raw head) or end-to-end selection (NMS-free head, config parameter
 yqpack_head_format) as local evaluation. Thresholds default to this model's config parameters and can be overridden
-per request with the request parameters conf_threshold, iou_threshold, max_det and multi_label (for an
-end2end head only conf_threshold and max_det apply). A request with a batch of b images gets DETECTIONS (b, max_n, 6), short rows padded with
+per request with the request parameters conf_threshold, iou_threshold, max_det and multi_label (for an end2end head
+only conf_threshold and max_det apply), checked by the copied `request_params.py` (unknown names, wrong types and
+max_det over 1000 are refused with INVALID_ARG, as the preprocess already did before decoding). A request with a
+batch of b images gets DETECTIONS (b, max_n, 6), short rows padded with
 score 0 and class_id -1 (one image per request, the documented use, never pads).
 """
 
@@ -18,9 +20,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from letterbox import LetterboxInfo  # noqa: E402  (copied next to this file)
 from postprocess import Thresholds, postprocess  # noqa: E402
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+from request_params import parse_parameters  # noqa: E402
 
 
 class TritonPythonModel:
@@ -28,7 +28,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.raw_name = config["input"][0]["name"]
-        self.defaults = _thresholds(params, Thresholds())
+        defaults = {key: value for key, value in params.items() if key in ("conf_threshold", "iou_threshold",
+                                                                           "max_det", "multi_label")}
+        self.defaults = Thresholds()._replace(**parse_parameters(defaults))
         self.head_format = params.get("yqpack_head_format", "raw")  # rendered from the build's ModelSpec.head
 
     def execute(self, requests):
@@ -36,7 +38,10 @@ class TritonPythonModel:
 
     def _one(self, request):
         try:
-            thresholds = _thresholds(json.loads(request.parameters() or "{}"), self.defaults)
+            thresholds = self.defaults._replace(**parse_parameters(json.loads(request.parameters() or "{}")))
+        except ValueError as error:
+            return _error(f"postprocess: {error}", pb_utils.TritonError.INVALID_ARG)
+        try:
             raw = pb_utils.get_input_tensor_by_name(request, self.raw_name).as_numpy()
             infos = pb_utils.get_input_tensor_by_name(request, "letterbox_info").as_numpy()
             per_image = [
@@ -44,7 +49,7 @@ class TritonPythonModel:
                 for index in range(len(raw))
             ]
         except Exception as error:  # noqa: BLE001  (any failure is this request's error, not the server's)
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocess: {error}"))
+            return _error(f"postprocess: {error}", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("DETECTIONS", _stack(per_image))])
 
 
@@ -59,35 +64,5 @@ def _stack(per_image):
     return out
 
 
-def _thresholds(values, defaults):
-    """Read conf_threshold / iou_threshold / max_det / multi_label; reject nonsense with a plain message."""
-    conf = _number(values, "conf_threshold", defaults.conf, float)
-    iou = _number(values, "iou_threshold", defaults.iou, float)
-    max_det = _number(values, "max_det", defaults.max_det, int)
-    multi_label = values.get("multi_label", defaults.multi_label)
-    if isinstance(multi_label, str):
-        if multi_label.strip().lower() not in _TRUE | _FALSE:
-            raise ValueError(f"multi_label must be true or false, got {multi_label!r}")
-        multi_label = multi_label.strip().lower() in _TRUE
-    if not 0.0 <= conf <= 1.0:
-        raise ValueError(f"conf_threshold must be within [0, 1], got {conf}")
-    if not 0.0 <= iou <= 1.0:
-        raise ValueError(f"iou_threshold must be within [0, 1], got {iou}")
-    if max_det < 1:
-        raise ValueError(f"max_det must be a positive integer, got {max_det}")
-    return Thresholds(conf=conf, iou=iou, max_det=max_det, multi_label=bool(multi_label))
-
-
-def _number(values, key, default, kind):
-    if key not in values:
-        return default
-    value = values[key]
-    try:
-        number = float(value)  # request parameters may arrive as int, float or string
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a number, got {value!r}") from None
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return int(number)
-    return number
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
