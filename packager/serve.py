@@ -561,7 +561,9 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
     try:
         with console.status(f"Loading models from {repository} (log: {server.log_path})"):
             server.wait_ready(timeout=options.ready_timeout)
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C while loading: the same clean stop as once serving
+            console.print("stopping tritonserver ...")
         server.stop()
         _forget_state(options.home, state)
         raise

@@ -23,7 +23,7 @@ from packager.contracts import BuildManifest, HeadFormat, ModelSpec, TensorSpec
 from packager.manifest import artifact_path
 from packager.onnx_eval import onnx_session
 from packager.postprocess import Thresholds, postprocess
-from packager.runtime import RuntimeOptions, open_model
+from packager.runtime import RuntimeOptions
 from packager.repository import detector_name, ensemble_name, render_repository
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,10 @@ def server(builds, server_env, tmp_path_factory):
     combined = root / "model_repository"
     combined.mkdir()
     for name, precisions in SERVED.items():
-        rendered = render_repository(builds[name], root / name, target="local", precisions=precisions)
+        # onnxruntime, the runtime of Ultralytics' own ONNX backend the served results are compared with: the
+        # random-init heads' near-tied scores would reorder between runtimes (OpenVINO is tested in test_serve).
+        rendered = render_repository(builds[name], root / name, target="local", precisions=precisions,
+                                     runtime="onnxruntime")
         for model in rendered.models:
             shutil.copytree(rendered.path / model, combined / model)
     grpc_port, http_port, metrics_port = find_free_ports(3)
@@ -162,9 +165,7 @@ def test_served_ensemble_answers_n_by_6(server, builds, val_files, name, precisi
     if precision == "fp32":
         spec = BuildManifest.load(builds[name]).model
         chw, info = preprocess(read_image(path), spec.imgsz)
-        # The same runtime as the served detector (the default): near-tied scores of a random-init head would
-        # otherwise reorder between onnxruntime and OpenVINO.
-        raw = open_model(artifact_path(builds[name], "fp32"), RuntimeOptions()).run(chw[None])[0]
+        raw = onnx_session(artifact_path(builds[name], "fp32")).run(None, {"images": chw[None]})[0][0]
         local = postprocess(raw, info, thresholds, spec.head.value)
         np.testing.assert_allclose(detections[0], local, rtol=0, atol=1e-3)
 
@@ -222,7 +223,8 @@ def test_eval_and_verify_unchanged_for_an_end2end_build(server, builds, sample_v
     dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in kept]
     annotations = tmp_path / "instances_numbered.json"
     annotations.write_text(json.dumps(dataset))
-    local = evaluate_build(builds["yolo26n"], images, annotations, variants=("fp32",), show_progress=False)["fp32"]
+    local = evaluate_build(builds["yolo26n"], images, annotations, variants=("fp32",), show_progress=False,
+                           runtime=RuntimeOptions("onnxruntime"))["fp32"]  # the runtime the fixture serves with
     options = VerifyOptions(images_dir=images, annotations=annotations, url=server.grpc_url,
                             models=[ensemble_name("yolo26n", "fp32")], concurrency=(1,),
                             requests_per_level=4, warmup_requests=1, detector_load=False, progress=False,
