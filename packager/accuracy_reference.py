@@ -23,7 +23,7 @@ def find_build_dir(build_dir: Path | None, url: str) -> Path | None:
     """--build, else the build behind the repository a detached `yqpack serve` serves at `url`."""
     if build_dir is not None:
         return Path(build_dir)
-    from .serve import StateFileError, read_state
+    from .server_records import StateFileError, read_state
 
     try:
         state = read_state()

@@ -39,17 +39,20 @@ def wait_until_ready(
     timeout_s: float,
     *,
     alive: Callable[[], bool] = lambda: True,
+    answered_by_us: Callable[[], bool] = lambda: True,
     poll_s: float = 0.5,
     on_poll: Callable[[float], None] | None = None,
 ) -> float:
-    """Poll `endpoints`' readiness URL; return the seconds waited, or raise ServerGoneError / NotReadyError."""
+    """Poll `endpoints`' readiness URL; return the seconds waited, or raise ServerGoneError / NotReadyError.
+
+    `answered_by_us` confirms a 200 came from our server (e.g. our process holds the listening sockets)."""
     url = f"{endpoints.http_url}/v2/health/ready"
     started = time.monotonic()
     while True:
         waited = time.monotonic() - started
         if not alive():
             raise ServerGoneError(f"the server stopped before {url} reported ready")
-        if http_ok(url, timeout=min(5.0, poll_s + 1)) and alive():
+        if http_ok(url, timeout=min(5.0, poll_s + 1)) and answered_by_us() and alive():
             return waited
         if waited >= timeout_s:
             raise NotReadyError(f"{url} not ready after {timeout_s:.0f} s", waited)

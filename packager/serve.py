@@ -12,7 +12,6 @@ foreground server dies with the process that started it (PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import socket
@@ -22,67 +21,36 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from packager import procinfo
-from packager.assets import yqpack_home
-from packager.contracts import ServerError, YqpackError
+from packager.contracts import Endpoints, ServerError
+from packager.readiness import NotReadyError, ServerGoneError, wait_until_ready
 from packager.server_env import ServerEnv
+from packager.server_records import (
+    HOST,
+    STATE_FILE,
+    ServerState,
+    StateFileError,
+    StopResult,
+    cleanup_leftovers,
+    forget_state,
+    read_state,
+    recorded_server,
+    restrict_shm,
+    serve_dir,
+    stop_detached,
+    terminate,
+    write_state,
+)
 
-HOST = "127.0.0.1"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
-STATE_FILE = "server.json"
 # Admin API groups that answer only requests with the header ADMIN_HEADER = the server's admin_key.
 RESTRICTED_APIS = "shared-memory,logging,trace"
 ADMIN_HEADER = "triton-admin-key"
 # Python-backend shm: one region per stub; start at 64 MiB so that a batch of 640x640 images fits without growth.
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """What `yqpack stop` (or another process) needs to find and end a server."""
-
-    pid: int
-    grpc_port: int
-    http_port: int
-    metrics_port: int
-    repository: str
-    shm_prefix: str
-    log_path: str
-    started_at: float
-    start_ticks: int | None = None  # /proc start time: a recycled pid has another
-    detached: bool = True
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
-
-
-@dataclass(frozen=True)
-class StopResult:
-    exit_code: int | None
-    killed: bool  # SIGTERM was not enough
-    leftover_processes: list[int] = field(default_factory=list)  # stubs that had to be killed
-    leftover_shm: list[str] = field(default_factory=list)  # regions that had to be removed
-
-
-class StateFileError(YqpackError):
-    """The server record exists but cannot be read (truncated, edited, another version's schema)."""
-
-
-def serve_dir(home: Path | None = None) -> Path:
-    """Where server records and logs live: home/serve, $YQPACK_HOME/serve, else a per-user state folder
-    ($XDG_STATE_HOME/yqpack/serve): never tied to the current directory."""
-    if home is None and not os.environ.get("YQPACK_HOME"):
-        state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-        return Path(state_home) / "yqpack" / "serve"
-    return Path(home or yqpack_home()) / "serve"
 
 
 def model_repository_arg(repository: str | Path) -> tuple[Path | str, dict[str, str]]:
@@ -158,16 +126,21 @@ class LocalTritonServer:
 
     # -- addresses -------------------------------------------------------------------------------------------
     @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(HOST, http_port=self.ports["http"], grpc_port=self.ports["grpc"],
+                         metrics_port=self.ports["metrics"])
+
+    @property
     def grpc_url(self) -> str:
-        return f"{HOST}:{self.ports['grpc']}"
+        return self.endpoints.grpc_url
 
     @property
     def http_url(self) -> str:
-        return f"http://{HOST}:{self.ports['http']}"
+        return self.endpoints.http_url
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.ports['metrics']}/metrics"
+        return self.endpoints.metrics_url
 
     @property
     def pid(self) -> int | None:
@@ -253,36 +226,34 @@ class LocalTritonServer:
     def wait_ready(self, timeout: float = 300.0, poll_interval: float = 0.5) -> None:
         """Block until this process reports every model ready; on death or timeout raise with the log tail.
 
-        Readiness is asked over this server's HTTP port, but a process that died is never taken as ready
-        (another server on the same port could answer for it).
+        The one readiness poller (packager/readiness.py) asks this server's HTTP port, and a 200 counts only while
+        our own process is alive and holds the listening sockets (another server on the port could answer).
         """
         if self.process is None:
             raise ServerError("the server has not been started")
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.is_alive():
-                raise ServerError(
-                    f"tritonserver exited with code {self.process.returncode} before all models were ready; "
-                    f"last lines of {self.log_path}:\n{self.log_tail()}"
-                )
-            if self._http_ok("/v2/health/ready") and self._owns_ports():
-                restrict_shm(self.shm_prefix)
-                return
-            if time.monotonic() > deadline:
-                not_ready = self._models_not_ready()
-                self.stop()
-                raise ServerError(
-                    f"tritonserver was not ready after {timeout:.0f}s (models not ready: {not_ready or 'unknown'}); "
-                    f"last lines of {self.log_path}:\n{self.log_tail()}"
-                )
-            time.sleep(poll_interval)
+        try:
+            wait_until_ready(self.endpoints, timeout, alive=self.is_alive, answered_by_us=self._owns_ports,
+                             poll_s=poll_interval)
+        except ServerGoneError:
+            raise ServerError(
+                f"tritonserver exited with code {self.process.poll()} before all models were ready; "
+                f"last lines of {self.log_path}:\n{self.log_tail()}"
+            ) from None
+        except NotReadyError:
+            not_ready = self._models_not_ready()
+            self.stop()
+            raise ServerError(
+                f"tritonserver was not ready after {timeout:.0f}s (models not ready: {not_ready or 'unknown'}); "
+                f"last lines of {self.log_path}:\n{self.log_tail()}"
+            ) from None
+        restrict_shm(self.shm_prefix)
 
     def stop(self, timeout: float = 30.0) -> StopResult:
         """SIGTERM, then SIGKILL after `timeout`; then make sure no stub process or shm region is left."""
         if self.process is None:
             return StopResult(exit_code=None, killed=False)
         # Signal only a process not yet reaped: a reaped pid may already belong to someone else.
-        killed = self.process.poll() is None and _terminate(self.process.pid, timeout, waiter=self.process.wait)
+        killed = self.process.poll() is None and terminate(self.process.pid, timeout, waiter=self.process.wait)
         exit_code = self.process.returncode
         leftovers = cleanup_leftovers(self.shm_prefix)
         return StopResult(exit_code=exit_code, killed=killed, leftover_processes=leftovers[0], leftover_shm=leftovers[1])
@@ -312,13 +283,6 @@ class LocalTritonServer:
         # Whoever answers on the port is not proof: our own process must hold the listening sockets.
         return self.is_alive() and all(procinfo.owns_listener(self.process.pid, p) for p in self.ports.values())
 
-    def _http_ok(self, path: str) -> bool:
-        try:
-            with urllib.request.urlopen(self.http_url + path, timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
     def _models_not_ready(self) -> list[str]:
         request = urllib.request.Request(self.http_url + "/v2/repository/index", data=b"{}", method="POST")
         try:
@@ -327,140 +291,6 @@ class LocalTritonServer:
         except (urllib.error.URLError, OSError, ValueError):
             return []
         return [f"{m.get('name')} ({m.get('state')}: {m.get('reason', '')})" for m in index if m.get("state") != "READY"]
-
-
-# -- server records ---------------------------------------------------------------------------------------------
-def write_state(state: ServerState, home: Path | None = None) -> Path:
-    path = serve_dir(home) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(asdict(state), indent=2) + "\n")
-    partial.replace(path)  # atomic: a reader never sees half a record
-    return path
-
-
-def read_state(home: Path | None = None) -> ServerState | None:
-    """The recorded server, None without a record; StateFileError when the record is unreadable."""
-    path = serve_dir(home) / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return ServerState(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as error:  # truncated JSON, or keys of another schema
-        raise StateFileError(f"the server record {path} is unreadable ({error})") from None
-
-
-def _forget_state(home: Path | None, state: ServerState | None = None) -> None:
-    """Remove the record (only if it is still `state`'s: a newer server may have replaced it)."""
-    path = serve_dir(home) / STATE_FILE
-    try:
-        if state is None or read_state(home) == state:
-            path.unlink(missing_ok=True)
-    except StateFileError:
-        path.unlink(missing_ok=True)
-
-
-def recorded_server(home: Path | None = None, console=None) -> ServerState | None:
-    """The recorded server if it still runs. A dead server's record is removed after killing its stubs and
-    removing its shm regions; an unreadable record is moved aside and the servers tagged with this state
-    folder are found from their own environment (never lost, never left running)."""
-    try:
-        state = read_state(home)
-    except StateFileError as error:
-        return _recover(home, error, console)
-    if state is None or _is_our_tritonserver(state.pid, state.start_ticks):
-        return state
-    processes, shm = cleanup_leftovers(state.shm_prefix)
-    _forget_state(home, state)
-    _say(console, f"removed the record of tritonserver pid {state.pid}, which is no longer running"
-                  + (f"; killed its stubs {processes}, removed its shm {shm}" if processes or shm else ""))
-    return None
-
-
-def _recover(home: Path | None, error: StateFileError, console) -> ServerState | None:
-    path = serve_dir(home) / STATE_FILE
-    aside = path.with_name(f"{STATE_FILE}.unreadable-{int(time.time())}")
-    path.replace(aside)
-    tagged = [pid for pid in procinfo.tagged_processes(procinfo.STATE_TAG, str(serve_dir(home).resolve()))
-              if procinfo.argv(pid)[0].endswith("tritonserver")]
-    _say(console, f"[yellow]{error}; moved it to {aside.name}[/]"
-                  + (f"; found tritonserver pid {tagged[0]} of this state folder" if tagged else ""))
-    return _state_from_process(tagged[0]) if tagged else None
-
-
-def _state_from_process(pid: int) -> ServerState:
-    """Rebuild a record from the server's own command line (ports, repository, shm prefix)."""
-    arguments = procinfo.argv(pid)
-    options = dict(arg[2:].split("=", 1) for arg in arguments if arg.startswith("--") and "=" in arg)
-    prefix = next((a.split("shm-region-prefix-name=", 1)[1] for a in arguments if "shm-region-prefix-name=" in a), "")
-    return ServerState(pid=pid, grpc_port=int(options.get("grpc-port", 0)), http_port=int(options.get("http-port", 0)),
-                       metrics_port=int(options.get("metrics-port", 0)), repository=options.get("model-repository", ""),
-                       shm_prefix=prefix, log_path="", started_at=0.0, start_ticks=procinfo.start_ticks(pid))
-
-
-def running_detached(home: Path | None = None) -> ServerState | None:
-    """Kept for callers of the previous name: the recorded server if it still runs."""
-    return recorded_server(home)
-
-
-def stop_detached(home: Path | None = None, timeout: float = 30.0,
-                  console=None) -> tuple[ServerState, StopResult] | None:
-    """Stop the recorded server (detached or foreground); None when no recorded server runs."""
-    state = recorded_server(home, console)
-    if state is None:
-        return None
-    _forget_state(home, state)  # first: a foreground `yqpack serve` then knows the stop was asked for
-    killed = _terminate(state.pid, timeout, waiter=None, start_ticks=state.start_ticks)
-    processes, shm = cleanup_leftovers(state.shm_prefix)
-    return state, StopResult(exit_code=None, killed=killed, leftover_processes=processes, leftover_shm=shm)
-
-
-def stub_processes(shm_prefix: str) -> list[int]:
-    """Python-backend stub processes of one server: the stub binary, with its unique shm prefix in argv."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        arguments = procinfo.argv(int(entry.name))
-        if arguments[0].endswith("triton_python_backend_stub") and any(a.startswith(shm_prefix) for a in arguments):
-            pids.append(int(entry.name))
-    return pids
-
-
-def shm_regions(shm_prefix: str) -> list[str]:
-    shm = Path("/dev/shm")
-    return sorted(p.name for p in shm.iterdir() if p.name.startswith(shm_prefix)) if shm.is_dir() else []
-
-
-def restrict_shm(shm_prefix: str) -> None:
-    """Owner-only shm regions: the Python backend creates them 0644 whatever the umask (it fchmods), so any
-    local user could read the tensors; the stubs hold them open, so the change applies to the live regions."""
-    for name in shm_regions(shm_prefix):
-        try:
-            os.chmod(Path("/dev/shm") / name, 0o600)
-        except OSError:  # removed meanwhile
-            pass
-
-
-def cleanup_leftovers(shm_prefix: str) -> tuple[list[int], list[str]]:
-    """Kill stub processes and remove shm regions a server left behind; return what was found."""
-    processes = stub_processes(shm_prefix)
-    for pid in processes:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    regions = shm_regions(shm_prefix)
-    for name in regions:
-        (Path("/dev/shm") / name).unlink(missing_ok=True)
-    return processes, regions
-
-
-def _is_our_tritonserver(pid: int, start_ticks: int | None = None) -> bool:
-    """True if pid is a live tritonserver and, when known, the one started then (a recycled pid never is)."""
-    if not procinfo.is_alive(pid) or not procinfo.argv(pid)[0].endswith("tritonserver"):
-        return False
-    return start_ticks is None or procinfo.start_ticks(pid) == start_ticks
 
 
 def _refuse_whitespace(*paths: Path) -> None:
@@ -473,40 +303,6 @@ def _refuse_whitespace(*paths: Path) -> None:
                               "it. Move or rename it to a path without spaces (a symlink resolves back to it).")
 
 
-def _say(console, message: str) -> None:
-    if console is not None:
-        console.print(message)
-
-
-def _terminate(pid: int, timeout: float, waiter, start_ticks: int | None = None) -> bool:
-    """SIGTERM then SIGKILL; returns True when SIGKILL was needed."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    if _wait_gone(pid, timeout, waiter, start_ticks):
-        return False
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    _wait_gone(pid, 10, waiter, start_ticks)
-    return True
-
-
-def _wait_gone(pid: int, timeout: float, waiter, start_ticks: int | None = None) -> bool:
-    if waiter is not None:  # our own child: reap it
-        try:
-            waiter(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _is_our_tritonserver(pid, start_ticks):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 # -- the `yqpack serve --local` / `yqpack stop` stages ------------------------------------------------------------
@@ -565,7 +361,7 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
         if isinstance(error, KeyboardInterrupt):  # Ctrl-C while loading: the same clean stop as once serving
             console.print("stopping tritonserver ...")
         server.stop()
-        _forget_state(options.home, state)
+        forget_state(options.home, state)
         raise
     console.print(
         f"[green]tritonserver ready[/] (pid {state.pid}): gRPC {state.grpc_url}, HTTP {state.http_url}, "
@@ -577,7 +373,7 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
     try:
         _serve_foreground(server, console, options.home)
     finally:
-        _forget_state(options.home, state)
+        forget_state(options.home, state)
     return state
 
 

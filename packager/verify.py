@@ -234,7 +234,7 @@ def build_coverage(build_dir: Path | None) -> dict[str, float]:
 
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
     """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
-    from .serve import StateFileError, read_state
+    from .server_records import StateFileError, read_state
 
     try:
         state = read_state()

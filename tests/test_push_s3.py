@@ -29,7 +29,8 @@ from packager.push import (
 )
 from packager.contracts import REPOSITORY_INDEX
 from packager.repository import render_repository
-from packager.serve import LocalTritonServer, find_free_ports, read_state
+from packager.serve import LocalTritonServer, find_free_ports
+from packager.server_records import read_state
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,8 @@ from packager.letterbox import preprocess_bytes
 from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
 from packager.repository import detector_name
 from packager.runtime import RuntimeOptions, open_model
-from packager.serve import LocalTritonServer, find_free_ports, read_state, shm_regions, stub_processes
+from packager.serve import LocalTritonServer, find_free_ports
+from packager.server_records import read_state, shm_regions, stub_processes
 from packager.server_env import MALLOC_ENV
 
 pytestmark = pytest.mark.slow

@@ -14,18 +14,9 @@ from pathlib import Path
 import pytest
 
 from packager import procinfo
-from packager.cli import YqpackError
-from packager.serve import (
-    LocalTritonServer,
-    ServerState,
-    find_free_ports,
-    read_state,
-    serve_dir,
-    shm_regions,
-    stop_local,
-    stub_processes,
-    write_state,
-)
+from packager.contracts import YqpackError
+from packager.serve import LocalTritonServer, find_free_ports, stop_local
+from packager.server_records import ServerState, read_state, serve_dir, shm_regions, stub_processes, write_state
 
 REPO = Path(__file__).resolve().parent.parent
 
