@@ -294,15 +294,14 @@ class LocalTritonServer:
 
 
 def _refuse_whitespace(*paths: Path) -> None:
-    """The Python backend hands model paths to its stubs unquoted: a space makes every stub crash."""
-    for path in paths:
+    """The Python backend hands model paths to its stubs unquoted: a space makes every stub crash. (An s3://
+    repository is downloaded by Triton to a temporary folder of its own.)"""
+    for path in (p for p in paths if isinstance(p, Path)):
         names = [path, *(child for child in Path(path).iterdir() if child.is_dir())]
         spaced = [str(name) for name in names if any(c.isspace() for c in str(name))]
         if spaced:
             raise ServerError(f"path with whitespace: {spaced[0]!r}; the Python backend cannot start models from "
                               "it. Move or rename it to a path without spaces (a symlink resolves back to it).")
-
-
 
 
 # -- the `yqpack serve --local` / `yqpack stop` stages ------------------------------------------------------------

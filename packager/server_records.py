@@ -181,14 +181,23 @@ def restrict_shm(shm_prefix: str) -> None:
             pass
 
 
-def cleanup_leftovers(shm_prefix: str) -> tuple[list[int], list[str]]:
-    """Kill stub processes and remove shm regions a server left behind; return what was found."""
-    processes = stub_processes(shm_prefix)
-    for pid in processes:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def cleanup_leftovers(shm_prefix: str, settle_s: float = 0.3) -> tuple[list[int], list[str]]:
+    """Kill stub processes and remove shm regions a server left behind; return what was found.
+
+    A child the server forked just before it died shows up as a stub only once it has exec'd: scan once more
+    after `settle_s`, and again while scans still find some (bounded: 10 rounds)."""
+    processes: list[int] = []
+    for round_ in range(10):
+        found = [pid for pid in stub_processes(shm_prefix) if pid not in processes]
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        processes += found
+        if not found and round_ > 0:
+            break
+        time.sleep(settle_s)
     regions = shm_regions(shm_prefix)
     for name in regions:
         (Path("/dev/shm") / name).unlink(missing_ok=True)
