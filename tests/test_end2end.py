@@ -228,9 +228,9 @@ def test_eval_and_verify_unchanged_for_an_end2end_build(server, builds, sample_v
     options = VerifyOptions(images_dir=images, annotations=annotations, url=server.grpc_url,
                             models=[ensemble_name("yolo26n", "fp32")], concurrency=(1,),
                             requests_per_level=4, warmup_requests=1, detector_load=False, progress=False,
-                            report_dir=tmp_path / "report")
+                            report_dir=tmp_path / "report", build_dir=builds["yolo26n"])  # the absolute gate's reference
     result = run_verify(options)
-    assert result.status == "pass", result.incomplete_reason
+    assert result.status == "pass", (result.incomplete_reason, [g.detail for g in result.failed_gates])
     served = result.accuracy[0]
     assert served.errors == 0 and served.images == local.images == 32
     assert served.metrics.detections == local.detections > 0
