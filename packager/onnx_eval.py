@@ -105,12 +105,10 @@ class BuildEvaluation:
                 for variant, results in self.per_image.items() if variant != reference}
 
 
-def onnx_session(path: str | Path, threads: int = 0, optimize: bool = True):
+def onnx_session(path: str | Path, threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # onnxruntime's own warnings about unused initializers are noise here
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -132,23 +130,14 @@ def detect_images(
     `head_format` is the build's (`ModelSpec.head`): raw decodes + NMS, end2end selects the head's rows.
     `optimize=False` (FP8 Q/DQ): onnxruntime with graph optimizations off, whatever `runtime` says.
     """
-    if optimize:
-        model = open_model(model_path, runtime or RuntimeOptions())
-        for note in model.choice.notes:
-            Console(stderr=True).print(f"[yellow]{note}[/]")
-
-        def run(batch):
-            return model.run(batch)[0]
-    else:
-        session = onnx_session(model_path, optimize=False)
-        input_name = session.get_inputs()[0].name
-
-        def run(batch):
-            return session.run(None, {input_name: batch})[0][0]
+    options = (runtime or RuntimeOptions()) if optimize else RuntimeOptions("onnxruntime", graph_optimizations=False)
+    model = open_model(model_path, options)
+    for note in model.choice.notes:
+        Console(stderr=True).print(f"[yellow]{note}[/]")
     detections = {}
     for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
-        detections[path.name] = postprocess(run(chw[None]), info, thresholds, HeadFormat(head_format).value)
+        detections[path.name] = postprocess(model.run(chw[None])[0], info, thresholds, HeadFormat(head_format).value)
     return detections
 
 

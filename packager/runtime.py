@@ -39,6 +39,9 @@ class RuntimeOptions:
     threads: int = 0  # 0: the runtime's default (all cores)
     cache_dir: str | None = None  # OpenVINO only: compiled-model cache, so a restart does not recompile
     allow_spinning: bool = True  # onnxruntime only: spinning threads save the wake-up latency
+    # onnxruntime only. False for FP8 Q/DQ: with optimizations on, onnxruntime fuses Q/DQ into kernels that either
+    # reject float8 or change the outputs; unoptimized it runs the Q/DQ semantics faithfully.
+    graph_optimizations: bool = True
 
     def __post_init__(self):
         for value, allowed, what in (
@@ -187,6 +190,8 @@ def _open_onnxruntime(path: Path, options: RuntimeOptions, choice: RuntimeChoice
     session_options.intra_op_num_threads = options.threads
     session_options.inter_op_num_threads = 1
     session_options.log_severity_level = 3  # warnings about unused initializers are noise here
+    if not options.graph_optimizations:
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
     session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name

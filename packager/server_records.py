@@ -18,7 +18,7 @@ from pathlib import Path
 
 from packager import procinfo
 from packager.assets import yqpack_home
-from packager.contracts import YqpackError
+from packager.contracts import Endpoints, YqpackError
 
 HOST = "127.0.0.1"
 STATE_FILE = "server.json"
@@ -40,12 +40,16 @@ class ServerState:
     detached: bool = True
 
     @property
+    def endpoints(self) -> Endpoints:
+        return Endpoints(HOST, http_port=self.http_port, grpc_port=self.grpc_port, metrics_port=self.metrics_port)
+
+    @property
     def grpc_url(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
+        return self.endpoints.grpc_url
 
     @property
     def http_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+        return self.endpoints.http_url
 
 
 @dataclass(frozen=True)
