@@ -35,7 +35,8 @@ from packager.assets import assets_dir
 from packager.loadtest import latency_stats
 from packager.report import cpu_name
 from packager.repository import render_repository
-from packager.serve import LocalTritonServer, find_free_ports, stub_processes
+from packager.serve import LocalTritonServer, find_free_ports
+from packager.server_records import stub_processes
 from packager.server_env import ensure_server_env
 
 CONCURRENCY = 8
