@@ -234,20 +234,97 @@ def paired_ratio(
     `subset` (image indices) restricts everything to those images: the same as evaluating only them, since an
     image with weight 0 contributes nothing (used to measure how the interval narrows with more images).
     """
-    if candidate.image_ids != reference.image_ids:
-        raise ValueError("a paired bootstrap needs both models evaluated on the same images")
-    subset = np.arange(candidate.images) if subset is None else np.asarray(subset)
-    full = np.zeros((1, candidate.images), dtype=np.int64)
-    full[0, subset] = 1
+    _check_paired(candidate, reference)
+    subset, full, weights = _resample_plan(candidate.images, subset, resamples, seed)
     point_ref = float(weighted_map(reference, full)[0])
     ratio = float(weighted_map(candidate, full)[0]) / point_ref if point_ref > 0 else float("nan")
-    weights = np.zeros((resamples, candidate.images), dtype=np.int64)
-    weights[:, subset] = resample_weights(subset.size, resamples, seed)
     ref = weighted_map(reference, weights)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratios = weighted_map(candidate, weights) / ref
-    ratios = ratios[np.isfinite(ratios)]
-    tail = (1 - confidence) / 2 * 100
-    low, high = (np.percentile(ratios, [tail, 100 - tail]) if ratios.size else (float("nan"), float("nan")))
-    return RatioInterval(candidate_name, reference_name, ratio, float(low), float(high), confidence, resamples, seed,
+    low, high = _percentile_interval(ratios, confidence)
+    return RatioInterval(candidate_name, reference_name, ratio, low, high, confidence, resamples, seed,
                          int(subset.size))
+
+
+@dataclass
+class DifferenceInterval:
+    """candidate - reference mAP50-95 on the full set (e.g. two INT8 recipes' agreement with FP32), with a paired
+    percentile bootstrap interval: the candidate is better beyond the noise only when `low` > 0."""
+
+    candidate: str
+    reference: str
+    candidate_map: float
+    reference_map: float
+    difference: float
+    low: float
+    high: float
+    confidence: float
+    resamples: int
+    seed: int
+    images: int
+
+    @property
+    def decided(self) -> bool:
+        """The interval excludes 0: one of the two is better on these images beyond resampling noise."""
+        return self.low > 0 or self.high < 0
+
+    def text(self) -> str:
+        return f"{self.difference:+.4f} ({self.confidence:.0%} CI {self.low:+.4f} to {self.high:+.4f}, n={self.images})"
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "decided": self.decided}
+
+
+def paired_difference(
+    candidate: PerImageResults,
+    reference: PerImageResults,
+    candidate_name: str = "candidate",
+    reference_name: str = "reference",
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+    subset: np.ndarray | None = None,
+) -> DifferenceInterval:
+    """candidate - reference mAP50-95 with its paired bootstrap interval (both scored on the same resamples)."""
+    _check_paired(candidate, reference)
+    subset, full, weights = _resample_plan(candidate.images, subset, resamples, seed)
+    a, b = float(weighted_map(candidate, full)[0]), float(weighted_map(reference, full)[0])
+    low, high = _percentile_interval(weighted_map(candidate, weights) - weighted_map(reference, weights), confidence)
+    return DifferenceInterval(candidate_name, reference_name, a, b, a - b, low, high, confidence, resamples, seed,
+                              int(subset.size))
+
+
+def resampled_interval(
+    results: PerImageResults,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+    subset: np.ndarray | None = None,
+) -> tuple[float, float, float]:
+    """(mAP50-95, low, high): one model's value and its percentile bootstrap interval over images."""
+    _, full, weights = _resample_plan(results.images, subset, resamples, seed)
+    return (float(weighted_map(results, full)[0]), *_percentile_interval(weighted_map(results, weights), confidence))
+
+
+def _check_paired(candidate: PerImageResults, reference: PerImageResults) -> None:
+    if candidate.image_ids != reference.image_ids:
+        raise ValueError("a paired bootstrap needs both models evaluated on the same images")
+
+
+def _resample_plan(images: int, subset, resamples: int, seed: int):
+    """(subset indices, the full-set weight row, (resamples, images) bootstrap weights zero outside the subset)."""
+    subset = np.arange(images) if subset is None else np.asarray(subset)
+    full = np.zeros((1, images), dtype=np.int64)
+    full[0, subset] = 1
+    weights = np.zeros((resamples, images), dtype=np.int64)
+    weights[:, subset] = resample_weights(subset.size, resamples, seed)
+    return subset, full, weights
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from packager.bootstrap import paired_ratio, resample_weights, weighted_map
+from packager.bootstrap import paired_difference, paired_ratio, resample_weights, resampled_interval, weighted_map
 from packager.calibration import DataOverlapError, check_no_overlap, find_overlap, image_hashes
 from packager.coco_eval import CocoGroundTruth, evaluate_images
 from packager.onnx_eval import GateResult, detect_images
@@ -129,3 +129,47 @@ def test_subset_equals_evaluating_only_those_images(fp32_detections):
     weights = np.zeros((1, full.images))
     weights[0, subset] = 1
     assert weighted_map(full, weights)[0] == pytest.approx(alone.metrics.map50_95, abs=1e-12)
+
+
+def test_paired_difference_of_identical_models_is_exactly_zero(fp32_detections):
+    detections, ground_truth, names = fp32_detections
+    a = evaluate_images(detections, ground_truth, names).per_image
+    b = evaluate_images({k: v.copy() for k, v in detections.items()}, ground_truth, names).per_image
+    same = paired_difference(a, b, "a", "b", resamples=500, seed=1)
+    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0) and not same.decided
+    assert same.images == VAL_IMAGES and same.candidate_map == same.reference_map
+
+
+def test_paired_difference_separates_a_slightly_damaged_model(fp32_detections):
+    """Drop the highest-scoring detection (nearly always a true positive) on every other image: a small loss,
+    but on the same images in every resample, so the paired interval of the difference lies below zero
+    (decided) while each model's own interval is over twice as wide; the point value is the plain difference of
+    pycocotools' two mAPs."""
+    detections, ground_truth, names = fp32_detections
+    full = evaluate_images(detections, ground_truth, names)
+    damaged_detections = {name: (np.delete(dets, np.argmax(dets[:, 4]), axis=0) if i % 2 == 0 and len(dets) else dets)
+                          for i, (name, dets) in enumerate(sorted(detections.items()))}
+    damaged = evaluate_images(damaged_detections, ground_truth, names)
+    worse = paired_difference(damaged.per_image, full.per_image, "damaged", "fp32", resamples=1000, seed=0)
+    assert worse.difference == pytest.approx(damaged.metrics.map50_95 - full.metrics.map50_95, abs=1e-12)
+    assert worse.low <= worse.difference <= worse.high < 0 and worse.decided
+    better = paired_difference(full.per_image, damaged.per_image, "fp32", "damaged", resamples=1000, seed=0)
+    assert better.low == pytest.approx(-worse.high) and better.high == pytest.approx(-worse.low)
+    # Unpaired, each model's own interval is far wider than the paired difference: pairing is what decides.
+    own = resampled_interval(full.per_image, resamples=1000, seed=0)
+    assert own[0] == pytest.approx(full.metrics.map50_95, abs=1e-12) and own[1] < own[0] < own[2]
+    assert own[2] - own[1] > 2 * (worse.high - worse.low)
+
+
+def test_difference_on_a_subset_equals_evaluating_only_those_images(fp32_detections):
+    detections, ground_truth, names = fp32_detections
+    ordered = sorted(detections, key=lambda n: ground_truth.image_ids[n])
+    damaged_detections = {name: dets[::2] for name, dets in detections.items()}
+    full = evaluate_images(detections, ground_truth, names).per_image
+    damaged = evaluate_images(damaged_detections, ground_truth, names).per_image
+    subset = np.arange(1, len(ordered), 2)
+    alone = [evaluate_images({ordered[i]: d[ordered[i]] for i in subset}, ground_truth, names).metrics.map50_95
+             for d in (damaged_detections, detections)]
+    difference = paired_difference(damaged, full, resamples=200, subset=subset)
+    assert difference.images == subset.size
+    assert difference.difference == pytest.approx(alone[0] - alone[1], abs=1e-12)
