@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from .coco_eval import CocoGroundTruth, evaluate
+from .coco_eval import CocoEvaluation, CocoGroundTruth, evaluate, evaluate_images
 from .letterbox import preprocess, read_image
 from .postprocess import Thresholds, decode
 from .qdq_graph import (
@@ -108,6 +108,13 @@ class PseudoGroundTruth(CocoGroundTruth):
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
         self.image_ids = {img["file_name"]: img["id"] for img in images}
+
+
+def agreement_per_image(detections: dict[str, np.ndarray], reference: dict[str, np.ndarray], class_names: list[str],
+                        imgsz: tuple[int, int]) -> CocoEvaluation:
+    """The agreement of `detections` with the `reference` (FP32) detections of the same images, with pycocotools'
+    per-image results kept for a paired bootstrap between recipes (packager.bootstrap.paired_difference)."""
+    return evaluate_images(detections, PseudoGroundTruth(reference, class_names, imgsz), class_names)
 
 
 class AgreementScorer:

@@ -18,7 +18,8 @@ from packager.contracts import BuildManifest
 from packager.manifest import artifact_path
 from packager.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
 from packager.quantize import QuantizeOptions, quantize_int8_twins
-from packager.sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
+from packager.bootstrap import paired_difference, weighted_map
+from packager.sensitivity import AgreementScorer, agreement_per_image, analyze, chosen, greedy_keep_precise
 
 CALIB = 4
 
@@ -196,3 +197,16 @@ def test_downstream_submodel_from_cached_fp32_equals_the_full_variant(all_int8, 
         assert len(sub.graph.node) < len(variant.graph.node) and "images" not in cut
         assert set(cut) <= scorer.cache_fp32([cut])
         np.testing.assert_array_equal(scorer._raw(sub, cut), scorer._raw(variant))
+
+
+def test_agreement_per_image_matches_the_scorer_and_bootstraps_against_fp32(all_int8, scorer):
+    """The per-image path (used to compare recipes with intervals) gives the scorer's agreement exactly; FP32
+    agrees with itself perfectly on every resample, so an INT8 model can only fall below it."""
+    names, imgsz = scorer.class_names, tuple(scorer.tensor.shape[2:])
+    fp32 = agreement_per_image(scorer.reference_dets, scorer.reference_dets, names, imgsz)
+    int8 = agreement_per_image(scorer._detections(scorer._raw(all_int8)), scorer.reference_dets, names, imgsz)
+    assert fp32.metrics.map50_95 == 1.0
+    assert round(int8.metrics.map50_95, 5) == scorer.score(all_int8).agreement < 1.0
+    assert weighted_map(int8.per_image, np.ones((1, len(scorer.names))))[0] == pytest.approx(int8.metrics.map50_95)
+    difference = paired_difference(int8.per_image, fp32.per_image, "all-int8", "fp32", resamples=200)
+    assert difference.difference < 0 and difference.low <= difference.difference <= difference.high <= 0
