@@ -4,7 +4,8 @@ From one build (its FP32 export and calib.npy, i.e. the first --calib-size image
   1. calibrate once with everything quantizable in INT8 (preset auto before selection),
   2. sensitivity ranking on tuning images = calib2017 after the calibration images (never val2017),
   3. greedy walk: keep 0, 1, 2, ... most sensitive units precise; per step the tuning agreement, INT8 conv-MAC
-     share and the COCO mAP50-95 ratio INT8/FP32 on the labelled val images (int8-fp32 twin, onnxruntime CPU),
+     share and the COCO mAP50-95 ratio INT8/FP32 on the labelled val images (int8-fp32 twin, run by the default
+     evaluation runtime, OpenVINO f32 hint; docs/img/int8_frontier_yolov8n.png was made with onnxruntime),
   4. the same val numbers for the build's own preset (mixed) and for extreme (one more calibration),
   5. which step each --targets agreement target picks, a frontier plot and a JSON with every number.
 

@@ -21,7 +21,8 @@ One command, one build (its FP32 export and calib.npy = the first `calibration.c
 
 Writes OUT/heldout_agreement.json (every number, with each recipe's own percentile interval and an OpenVINO
 latency probe) and OUT/heldout_agreement.md (the README tables). OUT/models keeps the recipes' ONNX files and
-OUT/detections.pkl their detections; `--reuse` starts from those (no quantization, no detection).
+OUT/detections-RUNTIME.pkl their detections; `--reuse` starts from those (no quantization, no detection).
+`--runtime onnxruntime` scores the same models with onnxruntime's emulated INT8 (files get a -onnxruntime suffix).
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ from packager.quantize import (
     head_nodes_to_keep_precise,
     quantize_int8_twins,
 )
-from packager.runtime import RuntimeOptions, open_model
+from packager.runtime import RUNTIMES, RuntimeOptions, open_model
 from packager.sensitivity import AGREEMENT_THRESHOLDS, PseudoGroundTruth, agreement_per_image
 
-RUNTIME = RuntimeOptions("openvino", precision_hint="f32")
 DESCRIPTIONS = {
     "all-int8": "everything INT8 (ModelOpt default placement)",
     "mixed": "`mixed` (head output convs, DFL/decode, residual Adds precise)",
@@ -176,9 +176,10 @@ class Detections:
     conv_precisions: dict[str, int]  # OpenVINO's executed Convolution layers by runtime precision
 
 
-def detect(path: Path, images: list[Path], val_names: set[str], manifest: BuildManifest, label: str) -> Detections:
-    """One OpenVINO pass per image; both threshold sets decoded from the same raw output."""
-    model = open_model(path, RUNTIME)
+def detect(path: Path, images: list[Path], val_names: set[str], manifest: BuildManifest, label: str,
+           runtime: RuntimeOptions) -> Detections:
+    """One pass per image; both threshold sets decoded from the same raw output."""
+    model = open_model(path, runtime)
     imgsz, head = manifest.model.imgsz, manifest.model.head.value
     agreement, labelled = {}, {}
     started = time.perf_counter()
@@ -188,8 +189,8 @@ def detect(path: Path, images: list[Path], val_names: set[str], manifest: BuildM
         agreement[image.name] = postprocess(raw, info, AGREEMENT_THRESHOLDS, head)
         if image.name in val_names:
             labelled[image.name] = postprocess(raw, info, EVAL_THRESHOLDS, head)
-    return Detections(agreement, labelled, round(time.perf_counter() - started, 1),
-                      model.layer_precisions().get("Convolution", {}))
+    precisions = model.layer_precisions().get("Convolution", {}) if model.runtime == "openvino" else {}
+    return Detections(agreement, labelled, round(time.perf_counter() - started, 1), precisions)
 
 
 def compare(recipes: list[Recipe], detections: dict[str, Detections], split: Split, manifest: BuildManifest,
@@ -257,12 +258,13 @@ def _difference(diffs: dict, name: str, incumbent: str) -> str:
     return f"{sign * d['difference']:+.4f} [{low:+.4f}, {high:+.4f}]{' *' if d['decided'] else ''}"
 
 
-def measure_latency(paths: dict[str, Path], image: Path, imgsz, rounds: int = 3, runs: int = 20) -> dict[str, float]:
+def measure_latency(paths: dict[str, Path], image: Path, imgsz, runtime: RuntimeOptions, rounds: int = 3,
+                    runs: int = 20) -> dict[str, float]:
     """Median ms per batch-1 inference (OpenVINO f32 hint), models alternated round by round so that a change in
     machine load hits all of them alike. JSON only: on a shared 2-core machine the INT8 recipes' ratios to FP32
     moved by +-0.1 from round to round, more than they differ from each other."""
     chw = preprocess(read_image(image), imgsz)[0][None]
-    models = {name: open_model(path, RUNTIME) for name, path in paths.items()}
+    models = {name: open_model(path, runtime) for name, path in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
@@ -275,13 +277,13 @@ def measure_latency(paths: dict[str, Path], image: Path, imgsz, rounds: int = 3,
 
 
 def detect_all(paths: dict[str, Path], images: list[Path], val_names: set[str], manifest: BuildManifest,
-               cache: Path, reuse: bool) -> dict[str, Detections]:
+               cache: Path, reuse: bool, runtime: RuntimeOptions) -> dict[str, Detections]:
     """Detections of every model, kept in `cache`; with `reuse` read from it when it holds exactly these models."""
     if reuse and cache.is_file():
         cached = pickle.loads(cache.read_bytes())
         if set(cached) == set(paths):
             return cached
-    detections = {name: detect(path, images, val_names, manifest, name) for name, path in paths.items()}
+    detections = {name: detect(path, images, val_names, manifest, name, runtime) for name, path in paths.items()}
     cache.write_bytes(pickle.dumps(detections))
     return detections
 
@@ -292,6 +294,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/heldout"))
     parser.add_argument("--auto-targets", default="0.96", help="extra auto targets read off the same greedy walk")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="openvino",
+                        help="what runs the models (openvino: f32 hint, the project's default)")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse OUT/models (no quantization) and OUT/detections.pkl (no detection) when present")
     args = parser.parse_args()
@@ -305,11 +309,13 @@ def main() -> None:
     quantized = time.perf_counter()
     images, val_names = split.tuning + split.held_out + split.val, {p.name for p in split.val}
     paths = {"fp32": manifest.artifact_path(args.build, "fp32"), **{r.name: r.path for r in recipes}}
-    detections = detect_all(paths, images, val_names, manifest, args.out / "detections.pkl", args.reuse)
+    runtime = RuntimeOptions(args.runtime, precision_hint="f32")
+    detections = detect_all(paths, images, val_names, manifest, args.out / f"detections-{args.runtime}.pkl",
+                            args.reuse, runtime)
     evaluated = time.perf_counter()
-    latency = measure_latency(paths, split.val[0], manifest.model.imgsz)
+    latency = measure_latency(paths, split.val[0], manifest.model.imgsz, runtime)
     result = compare(recipes, detections, split, manifest, val_truth, args.resamples)
-    report = {"runtime": "openvino, f32 precision hint", "build": str(args.build),
+    report = {"runtime": open_model(paths["fp32"], runtime).label, "build": str(args.build),
               "split": {k: [p.name for p in v] for k, v in split.__dict__.items()},
               "recipes": [{**r.__dict__, "path": str(r.path), "int8_conv_mac_share": coverage(r),
                            "openvino_conv_precisions": detections[r.name].conv_precisions} for r in recipes],
@@ -317,9 +323,10 @@ def main() -> None:
               "timings_s": {"quantize": round(quantized - started, 1), "detect": round(evaluated - quantized, 1),
                             "latency_and_bootstrap": round(time.perf_counter() - evaluated, 1)},
               "load_average": {"start": load, "end": os.getloadavg()}, "cpus": os.cpu_count()}
-    (args.out / "heldout_agreement.json").write_text(json.dumps(report, indent=2) + "\n")
+    suffix = "" if args.runtime == "openvino" else f"-{args.runtime}"
+    (args.out / f"heldout_agreement{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(recipes, detections, result)
-    (args.out / "heldout_agreement.md").write_text(table)
+    (args.out / f"heldout_agreement{suffix}.md").write_text(table)
     print(table)
     print(json.dumps({"timings_s": report["timings_s"], "openvino_latency_ms": latency,
                       "load_average": report["load_average"]}))
