@@ -30,6 +30,7 @@ from .calibration import (
 from .bootstrap import RatioInterval
 from .coco_eval import CocoMetrics
 from .coverage import ConvCoverage, conv_coverage
+from .swap import replace_directory
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
 from .contracts import (
     ARTIFACT_FILES,
@@ -160,7 +161,7 @@ def run_build(options: BuildOptions, console: Console | None = None) -> BuildRes
     staging.chmod(0o755)  # mkdtemp's 0700 would follow the build into --out
     try:
         result = _build_into(staging, options, console)
-        _move_into_place(staging, out)
+        replace_directory(staging, out)
         result.build_dir = out
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -389,17 +390,6 @@ def _load_onnx(path: Path):
     import onnx
 
     return onnx.load(str(path))
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Replace `out` with the finished build; an older build there is removed only after the new one is in."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    previous = out.with_name(f".{out.name}.old-{time.time_ns()}")
-    out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:

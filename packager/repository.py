@@ -33,6 +33,7 @@ from packager.contracts import (
     check_model_name,
 )
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
+from packager.swap import replace_directory
 
 TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -145,7 +146,7 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
         index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict(),
                                 str(Path(build_dir).resolve()))
         index.save(staging)
-        _swap_in(staging, repository_dir)
+        replace_directory(staging, repository_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -345,19 +346,3 @@ def _python_model(env: jinja2.Environment, model_dir: Path, template: str, modul
 
 def _render(env: jinja2.Environment, template: str, context: dict, destination: Path) -> None:
     destination.write_text(env.get_template(template).render(**context))
-
-
-def _swap_in(staging: Path, repository_dir: Path) -> None:
-    """Replace repository_dir by staging with renames only, so readers never see a half-written repository."""
-    if not repository_dir.exists():
-        staging.rename(repository_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{repository_dir.name}.previous-", dir=repository_dir.parent))
-    retired.rmdir()
-    repository_dir.rename(retired)
-    try:
-        staging.rename(repository_dir)
-    except OSError:
-        retired.rename(repository_dir)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
