@@ -51,7 +51,6 @@ from .onnx_eval import (
     evaluate_build_detailed,
     validation_files,
 )
-from .qdq_graph import int8_conv_mac_share
 from .quantize import (
     Fp8Result,
     QuantizeOptions,
@@ -371,7 +370,6 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "twins_from_one_calibration": True,
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
-            "int8_conv_mac_share": round(int8_conv_mac_share(_load_onnx(build_dir / ARTIFACT_FILES["int8-fp32"])), 5),
             **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
         },
         calibration={
@@ -384,12 +382,6 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
                        "used_by": "preset auto" if quantization.auto else None},
         },
     )
-
-
-def _load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path))
 
 
 def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
@@ -444,7 +436,6 @@ def summary_table(result: BuildResult) -> Table:
     table.caption = (
         f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
         f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise, "
-        f"INT8 conv MACs {quant['int8_conv_mac_share']:.1%}; "
         + (f"auto: {result.quantization.auto.reason()}; " if result.quantization.auto else "")
         + ", ".join(f"{k} {c.share(k):.1%} of conv MACs in {k.upper()}" for k, c in result.coverage.items()) + "; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())

@@ -379,7 +379,7 @@ class AutoSelection:
         return (f"agreement target {self.target} {verdict} on {self.tuning_images} tuning images: "
                 f"{self.all_int8['agreement']:.4f} with everything INT8 -> {final['agreement']:.4f} with "
                 f"{len(self.kept_precise)} unit(s) kept precise ({', '.join(self.kept_precise) or 'none'}), "
-                f"INT8 conv MACs {final['int8_conv_mac_share']:.1%}")
+                f"INT8 conv MACs {final['int8_mac_coverage']:.1%}")
 
     def as_dict(self) -> dict:
         return {"target": self.target, "tuning_images": self.tuning_images, "met_target": self.met_target,
@@ -420,10 +420,10 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
         target=options.auto_target, tuning_images=sensitivity.images,
         met_target=choice.score.agreement >= options.auto_target, kept_precise=choice.kept_precise,
         final={"agreement": choice.score.agreement, "sqnr_db": choice.score.sqnr_db,
-               "int8_conv_mac_share": round(choice.int8_coverage, 5)},
+               "int8_mac_coverage": round(choice.int8_coverage, 5)},
         steps=[{"tried": s.unit, "accepted": s.accepted, "kept_precise": s.kept_precise,
                 "agreement": s.score.agreement, "sqnr_db": s.score.sqnr_db,
-                "int8_conv_mac_share": round(s.int8_coverage, 5)} for s in steps],
+                "int8_mac_coverage": round(s.int8_coverage, 5)} for s in steps],
         ranking=[{"unit": u.unit, "agreement_alone": u.alone.agreement, "sqnr_db_alone": u.alone.sqnr_db}
                  for u in sensitivity.units],
         all_int8={"agreement": sensitivity.all_int8.agreement, "sqnr_db": sensitivity.all_int8.sqnr_db},
