@@ -56,6 +56,10 @@ class DockerUnavailableError(YqpackError, RuntimeError):
     """No Docker engine or compose plugin where one is needed."""
 
 
+class QuantizationError(YqpackError, RuntimeError):
+    """ModelOpt failed to produce a quantized model; its own log above says why."""
+
+
 # --- vocabulary ---------------------------------------------------------------------------------------------
 class Precision(str, Enum):
     FP32 = "fp32"

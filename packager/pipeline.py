@@ -38,6 +38,7 @@ from .contracts import (
     AccuracyGateError,
     BuildManifest,
     ConfigError,
+    MissingInputError,
     ModelSpec,
     TensorSpec,
 )
@@ -117,18 +118,18 @@ def validate_options(options: BuildOptions) -> None:
     check_model_path(options.model)
     options.imgsz = parse_imgsz(options.imgsz)
     if options.calib_images is None and options.calib_data is None:
-        raise ValueError(
+        raise ConfigError(
             "INT8 calibration needs real images: pass --calib-images DIR (or --calib-data FILE.npy/.npz); "
             "ModelOpt would otherwise calibrate on random data"
         )
     if options.calib_images is not None and options.calib_data is not None:
-        raise ValueError("pass either --calib-images or --calib-data, not both")
+        raise ConfigError("pass either --calib-images or --calib-data, not both")
     if options.calib_images is not None:
         list_images(options.calib_images)
     elif not Path(options.calib_data).is_file():
-        raise FileNotFoundError(f"calibration data file not found: {options.calib_data}")
+        raise MissingInputError(f"calibration data file not found: {options.calib_data}")
     if options.calib_size < 1:
-        raise ValueError(f"--calib-size must be at least 1, got {options.calib_size}")
+        raise ConfigError(f"--calib-size must be at least 1, got {options.calib_size}")
     if options.tune_images is not None:
         list_images(options.tune_images)
     if options.quantize.preset == "auto" and options.tune_images is None and (
@@ -136,19 +137,19 @@ def validate_options(options: BuildOptions) -> None:
         raise ConfigError("--preset auto needs tuning images besides the calibration images: give more "
                          "--calib-images than --calib-size, or --tune-images DIR")
     if options.max_batch < 1:
-        raise ValueError(f"--max-batch must be at least 1, got {options.max_batch}")
+        raise ConfigError(f"--max-batch must be at least 1, got {options.max_batch}")
     if (options.val_images is None) != (options.val_annotations is None):
-        raise ValueError("evaluation needs both --val-images and --val-annotations")
+        raise ConfigError("evaluation needs both --val-images and --val-annotations")
     if options.val_annotations is not None and not Path(options.val_annotations).is_file():
-        raise FileNotFoundError(f"annotation file not found: {options.val_annotations}")
+        raise MissingInputError(f"annotation file not found: {options.val_annotations}")
     if options.val_images is not None and not Path(options.val_images).is_dir():
-        raise FileNotFoundError(f"validation image folder not found: {options.val_images}")
+        raise MissingInputError(f"validation image folder not found: {options.val_images}")
     if not 0 < options.min_map_ratio <= 1.5:
-        raise ValueError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
+        raise ConfigError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
     options.quantize.validate()
     out = Path(options.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise ValueError(f"--out {out} exists and is not a yqpack build directory: refusing to overwrite it")
+        raise ConfigError(f"--out {out} exists and is not a yqpack build directory: refusing to overwrite it")
 
 
 def run_build(options: BuildOptions, console: Console | None = None) -> BuildResult:
