@@ -236,7 +236,7 @@ def markdown(recipes: list[Recipe], detections: dict[str, Detections], result: d
         ratio = row["val_ratio"]
         diff = _difference(diffs, recipe.name, incumbent)
         lines.append(
-            f"| {recipe.description} | {100 * coverage(recipe):.1f} % ({convs.get('i8', 0)}/{sum(convs.values())}) "
+            f"| {recipe.description} | {100 * coverage(recipe):.1f} % ({_i8_convs(convs)}) "
             f"| **{a['unseen']['value']:.3f}** | {diff} "
             f"| {a['held-out calib2017']['value']:.3f} | {a['val2017']['value']:.3f} | {a['tuning']['value']:.3f} "
             f"| {ratio['ratio']:.3f} [{ratio['low']:.3f}-{ratio['high']:.3f}] | {recipe.build_s:.0f} |")
@@ -247,6 +247,10 @@ def markdown(recipes: list[Recipe], detections: dict[str, Detections], result: d
                  for d in by_set.values()]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _i8_convs(convs: dict[str, int]) -> str:
+    return f"{convs.get('i8', 0)}/{sum(convs.values())}" if convs else "not OpenVINO"
 
 
 def _difference(diffs: dict, name: str, incumbent: str) -> str:
