@@ -356,7 +356,7 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
                 kv.validate(document, "1.35.0", strict=True)
         if variant.endswith("gpu") and folder == rendered[variant]:
             (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-            assert set(config_map["data"]) == {"build_engines.py", "engines.py", "contracts.py", "gpu_probe.py"}
+            assert set(config_map["data"]) == {"build_engines.py", "engines.py", "engine_plans.py", "contracts.py", "gpu_probe.py"}
             deployment = next(o for o in objects if o["kind"] == "Deployment")
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \
