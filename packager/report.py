@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .verify import VerifyResult
+    from .verify_result import VerifyResult
 
 STATUS_LINE = {
     "pass": "PASS - every gate holds",

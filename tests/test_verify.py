@@ -18,7 +18,8 @@ import pytest
 from packager import coco_eval
 from packager.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
 from packager.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
-from packager.verify import VerifyError, _real_rows, parse_class_names, scan_images, served_identity
+from packager.verify_inputs import VerifyError, parse_class_names, scan_images, served_identity
+from packager.verify_session import _real_rows
 
 
 # --- pure parts -------------------------------------------------------------------------------------------------
