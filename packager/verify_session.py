@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -21,15 +20,7 @@ from .gates import ServedAccuracy
 from .letterbox import preprocess_bytes
 from .loadtest import LevelResult, ServerGone, TritonLoad, first_distinct, image_inputs, tensor_inputs
 from .postprocess import EVAL_THRESHOLDS
-from .verify_inputs import (
-    ImageSet,
-    VerifyError,
-    config_parameter,
-    detached_server_class_names,
-    manifest_class_names,
-    parse_class_names,
-    served_identity,
-)
+from .verify_inputs import ImageSet, VerifyError, config_parameter, served_class_names, served_identity
 from .verify_result import ServedModel, VerifyOptions
 
 PRECISIONS = tuple(p.value for p in Precision)
@@ -187,22 +178,8 @@ class VerifySession:
         steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
         step_configs = {step: await self.config(step) for step in steps}
         family, precision = served_identity(config)
-        class_names, source = None, ""
-        for holder, holder_config in [(name, config), *step_configs.items()]:
-            value = config_parameter(holder_config, "class_names")
-            if value:
-                class_names, source = parse_class_names(value), f"config parameter class_names of {holder}"
-                break
-        if class_names is None and self.options.build_dir is not None:
-            class_names = manifest_class_names(Path(self.options.build_dir))
-            source = f"{Path(self.options.build_dir) / 'manifest.json'}"
-        if class_names is None:
-            class_names, source = detached_server_class_names(self.options.url)
-        if class_names is None:
-            raise VerifyError(
-                f"{name}: the served configs carry no class_names parameter; pass --build DIR so the "
-                "manifest's class names map class ids to COCO categories"
-            )
+        class_names, source = served_class_names(name, {name: config, **step_configs}, self.options.build_dir,
+                                                 self.options.url)
         detector = next((step for step in steps if config_parameter(step_configs[step], "yqpack_role") == "detector"),
                         None)
         model = ServedModel(name, family, precision, steps, class_names, source, detector)
