@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from packager.contracts import ConfigError, ManifestError, MissingInputError, RepositoryIndex, Role, ServedModel
+from packager.contracts import ConfigError, ManifestError, MissingInputError, Role
 from packager.gpu_probe import GpuInfo
+from packager.repository_index import RepositoryIndex, ServedModel
 
 PLAN_FILENAME = "model.plan"
 SOURCE_ONNX_FILENAME = "model.onnx"  # the renderer (or stage_engine_sources) puts the source ONNX here

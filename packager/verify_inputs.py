@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import coco_eval
-from .contracts import MANIFEST_NAME, BuildManifest, MissingInputError, RepositoryIndex, YqpackError
+from .contracts import MANIFEST_NAME, BuildManifest, MissingInputError, YqpackError
 from .letterbox import decode_image
+from .repository_index import RepositoryIndex
 
 
 class VerifyError(YqpackError, RuntimeError):

@@ -33,13 +33,12 @@ from packager.contracts import (
     MissingInputError,
     ModelSpec,
     Precision,
-    RepositoryIndex,
     Role,
-    ServedModel,
     TensorSpec,
 )
 from packager.engine_plans import TensorRTVersion
 from packager.engines import EngineBuildError, GpuInfo
+from packager.repository_index import RepositoryIndex, ServedModel
 
 TRT10 = TensorRTVersion(10, 8, 0)
 TRT86 = TensorRTVersion(8, 6, 1)
