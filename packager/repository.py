@@ -105,6 +105,15 @@ def detector_name(model_name: str, precision: str) -> str:
     return f"{model_name}_{precision}_detector"
 
 
+def detector_runtime(target: str, precision: str, options: RenderOptions) -> str:
+    """What executes the detector's math, as reports name it: the same ONNX scores differently under each."""
+    if target == "local":
+        return runtime_module.RuntimeChoice(options.runtime, options.precision_hint).label
+    template = DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
+    return {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "openvino (Triton backend)",
+            "gpu": "tensorrt", "gpu-ort": "onnxruntime + tensorrt (Triton backend)"}[template]
+
+
 def default_precisions(target: str) -> tuple[str, ...]:
     """TensorRT targets serve the fp16/int8 engines; CPU targets also serve the fp32 reference."""
     return ("fp16", "int8") if target.startswith("gpu") else ("fp32", "fp16", "int8")
@@ -264,7 +273,8 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
     models = []
     for precision in plan.precisions:
         detector = detector_name(spec.name, precision.value)
-        common = {**plan.common(), "precision": precision.value}
+        runtime = detector_runtime(target, precision.value, options)
+        common = {**plan.common(), "precision": precision.value, "detector_runtime": runtime}
         context = {
             **common,
             "name": detector,
@@ -303,9 +313,10 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
         (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
         models += [
             ServedModel(detector, Role.DETECTOR, precision, (spec.input,), (spec.output,), plan.max_batch,
-                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template]),
+                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template],
+                        runtime),
             ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,
-                        platform="ensemble"),
+                        platform="ensemble", runtime=runtime),
         ]
     return models
 
