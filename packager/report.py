@@ -143,13 +143,15 @@ def _gates_section(result: "VerifyResult") -> list[str]:
 
 def _accuracy_section(result: "VerifyResult", plots: dict[str, str]) -> list[str]:
     lines = ["## Accuracy (served, COCO, conf 0.001 / iou 0.7 / max_det 300)", ""]
+    # The same ONNX scores differently under emulated Q/DQ, integer kernels and TensorRT: name who ran it.
+    runtimes = {model.name: model.runtime or "not stated by the server" for model in result.models}
     rows = []
     for item in result.accuracy:
         m = item.metrics
-        rows.append([item.model, item.precision, str(item.images), str(item.errors)]
+        rows.append([item.model, item.precision, runtimes.get(item.model, "-"), str(item.images), str(item.errors)]
                     + ([_num(v, 4) for v in (m.map50_95, m.map50, m.map75, m.map_small, m.map_medium, m.map_large)]
                        if m else ["-"] * 6))
-    lines += _table(["model", "precision", "images", "errors", "mAP50-95", "mAP50", "mAP75", "AP small",
+    lines += _table(["model", "precision", "runtime", "images", "errors", "mAP50-95", "mAP50", "mAP75", "AP small",
                      "AP medium", "AP large"], rows)
     if "map" in plots:
         lines += [f"![mAP per precision]({plots['map']})", ""]

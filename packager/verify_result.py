@@ -49,6 +49,7 @@ class ServedModel:
     detector: str | None = None
     detector_input: str | None = None
     detector_dims: list[int] | None = None
+    runtime: str | None = None  # what executes its detector (config parameter yqpack_runtime), for the report
 
 
 @dataclass

@@ -182,7 +182,8 @@ class VerifySession:
                                                  self.options.url)
         detector = next((step for step in steps if config_parameter(step_configs[step], "yqpack_role") == "detector"),
                         None)
-        model = ServedModel(name, family, precision, steps, class_names, source, detector)
+        model = ServedModel(name, family, precision, steps, class_names, source, detector,
+                            runtime=config_parameter(config, "yqpack_runtime"))
         if detector:
             tensor_input = step_configs[detector].get("input", [{}])[0]
             model.detector_input = tensor_input.get("name")
