@@ -56,7 +56,7 @@ class InProcessDetector:
         latencies, start = [], time.perf_counter()
         for i in range(count):
             begin = time.perf_counter()
-            model.run(self.tensors[i % len(self.tensors)][None])
+            model.run_borrowed(self.tensors[i % len(self.tensors)][None])  # as the served detector runs it
             latencies.append(time.perf_counter() - begin)
         return latencies, time.perf_counter() - start
 
@@ -95,9 +95,14 @@ async def statistics(url: str) -> dict:
 
 
 def _per_request_ms(before: dict, after: dict, models: list[str]) -> dict:
-    """Mean ms per request inside each model (compute; queue) between two statistics snapshots."""
+    """Mean ms per request inside each model between two statistics snapshots: compute (split into Triton's
+    input / infer / output phases: for the Python backend input and output include the stub's shared-memory IPC),
+    queue, and the mean batch. A detector's figures mix its bare requests and the ensemble's."""
     return {
-        step.model: {"compute_ms": round(step.compute_ms, 2), "queue_ms": round(step.queue_ms, 2)}
+        step.model: {"compute_ms": round(step.compute_ms, 2), "queue_ms": round(step.queue_ms, 2),
+                     "input_infer_output_ms": [round(step.compute_input_ms, 2), round(step.compute_infer_ms, 2),
+                                               round(step.compute_output_ms, 2)],
+                     "avg_batch": round(step.avg_batch, 2)}
         for step in step_timings(before, after, models)
     }
 
@@ -187,7 +192,8 @@ def main() -> None:
                 after = asyncio.run(statistics(server.grpc_url))
                 row = {bench.precision: bench.summary() for bench in benches}
                 row["load_average_1min"] = round(os.getloadavg()[0], 2)
-                row["pre_post_ms"] = _per_request_ms(before, after, [pre, post])
+                steps = [pre, *(bench.detector for bench in benches), post]
+                row["server_steps_ms"] = _per_request_ms(before, after, steps)
                 results["levels"][level] = row
                 print(f"c={level}: {json.dumps(row)}", flush=True)
     results["machine"] = {"cpus": _cpu_count(), "platform": platform.platform(), "processor": cpu_name()}

@@ -45,7 +45,11 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-            outputs = np.split(self.model.run(np.concatenate(inputs)), np.cumsum([len(x) for x in inputs])[:-1])
+            # One request (every request at concurrency 1): its shared-memory input goes to the runtime as is.
+            batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+            # Borrowed: pb_utils.Tensor keeps a reference and the stub copies it into shared memory as soon as
+            # execute() returns, before the next call can overwrite the runtime's output buffer.
+            outputs = np.split(self.model.run_borrowed(batch), np.cumsum([len(x) for x in inputs])[:-1])
         except Exception as error:  # noqa: BLE001  (report to every request of the batch, keep serving)
             message = f"detector: {error}"
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
