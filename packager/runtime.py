@@ -39,6 +39,9 @@ class RuntimeOptions:
     threads: int = 0  # 0: the runtime's default (all cores)
     cache_dir: str | None = None  # OpenVINO only: compiled-model cache, so a restart does not recompile
     allow_spinning: bool = True  # onnxruntime only: spinning threads save the wake-up latency
+    # OpenVINO only. Its CPU default pins each inference thread to one core: best when it has the cores to itself,
+    # a straggler when other processes (the served pre/postprocess, the server) need one of them for a moment.
+    cpu_pinning: bool = True
     # onnxruntime only. False for FP8 Q/DQ: with optimizations on, onnxruntime fuses Q/DQ into kernels that either
     # reject float8 or change the outputs; unoptimized it runs the Q/DQ semantics faithfully.
     graph_optimizations: bool = True
@@ -221,6 +224,7 @@ def _open_openvino(path: Path, options: RuntimeOptions, choice: RuntimeChoice) -
     config = {
         "INFERENCE_PRECISION_HINT": choice.precision_hint,
         "PERFORMANCE_HINT": options.performance_hint,
+        "ENABLE_CPU_PINNING": options.cpu_pinning,
     }
     if options.threads > 0:
         config["INFERENCE_NUM_THREADS"] = options.threads
