@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .contracts import ConfigError, MissingInputError
 from .bootstrap import PerImageResults, ground_truth_only_results, per_image_results
 
 
@@ -40,7 +41,7 @@ class CocoGroundTruth:
 
         self.path = Path(annotations_path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"annotation file not found: {self.path}")
+            raise MissingInputError(f"annotation file not found: {self.path}")
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
             self.coco = COCO(str(self.path))
         self.image_ids = {img["file_name"]: img["id"] for img in self.coco.dataset["images"]}
@@ -50,7 +51,7 @@ class CocoGroundTruth:
         by_name = {cat["name"].lower(): cat["id"] for cat in self.coco.dataset["categories"]}
         missing = [name for name in class_names if name.lower() not in by_name]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(missing)} model class name(s) have no category in {self.path.name}, e.g. {missing[:5]}"
             )
         return [by_name[name.lower()] for name in class_names]

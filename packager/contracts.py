@@ -56,6 +56,10 @@ class DockerUnavailableError(YqpackError, RuntimeError):
     """No Docker engine or compose plugin where one is needed."""
 
 
+class QuantizationError(YqpackError, RuntimeError):
+    """ModelOpt failed to produce a quantized model; its own log above says why."""
+
+
 # --- vocabulary ---------------------------------------------------------------------------------------------
 class Precision(str, Enum):
     FP32 = "fp32"
@@ -291,13 +295,14 @@ class ServedModel:
     preferred_batch_sizes: tuple[int, ...] = ()
     artifact: str | None = None  # build artifact variant a detector serves (or builds its engine from)
     platform: str = ""  # Triton backend/platform: python, onnxruntime, tensorrt_plan, openvino, ensemble
+    runtime: str = ""  # what executes a detector's math, e.g. "openvino (f32 hint)": reports name it beside numbers
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "role": self.role.value, "precision": self.precision.value if self.precision else None,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
             "max_batch_size": self.max_batch_size, "preferred_batch_sizes": list(self.preferred_batch_sizes),
-            "artifact": self.artifact, "platform": self.platform,
+            "artifact": self.artifact, "platform": self.platform, "runtime": self.runtime,
         }
 
     @classmethod
@@ -311,6 +316,7 @@ class ServedModel:
             max_batch_size=int(data.get("max_batch_size", 0)),
             preferred_batch_sizes=tuple(int(b) for b in data.get("preferred_batch_sizes", [])),
             artifact=data.get("artifact"), platform=str(data.get("platform", "")),
+            runtime=str(data.get("runtime", "")),
         )
 
 

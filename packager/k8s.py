@@ -20,7 +20,8 @@ import yaml
 from packager.assets import DEPLOY_DIR, PACKAGE_DIR, TEMPLATES_DIR
 from packager.contracts import ConfigError, RepositoryIndex, Role
 from packager.push import S3Location, check_repository, read_remote_index, triton_endpoint_url
-from packager.repository import PRE_POST_INSTANCES, _swap_in
+from packager.repository import PRE_POST_INSTANCES
+from packager.swap import replace_directory
 from packager.serve import SHM_DEFAULT_BYTES
 
 MIB = 1024 * 1024
@@ -167,7 +168,7 @@ def render_k8s(options: K8sOptions, out: Path) -> K8sResult:
     try:
         written = _render_all(context, staging)
         (staging / MARKER).write_text(f"written by yqpack k8s from {options.repository}\n")
-        _swap_in(staging, out)
+        replace_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

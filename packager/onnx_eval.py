@@ -21,7 +21,7 @@ from .calibration import check_no_overlap
 from .coco_eval import CocoGroundTruth, CocoMetrics, evaluate_images
 from .coverage import conv_coverage
 from .letterbox import preprocess, read_image
-from .contracts import AccuracyGateError, BuildManifest, HeadFormat
+from .contracts import AccuracyGateError, BuildManifest, ConfigError, HeadFormat, MissingInputError
 from .postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 from .runtime import RuntimeOptions, open_model
 
@@ -158,10 +158,10 @@ def validation_files(images_dir: str | Path, annotations: str | Path) -> tuple[C
     """The annotation file and the annotated images present in `images_dir` (what the evaluation uses)."""
     ground_truth = CocoGroundTruth(annotations)
     if not Path(images_dir).is_dir():
-        raise FileNotFoundError(f"validation image folder not found: {images_dir}")
+        raise MissingInputError(f"validation image folder not found: {images_dir}")
     image_files = ground_truth.image_files(images_dir)
     if not image_files:
-        raise ValueError(f"none of the images listed in {Path(annotations).name} are in {images_dir}")
+        raise ConfigError(f"none of the images listed in {Path(annotations).name} are in {images_dir}")
     return ground_truth, image_files
 
 
@@ -210,7 +210,7 @@ def check_gate(
     """Raise AccuracyGateError unless `variant` mAP50-95 >= min_ratio x fp32 mAP50-95 (on the point estimate;
     the interval, when given, is reported with a plain warning when it is wider than the margin tested)."""
     if "fp32" not in metrics or variant not in metrics:
-        raise ValueError(f"the accuracy gate needs fp32 and {variant} results, got {', '.join(metrics)}")
+        raise ConfigError(f"the accuracy gate needs fp32 and {variant} results, got {', '.join(metrics)}")
     gate = GateResult(variant, metrics["fp32"].map50_95, metrics[variant].map50_95, min_ratio, interval)
     if not gate.passed:
         kind = "FP8" if variant.startswith("fp8") else "INT8"

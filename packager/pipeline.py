@@ -30,6 +30,7 @@ from .calibration import (
 from .bootstrap import RatioInterval
 from .coco_eval import CocoMetrics
 from .coverage import ConvCoverage, conv_coverage
+from .swap import replace_directory
 from .export import DEFAULT_OPSET, ExportResult, check_model_path, export_onnx, parse_imgsz
 from .contracts import (
     ARTIFACT_FILES,
@@ -37,6 +38,7 @@ from .contracts import (
     AccuracyGateError,
     BuildManifest,
     ConfigError,
+    MissingInputError,
     ModelSpec,
     TensorSpec,
 )
@@ -50,7 +52,6 @@ from .onnx_eval import (
     evaluate_build_detailed,
     validation_files,
 )
-from .qdq_graph import int8_conv_mac_share
 from .quantize import (
     Fp8Result,
     QuantizeOptions,
@@ -117,18 +118,18 @@ def validate_options(options: BuildOptions) -> None:
     check_model_path(options.model)
     options.imgsz = parse_imgsz(options.imgsz)
     if options.calib_images is None and options.calib_data is None:
-        raise ValueError(
+        raise ConfigError(
             "INT8 calibration needs real images: pass --calib-images DIR (or --calib-data FILE.npy/.npz); "
             "ModelOpt would otherwise calibrate on random data"
         )
     if options.calib_images is not None and options.calib_data is not None:
-        raise ValueError("pass either --calib-images or --calib-data, not both")
+        raise ConfigError("pass either --calib-images or --calib-data, not both")
     if options.calib_images is not None:
         list_images(options.calib_images)
     elif not Path(options.calib_data).is_file():
-        raise FileNotFoundError(f"calibration data file not found: {options.calib_data}")
+        raise MissingInputError(f"calibration data file not found: {options.calib_data}")
     if options.calib_size < 1:
-        raise ValueError(f"--calib-size must be at least 1, got {options.calib_size}")
+        raise ConfigError(f"--calib-size must be at least 1, got {options.calib_size}")
     if options.tune_images is not None:
         list_images(options.tune_images)
     if options.quantize.preset == "auto" and options.tune_images is None and (
@@ -136,19 +137,19 @@ def validate_options(options: BuildOptions) -> None:
         raise ConfigError("--preset auto needs tuning images besides the calibration images: give more "
                          "--calib-images than --calib-size, or --tune-images DIR")
     if options.max_batch < 1:
-        raise ValueError(f"--max-batch must be at least 1, got {options.max_batch}")
+        raise ConfigError(f"--max-batch must be at least 1, got {options.max_batch}")
     if (options.val_images is None) != (options.val_annotations is None):
-        raise ValueError("evaluation needs both --val-images and --val-annotations")
+        raise ConfigError("evaluation needs both --val-images and --val-annotations")
     if options.val_annotations is not None and not Path(options.val_annotations).is_file():
-        raise FileNotFoundError(f"annotation file not found: {options.val_annotations}")
+        raise MissingInputError(f"annotation file not found: {options.val_annotations}")
     if options.val_images is not None and not Path(options.val_images).is_dir():
-        raise FileNotFoundError(f"validation image folder not found: {options.val_images}")
+        raise MissingInputError(f"validation image folder not found: {options.val_images}")
     if not 0 < options.min_map_ratio <= 1.5:
-        raise ValueError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
+        raise ConfigError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
     options.quantize.validate()
     out = Path(options.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise ValueError(f"--out {out} exists and is not a yqpack build directory: refusing to overwrite it")
+        raise ConfigError(f"--out {out} exists and is not a yqpack build directory: refusing to overwrite it")
 
 
 def run_build(options: BuildOptions, console: Console | None = None) -> BuildResult:
@@ -160,7 +161,7 @@ def run_build(options: BuildOptions, console: Console | None = None) -> BuildRes
     staging.chmod(0o755)  # mkdtemp's 0700 would follow the build into --out
     try:
         result = _build_into(staging, options, console)
-        _move_into_place(staging, out)
+        replace_directory(staging, out)
         result.build_dir = out
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -370,7 +371,6 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
             "twins_from_one_calibration": True,
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
-            "int8_conv_mac_share": round(int8_conv_mac_share(_load_onnx(build_dir / ARTIFACT_FILES["int8-fp32"])), 5),
             **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
         },
         calibration={
@@ -383,23 +383,6 @@ def _manifest(build_dir, options, exported: ExportResult, calibration, quantizat
                        "used_by": "preset auto" if quantization.auto else None},
         },
     )
-
-
-def _load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path))
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Replace `out` with the finished build; an older build there is removed only after the new one is in."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    previous = out.with_name(f".{out.name}.old-{time.time_ns()}")
-    out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
@@ -454,7 +437,6 @@ def summary_table(result: BuildResult) -> Table:
     table.caption = (
         f"preset {quant['preset']}, {quant['calibration_method']} calibration on {manifest.calibration['count']} "
         f"images, {quant['quantized_nodes']} quantized nodes, {len(quant['excluded_nodes'])} kept precise, "
-        f"INT8 conv MACs {quant['int8_conv_mac_share']:.1%}; "
         + (f"auto: {result.quantization.auto.reason()}; " if result.quantization.auto else "")
         + ", ".join(f"{k} {c.share(k):.1%} of conv MACs in {k.upper()}" for k, c in result.coverage.items()) + "; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())

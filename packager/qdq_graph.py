@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .coverage import conv_coverage
+
 _MODULE = re.compile(r"^/(model\.\d+)/")
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
@@ -168,12 +170,8 @@ def conv_macs(model, batch: int = 1) -> dict[str, int]:
 
 
 def int8_conv_mac_share(model) -> float:
-    """Share of convolution MACs whose activation input is INT8 (Q/DQ-fed): the CPU-side proxy for INT8 speed."""
-    macs = conv_macs(model)
-    total = sum(macs.values())
-    quantized = quantized_inputs(model)
-    int8 = sum(m for name, m in macs.items() if 0 in quantized.get(name, []))
-    return int8 / total if total else 0.0
+    """Share of convolution MACs that run in INT8: the CPU-side proxy for INT8 speed (one definition, coverage.py)."""
+    return conv_coverage(model).share("int8")
 
 
 def _weight_shape(name, initializers, producers):

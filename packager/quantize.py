@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contracts import ConfigError
+from .contracts import ConfigError, MissingInputError, QuantizationError
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +73,24 @@ class QuantizeOptions:
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
         if not 0 < self.auto_target <= 1:
             raise ConfigError(f"--auto-target must be in (0, 1], got {self.auto_target}")
         if self.preset == "auto" and self.dq_only:
             # Keeping a unit precise restores its FP32 weights from the QuantizeLinear input; dq_only has none.
             raise ConfigError("--preset auto does not support --dq-only yet")
         if self.calibration_method not in CALIBRATION_METHODS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown calibration method {self.calibration_method!r}: choose {', '.join(CALIBRATION_METHODS)}"
             )
         for pattern in self.exclude_nodes:
             try:
                 re.compile(pattern)
             except re.error as error:
-                raise ValueError(f"--exclude-nodes {pattern!r} is not a valid regular expression: {error}") from None
+                raise ConfigError(f"--exclude-nodes {pattern!r} is not a valid regular expression: {error}") from None
         for plugin in self.trt_plugins:
             if not Path(plugin).is_file():
-                raise FileNotFoundError(f"TensorRT plugin library not found: {plugin}")
+                raise MissingInputError(f"TensorRT plugin library not found: {plugin}")
 
 
 @dataclass
@@ -177,14 +177,14 @@ def quantize_int8_twins(
     options.validate()
     if calibration is None or len(calibration) == 0:
         # ModelOpt would fall back to random data: never allow that.
-        raise ValueError("INT8 quantization needs calibration data (real images), got none")
+        raise ConfigError("INT8 quantization needs calibration data (real images), got none")
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
     source = onnx.load(str(fp32_path))
     batch_dim = source.graph.input[0].type.tensor_type.shape.dim[0]
     if options.calibrate_per_node and not batch_dim.HasField("dim_value"):
         # Verified here: ModelOpt's per-node calibrator runs onnxruntime's symbolic shape inference, which
         # gives up on a dynamic batch ("Incomplete symbolic shape inference").
-        raise ValueError("--calibrate-per-node needs a static-batch model: add --static-batch")
+        raise ConfigError("--calibrate-per-node needs a static-batch model: add --static-batch")
     op_types_present = {n.op_type for n in source.graph.node}
     unknown_ops = [op for op in options.exclude_ops if op not in op_types_present]
     if unknown_ops:
@@ -255,7 +255,7 @@ def _quantize_in_temp_dir(
             log_level="WARNING",
         )
         if not fp32_twin.is_file():
-            raise RuntimeError("ModelOpt finished without writing a quantized model (see its log above)")
+            raise QuantizationError("ModelOpt finished without writing a quantized model (see its log above)")
         quantized = onnx.load(str(fp32_twin))
         # Same scales, high-precision part in FP16 (FP32 I/O kept): what TensorRT builds the engine from.
         mixed = convert_to_f16(quantized, low_precision_type="fp16", keep_io_types=True)
@@ -326,7 +326,7 @@ def quantize_fp8_twins(
 
     options = options or QuantizeOptions()
     if calibration is None or len(calibration) == 0:
-        raise ValueError("FP8 quantization needs calibration data (real images), got none")
+        raise ConfigError("FP8 quantization needs calibration data (real images), got none")
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
     started = time.perf_counter()
@@ -346,7 +346,7 @@ def quantize_fp8_twins(
                 high_precision_dtype="fp32", output_path=str(fp32_twin), log_level="WARNING",
             )
             if not fp32_twin.is_file():
-                raise RuntimeError("ModelOpt finished without writing the FP8 model (see its log above)")
+                raise QuantizationError("ModelOpt finished without writing the FP8 model (see its log above)")
             quantized = onnx.load(str(fp32_twin))
             mixed = convert_to_f16(quantized, low_precision_type="fp16", keep_io_types=True)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ class AutoSelection:
         return (f"agreement target {self.target} {verdict} on {self.tuning_images} tuning images: "
                 f"{self.all_int8['agreement']:.4f} with everything INT8 -> {final['agreement']:.4f} with "
                 f"{len(self.kept_precise)} unit(s) kept precise ({', '.join(self.kept_precise) or 'none'}), "
-                f"INT8 conv MACs {final['int8_conv_mac_share']:.1%}")
+                f"INT8 conv MACs {final['int8_mac_coverage']:.1%}")
 
     def as_dict(self) -> dict:
         return {"target": self.target, "tuning_images": self.tuning_images, "met_target": self.met_target,
@@ -420,10 +420,10 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
         target=options.auto_target, tuning_images=sensitivity.images,
         met_target=choice.score.agreement >= options.auto_target, kept_precise=choice.kept_precise,
         final={"agreement": choice.score.agreement, "sqnr_db": choice.score.sqnr_db,
-               "int8_conv_mac_share": round(choice.int8_coverage, 5)},
+               "int8_mac_coverage": round(choice.int8_coverage, 5)},
         steps=[{"tried": s.unit, "accepted": s.accepted, "kept_precise": s.kept_precise,
                 "agreement": s.score.agreement, "sqnr_db": s.score.sqnr_db,
-                "int8_conv_mac_share": round(s.int8_coverage, 5)} for s in steps],
+                "int8_mac_coverage": round(s.int8_coverage, 5)} for s in steps],
         ranking=[{"unit": u.unit, "agreement_alone": u.alone.agreement, "sqnr_db_alone": u.alone.sqnr_db}
                  for u in sensitivity.units],
         all_int8={"agreement": sensitivity.all_int8.agreement, "sqnr_db": sensitivity.all_int8.sqnr_db},

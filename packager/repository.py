@@ -33,6 +33,7 @@ from packager.contracts import (
     check_model_name,
 )
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
+from packager.swap import replace_directory
 
 TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -105,6 +106,15 @@ def detector_name(model_name: str, precision: str) -> str:
     return f"{model_name}_{precision}_detector"
 
 
+def detector_runtime(target: str, precision: str, options: RenderOptions) -> str:
+    """What executes the detector's math, as reports name it: the same ONNX scores differently under each."""
+    if target == "local":
+        return runtime_module.RuntimeChoice(options.runtime, options.precision_hint).label
+    template = DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
+    return {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "openvino (Triton backend)",
+            "gpu": "tensorrt", "gpu-ort": "onnxruntime + tensorrt (Triton backend)"}[template]
+
+
 def default_precisions(target: str) -> tuple[str, ...]:
     """TensorRT targets serve the fp16/int8 engines; CPU targets also serve the fp32 reference."""
     return ("fp16", "int8") if target.startswith("gpu") else ("fp32", "fp16", "int8")
@@ -145,7 +155,7 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
         index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict(),
                                 str(Path(build_dir).resolve()))
         index.save(staging)
-        _swap_in(staging, repository_dir)
+        replace_directory(staging, repository_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -264,7 +274,8 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
     models = []
     for precision in plan.precisions:
         detector = detector_name(spec.name, precision.value)
-        common = {**plan.common(), "precision": precision.value}
+        runtime = detector_runtime(target, precision.value, options)
+        common = {**plan.common(), "precision": precision.value, "detector_runtime": runtime}
         context = {
             **common,
             "name": detector,
@@ -303,9 +314,10 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
         (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
         models += [
             ServedModel(detector, Role.DETECTOR, precision, (spec.input,), (spec.output,), plan.max_batch,
-                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template]),
+                        plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template],
+                        runtime),
             ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,
-                        platform="ensemble"),
+                        platform="ensemble", runtime=runtime),
         ]
     return models
 
@@ -345,19 +357,3 @@ def _python_model(env: jinja2.Environment, model_dir: Path, template: str, modul
 
 def _render(env: jinja2.Environment, template: str, context: dict, destination: Path) -> None:
     destination.write_text(env.get_template(template).render(**context))
-
-
-def _swap_in(staging: Path, repository_dir: Path) -> None:
-    """Replace repository_dir by staging with renames only, so readers never see a half-written repository."""
-    if not repository_dir.exists():
-        staging.rename(repository_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{repository_dir.name}.previous-", dir=repository_dir.parent))
-    retired.rmdir()
-    repository_dir.rename(retired)
-    try:
-        staging.rename(repository_dir)
-    except OSError:
-        retired.rename(repository_dir)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)

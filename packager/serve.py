@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packager import procinfo
-from packager.contracts import Endpoints, ServerError
+from packager.contracts import Endpoints, MissingInputError, ServerError
 from packager.readiness import NotReadyError, ServerGoneError, wait_until_ready
 from packager.server_env import ServerEnv
 from packager.server_records import (
@@ -193,7 +193,7 @@ class LocalTritonServer:
         if self.process is not None:
             raise ServerError("this server is already started")
         if isinstance(self.repository, Path) and not self.repository.is_dir():
-            raise FileNotFoundError(f"model repository not found: {self.repository} (run yqpack build first)")
+            raise MissingInputError(f"model repository not found: {self.repository} (run yqpack build first)")
         _refuse_whitespace(self.repository, self.server_env.backend_dir)
         if len(set(self.ports.values())) != len(self.ports):
             raise ServerError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
@@ -329,7 +329,7 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
     console = console or Console(stderr=True)
     repository = model_repository_arg(options.repository)[0]
     if isinstance(repository, Path) and not repository.is_dir():
-        raise FileNotFoundError(f"model repository not found: {repository} (run yqpack build, or pass --repository)")
+        raise MissingInputError(f"model repository not found: {repository} (run yqpack build, or pass --repository)")
     running = recorded_server(options.home, console)
     if running is not None:
         kind = "detached" if running.detached else "foreground"

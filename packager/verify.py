@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tritonclient.utils import InferenceServerException
 
 from . import coco_eval
-from .contracts import Precision
+from .contracts import ConfigError, MissingInputError, Precision
 from .gates import (
     AbsoluteGates,
     AccuracyReference,
@@ -456,15 +456,15 @@ def _warn_decoder_mismatch(console: Console) -> None:
 
 def _check_options(options: VerifyOptions) -> None:
     if not options.concurrency or any(int(c) < 1 for c in options.concurrency):
-        raise ValueError(f"concurrency levels must be positive integers, got {list(options.concurrency)}")
+        raise ConfigError(f"concurrency levels must be positive integers, got {list(options.concurrency)}")
     if options.duration_s is None and (options.requests_per_level or 0) < 1:
-        raise ValueError("give --requests N (>= 1) or --duration SECONDS per load level")
+        raise ConfigError("give --requests N (>= 1) or --duration SECONDS per load level")
     if options.duration_s is not None and options.duration_s <= 0:
-        raise ValueError(f"--duration must be positive, got {options.duration_s}")
+        raise ConfigError(f"--duration must be positive, got {options.duration_s}")
     if options.timeout_s is not None and options.timeout_s <= 0:
-        raise ValueError(f"--timeout must be positive, got {options.timeout_s}")
+        raise ConfigError(f"--timeout must be positive, got {options.timeout_s}")
     if not Path(options.annotations).is_file():
-        raise FileNotFoundError(f"annotation file not found: {options.annotations}")
+        raise MissingInputError(f"annotation file not found: {options.annotations}")
 
 
 def _settings(options: VerifyOptions) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import coco_eval
-from .contracts import MANIFEST_NAME, BuildManifest, RepositoryIndex, YqpackError
+from .contracts import MANIFEST_NAME, BuildManifest, MissingInputError, RepositoryIndex, YqpackError
 from .letterbox import decode_image
 
 
@@ -35,7 +35,7 @@ class ImageSet:
 def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_images: int | None) -> ImageSet:
     """Read every file of the folder once; undecodable or unannotated files are listed, not silently dropped."""
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images_dir}")
+        raise MissingInputError(f"image folder not found: {images_dir}")
     files = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
     skipped: list[SkippedImage] = []
     readable: dict[str, bytes] = {}

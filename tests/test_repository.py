@@ -225,6 +225,8 @@ def test_the_index_and_the_configs_state_the_same_facts(rendered):
         assert params.get("yqpack_precision") == (model.precision.value if model.precision else None)
         assert params["yqpack_target"] == rendered.target == index.target
         assert params["yqpack_model"] == index.model.name
+        assert params.get("yqpack_runtime") == (model.runtime or None)
+        assert (model.runtime != "") == (model.role in (Role.DETECTOR, Role.ENSEMBLE))
         assert configs[model.name].max_batch_size == model.max_batch_size
         if model.role is Role.DETECTOR:
             config = configs[model.name]
@@ -293,3 +295,18 @@ def test_local_detector_runtime_is_a_config_parameter(yolov8n_build, tmp_path, r
     assert filecmp.cmp(result.path / detector / "1" / "runtime.py", runtime_module.__file__, shallow=False)
     with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
         render_repository(yolov8n_build, tmp_path / "other", runtime="tvm")
+
+
+@pytest.mark.parametrize("target, runtime, expected", [
+    ("local", "openvino", {"fp32": "openvino (f32 hint)", "int8": "openvino (f32 hint)"}),
+    ("local", "onnxruntime", {"fp32": "onnxruntime", "int8": "onnxruntime"}),
+    ("cpu-openvino", "openvino", {"fp32": "onnxruntime (Triton backend)", "int8": "openvino (Triton backend)"}),
+])
+def test_each_detector_names_the_runtime_that_executes_it(yolov8n_build, tmp_path, target, runtime, expected):
+    """Reports print the runtime beside served numbers: cpu-openvino keeps FP32 on onnxruntime (exact)."""
+    result = render_repository(yolov8n_build, tmp_path / "repo", target=target, precisions=("fp32", "int8"),
+                               runtime=runtime)
+    index = RepositoryIndex.load(result.path)
+    assert {p.value: m.runtime for p, m in index.detectors().items()} == expected
+    for precision, ensemble in index.ensembles().items():
+        assert index.get(ensemble).runtime == expected[precision.value]

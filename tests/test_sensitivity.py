@@ -158,7 +158,7 @@ def test_build_with_auto_preset_records_its_choice(assets, tmp_path):
     assert auto["kept_precise"] == [s["tried"] for s in auto["steps"] if s["accepted"] and s["tried"]]
     assert auto["met_target"] == (auto["final"]["agreement"] >= 0.9)
     assert auto["met_target"] or len(auto["steps"]) > 12  # stops at the target or after AUTO_MAX_TRIALS
-    assert manifest["quantization"]["int8_conv_mac_share"] == pytest.approx(auto["final"]["int8_conv_mac_share"],
+    assert manifest["quantization"]["int8_mac_coverage"] == pytest.approx(auto["final"]["int8_mac_coverage"],
                                                                             abs=1e-4)
     int8 = onnx.load(str(out / "onnx" / "model.int8-fp32.onnx"))
     assert not set(manifest["quantization"]["excluded_nodes"]) & set(quantized_inputs(int8))
