@@ -78,6 +78,16 @@ def test_borrowed_output_and_shared_input_give_the_same_numbers(yolov8n_build, b
     np.testing.assert_array_equal(model.run(fortran), owned)
 
 
+def test_unpinned_threads_reach_openvino_and_change_no_number(yolov8n_build, batch):
+    """The served detector runs OpenVINO unpinned (it shares the cores with pre/postprocess): a scheduling
+    setting only, the outputs are the same bits as pinned."""
+    path = artifact_path(yolov8n_build, "int8-fp32")
+    pinned, unpinned = open_model(path, OPENVINO), open_model(path, RuntimeOptions("openvino", cpu_pinning=False))
+    assert pinned._compiled.get_property("ENABLE_CPU_PINNING") is True
+    assert unpinned._compiled.get_property("ENABLE_CPU_PINNING") is False
+    np.testing.assert_array_equal(unpinned.run(batch), pinned.run(batch))
+
+
 def test_onnxruntime_has_no_execution_graph(yolov8n_build):
     with pytest.raises(ValueError, match="execution graph"):
         open_model(artifact_path(yolov8n_build, "fp32"), RuntimeOptions("onnxruntime")).layer_precisions()
