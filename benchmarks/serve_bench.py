@@ -37,26 +37,25 @@ from packager.server_env import MALLOC_ENV, ensure_server_env
 
 
 class InProcessDetector:
-    """The ceiling: the bare detector in this process, batch 1, same runtime as served (for onnxruntime the
-    better spinning setting; OpenVINO has none to choose)."""
+    """The ceiling: the bare detector in this process, batch 1, same runtime as served, with the better thread
+    setting of the two (onnxruntime: spinning on/off; OpenVINO: threads pinned to cores or not)."""
 
     def __init__(self, onnx_path: Path, tensors: list[np.ndarray], options: RuntimeOptions):
         self.tensors = tensors
-        settings = (True, False) if options.runtime == "onnxruntime" else (True,)
-        probes = {spin: open_model(onnx_path, RuntimeOptions(**{**vars(options), "allow_spinning": spin}))
-                  for spin in settings}
+        knob = "allow_spinning" if options.runtime == "onnxruntime" else "cpu_pinning"
+        probes = {on: open_model(onnx_path, RuntimeOptions(**{**vars(options), knob: on})) for on in (True, False)}
         for model in probes.values():
             model.run(tensors[0][None])  # first run allocates
-        timings = {spin: self.run(len(tensors) // 4 or 1, model)[1] for spin, model in probes.items()}
-        self.spinning = min(timings, key=timings.get)  # which wins depends on the machine's other load
-        self.model = probes[self.spinning]
+        timings = {on: self.run(len(tensors) // 4 or 1, model)[1] for on, model in probes.items()}
+        self.setting = f"{knob}={min(timings, key=timings.get)}"  # which wins depends on the machine's other load
+        self.model = probes[min(timings, key=timings.get)]
 
     def run(self, count: int, model: CompiledModel | None = None) -> tuple[list[float], float]:
         model = model or self.model
         latencies, start = [], time.perf_counter()
         for i in range(count):
             begin = time.perf_counter()
-            model.run(self.tensors[i % len(self.tensors)][None])
+            model.run_borrowed(self.tensors[i % len(self.tensors)][None])  # as the served detector runs it
             latencies.append(time.perf_counter() - begin)
         return latencies, time.perf_counter() - start
 
@@ -95,9 +94,14 @@ async def statistics(url: str) -> dict:
 
 
 def _per_request_ms(before: dict, after: dict, models: list[str]) -> dict:
-    """Mean ms per request inside each model (compute; queue) between two statistics snapshots."""
+    """Mean ms per request inside each model between two statistics snapshots: compute (split into Triton's
+    input / infer / output phases: for the Python backend input and output include the stub's shared-memory IPC),
+    queue, and the mean batch. A detector's figures mix its bare requests and the ensemble's."""
     return {
-        step.model: {"compute_ms": round(step.compute_ms, 2), "queue_ms": round(step.queue_ms, 2)}
+        step.model: {"compute_ms": round(step.compute_ms, 2), "queue_ms": round(step.queue_ms, 2),
+                     "input_infer_output_ms": [round(step.compute_input_ms, 2), round(step.compute_infer_ms, 2),
+                                               round(step.compute_output_ms, 2)],
+                     "avg_batch": round(step.avg_batch, 2)}
         for step in step_timings(before, after, models)
     }
 
@@ -131,7 +135,8 @@ class PrecisionBench:
     def summary(self) -> dict:
         ceiling, bare, full = (_summary(self.runs[key]) for key in ("ceiling", "detector", "ensemble"))
         self.runs = {key: [] for key in self.runs}
-        return {"ceiling_in_process": ceiling, "served_detector": bare, "ensemble": full,
+        return {"ceiling_in_process": ceiling, "ceiling_setting": self.ceiling.setting, "served_detector": bare,
+                "ensemble": full,
                 "ensemble_vs_ceiling": round(full["images_per_s"] / ceiling["images_per_s"], 3)}
 
 
@@ -187,7 +192,8 @@ def main() -> None:
                 after = asyncio.run(statistics(server.grpc_url))
                 row = {bench.precision: bench.summary() for bench in benches}
                 row["load_average_1min"] = round(os.getloadavg()[0], 2)
-                row["pre_post_ms"] = _per_request_ms(before, after, [pre, post])
+                steps = [pre, *(bench.detector for bench in benches), post]
+                row["server_steps_ms"] = _per_request_ms(before, after, steps)
                 results["levels"][level] = row
                 print(f"c={level}: {json.dumps(row)}", flush=True)
     results["machine"] = {"cpus": _cpu_count(), "platform": platform.platform(), "processor": cpu_name()}

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import coco_eval
-from .contracts import BuildManifest, RepositoryIndex, YqpackError
+from .contracts import BuildManifest, YqpackError
 from .gates import AccuracyReference
+from .repository_index import RepositoryIndex
 
 # The ONNX each served precision is evaluated from (as `eval-onnx`; the fp32 INT8 twin has the served scales).
 REFERENCE_VARIANT = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"}

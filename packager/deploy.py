@@ -153,7 +153,7 @@ def check_repository(repository: Path) -> None:
         raise MissingInputError(f"model repository not found: {repository} (render it with `yqpack build`)")
     if not any(repository.glob("*/config.pbtxt")):
         raise ConfigError(f"{repository} holds no Triton model (no */config.pbtxt): render it with `yqpack build`")
-    from packager.engines import repository_engine_specs
+    from packager.engine_plans import repository_engine_specs
 
     unbuildable = [s.name for s in repository_engine_specs(repository)
                    if not s.onnx_path.is_file() and not s.plan_path.is_file()]

@@ -1,7 +1,8 @@
 """The engine stage's host side, never shipped into the serving image: `--engines local` (the TensorRT Python API
 on this host's GPU), staging each detector's source ONNX from the build, and recording engine keys in the manifest.
 
-The cache-keyed build loop itself lives in engines.py (standard library only, run by the serving image).
+The cache-keyed build loop itself lives in engines.py, the plans and their keys in engine_plans.py (standard
+library only, run by the serving image).
 """
 
 from __future__ import annotations
@@ -13,18 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from packager.contracts import BuildManifest, EngineBuildError, ManifestError
-from packager.engines import (
-    EngineResult,
-    EngineSpec,
-    TensorRTVersion,
-    build_repository_engines,
-    detect_gpu,
-    legacy_precision_flags,
-    read_key,
-    repository_engine_specs,
-    sha256_file,
-    tail,
-)
+from packager.engine_plans import EngineSpec, TensorRTVersion, read_key, repository_engine_specs, sha256_file
+from packager.engines import EngineResult, build_repository_engines, detect_gpu, legacy_precision_flags, tail
 
 
 # --------------------------------------------------------------------------- optional: TensorRT Python API

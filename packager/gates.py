@@ -159,65 +159,71 @@ def evaluate_gates(
 
     Bare-detector load (a benchmark) is held to --max-errors only.
     """
-    gates: list[GateResult] = []
+    gates = map_ratio_gates(thresholds.min_map_ratio, accuracy, comparisons)
+    for model in dict.fromkeys([item.model for item in accuracy] + list(load)):
+        levels = load.get(model, [])
+        errors = sum(item.errors for item in accuracy if item.model == model) + sum(level.errors for level in levels)
+        gates.append(errors_gate(model, errors, thresholds.max_errors))
+        if thresholds.min_throughput is not None:
+            gates.append(throughput_gate(model, levels, thresholds.min_throughput))
+        if thresholds.max_p99_ms is not None:
+            gates.append(p99_gate(model, levels, thresholds.max_p99_ms))
+    for model, levels in (detector_load or {}).items():
+        errors = sum(level.errors for level in levels)
+        gates.append(errors_gate(model, errors, thresholds.max_errors, " (bare detector)"))
+    return gates
+
+
+def map_ratio_gates(min_ratio: float, accuracy: Sequence[ServedAccuracy],
+                    comparisons: Sequence[Comparison]) -> list[GateResult]:
+    """--min-map-ratio for every model compared with its reference; a model with no mAP at all fails it."""
+    gates = []
     compared = {comparison.model: comparison for comparison in comparisons}
     for item in accuracy:
         if item.model in compared:
             ratio = compared[item.model].map_ratio
-            passed = not math.isnan(ratio) and ratio >= thresholds.min_map_ratio
+            passed = not math.isnan(ratio) and ratio >= min_ratio
             gates.append(
                 GateResult(
                     "--min-map-ratio",
                     item.model,
                     passed,
                     ratio,
-                    thresholds.min_map_ratio,
+                    min_ratio,
                     f"mAP50-95 ratio vs {compared[item.model].reference_model} is {ratio:.4f}"
-                    + ("" if passed else f", {thresholds.min_map_ratio - ratio:.4f} below the minimum")
-                    + _interval_detail(compared[item.model], thresholds.min_map_ratio),
+                    + ("" if passed else f", {min_ratio - ratio:.4f} below the minimum")
+                    + _interval_detail(compared[item.model], min_ratio),
                 )
             )
         elif item.metrics is None:
             gates.append(
-                GateResult("--min-map-ratio", item.model, False, float("nan"), thresholds.min_map_ratio,
+                GateResult("--min-map-ratio", item.model, False, float("nan"), min_ratio,
                            "no mAP: every accuracy request failed")
             )
-    for model in dict.fromkeys([item.model for item in accuracy] + list(load)):
-        errors = sum(item.errors for item in accuracy if item.model == model)
-        errors += sum(level.errors for level in load.get(model, []))
-        passed = errors <= thresholds.max_errors
-        gates.append(
-            GateResult("--max-errors", model, passed, float(errors), float(thresholds.max_errors),
-                       f"{errors} failed request(s)" + ("" if passed else f", {errors - thresholds.max_errors} over"))
-        )
-        levels = load.get(model, [])
-        if thresholds.min_throughput is not None:
-            peak = peak_throughput(levels)
-            passed = bool(levels) and peak >= thresholds.min_throughput
-            gates.append(
-                GateResult("--min-throughput", model, passed, peak, thresholds.min_throughput,
-                           f"peak {peak:.2f} img/s" + ("" if passed else
-                                                       f", {thresholds.min_throughput - peak:.2f} img/s short"))
-            )
-        if thresholds.max_p99_ms is not None:
-            worst = max(levels, key=lambda level: _nan_high(level.latency.p99_ms), default=None)
-            value = _nan_high(worst.latency.p99_ms) if worst else float("inf")
-            passed = worst is not None and value <= thresholds.max_p99_ms
-            where = f" at concurrency {worst.concurrency}" if worst else ""
-            gates.append(
-                GateResult("--max-p99-ms", model, passed, value, thresholds.max_p99_ms,
-                           f"worst p99 {value:.1f} ms{where}" + ("" if passed else
-                                                                 f", {value - thresholds.max_p99_ms:.1f} ms over"))
-            )
-    for model, levels in (detector_load or {}).items():
-        errors = sum(level.errors for level in levels)
-        passed = errors <= thresholds.max_errors
-        gates.append(
-            GateResult("--max-errors", model, passed, float(errors), float(thresholds.max_errors),
-                       f"{errors} failed request(s) (bare detector)"
-                       + ("" if passed else f", {errors - thresholds.max_errors} over"))
-        )
     return gates
+
+
+def errors_gate(model: str, errors: int, max_errors: int, what: str = "") -> GateResult:
+    passed = errors <= max_errors
+    return GateResult("--max-errors", model, passed, float(errors), float(max_errors),
+                      f"{errors} failed request(s){what}" + ("" if passed else f", {errors - max_errors} over"))
+
+
+def throughput_gate(model: str, levels: Sequence[LevelResult], min_throughput: float) -> GateResult:
+    peak = peak_throughput(levels)
+    passed = bool(levels) and peak >= min_throughput
+    return GateResult("--min-throughput", model, passed, peak, min_throughput,
+                      f"peak {peak:.2f} img/s" + ("" if passed else f", {min_throughput - peak:.2f} img/s short"))
+
+
+def p99_gate(model: str, levels: Sequence[LevelResult], max_p99_ms: float) -> GateResult:
+    """The worst level decides; no level at all fails."""
+    worst = max(levels, key=lambda level: _nan_high(level.latency.p99_ms), default=None)
+    value = _nan_high(worst.latency.p99_ms) if worst else float("inf")
+    passed = worst is not None and value <= max_p99_ms
+    where = f" at concurrency {worst.concurrency}" if worst else ""
+    return GateResult("--max-p99-ms", model, passed, value, max_p99_ms,
+                      f"worst p99 {value:.1f} ms{where}" + ("" if passed else f", {value - max_p99_ms:.1f} ms over"))
 
 
 @dataclass

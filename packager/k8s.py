@@ -18,9 +18,10 @@ import jinja2
 import yaml
 
 from packager.assets import DEPLOY_DIR, PACKAGE_DIR, TEMPLATES_DIR
-from packager.contracts import ConfigError, RepositoryIndex, Role
+from packager.contracts import ConfigError, Role
 from packager.push import S3Location, check_repository, read_remote_index, triton_endpoint_url
 from packager.repository import PRE_POST_INSTANCES
+from packager.repository_index import RepositoryIndex
 from packager.swap import replace_directory
 from packager.serve import SHM_DEFAULT_BYTES
 
@@ -33,7 +34,8 @@ METRIC_NAME = "triton_queue_time_per_request_ms"  # what the adapter rule expose
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb")
 KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
-ENGINE_MODULES = ("engines.py", "contracts.py", "gpu_probe.py")  # what deploy/build_engines.py imports from packager/
+# What deploy/build_engines.py imports from packager/ (standard library only).
+ENGINE_MODULES = ("engines.py", "engine_plans.py", "repository_index.py", "contracts.py", "gpu_probe.py")
 MARKER = ".yqpack-k8s"  # marks a folder yqpack k8s may replace
 
 
@@ -212,7 +214,7 @@ def _render(env: jinja2.Environment, template: str, context: dict, destination: 
 
 def _copy_engine_scripts(folder: Path) -> list[Path]:
     """The compose `engines` service's code for a ConfigMap: deploy/build_engines.py, packager/engines.py and the
-    standard-library-only packager/contracts.py and gpu_probe.py it imports."""
+    standard-library-only packager/engine_plans.py, repository_index.py, contracts.py and gpu_probe.py it imports."""
     folder.mkdir(exist_ok=True)
     sources = (DEPLOY_DIR / "build_engines.py", *(PACKAGE_DIR / f for f in ENGINE_MODULES))  # checkout or wheel
     return [Path(shutil.copy2(source, folder / source.name)) for source in sources]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import urlparse
 
-from packager.contracts import REPOSITORY_INDEX, ConfigError, MissingInputError, RepositoryIndex, YqpackError
+from packager.contracts import ConfigError, MissingInputError, YqpackError
+from packager.repository_index import REPOSITORY_INDEX, RepositoryIndex
 
 PLACEHOLDER_NAME = ".yqpack-keep"
 PLACEHOLDER_BODY = b"yqpack: keeps this folder visible in S3 (S3 has no empty folders; Triton needs it)\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .verify import VerifyResult
+    from .verify_result import VerifyResult
 
 STATUS_LINE = {
     "pass": "PASS - every gate holds",
@@ -93,12 +93,28 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_markdown(result: "VerifyResult", plots: dict[str, str] | None = None) -> str:
+    """report.md: the verdict first, then one section per kind of number (a section without numbers is left out)."""
     plots = plots or {}
+    sections = [
+        _summary_section(result),
+        _gates_section(result),
+        _accuracy_section(result, plots),
+        _comparison_section(result),
+        _load_section(result, plots),
+        _detector_section(result),
+        _errors_section(result),
+        _skipped_section(result),
+        _versions_section(result),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _summary_section(result: "VerifyResult") -> list[str]:
     lines = [f"# yqpack verify: {result.status.upper()}", "", f"**{STATUS_LINE[result.status]}**", ""]
     if result.incomplete_reason:
         lines += [f"Incomplete because: {result.incomplete_reason}", ""]
     server = result.server or {}
-    lines += [
+    return lines + [
         f"- server: {result.url} ({server.get('name', '?')} {server.get('version', '?')})",
         f"- models: {', '.join(m.name for m in result.models) or 'none discovered'}",
         f"- images: {result.images.get('accuracy')} annotated for accuracy, {result.images.get('load_payloads')} "
@@ -108,88 +124,114 @@ def render_markdown(result: "VerifyResult", plots: dict[str, str] | None = None)
         "",
     ]
 
-    lines += ["## Gates", ""]
+
+def _gates_section(result: "VerifyResult") -> list[str]:
+    lines = ["## Gates", ""]
     if result.status == "incomplete":
         # Gates over a partial run would look like a verdict: show the numbers, not a pass.
         lines += ["Not judged: the run is incomplete. Partial values:", ""]
+    if not result.gates:
+        return lines + ["(no gate evaluated)", ""]
     verdict = {True: "pass", False: "**FAIL**"} if result.status != "incomplete" else {True: "n/a", False: "**FAIL**"}
-    lines += _table(
+    return lines + _table(
         ["gate", "model", "result", "value", "threshold", "detail"],
         [[g.gate, g.model, verdict[g.passed], _gate_number(g.gate, g.value), _gate_number(g.gate, g.threshold),
           g.detail]
          for g in result.gates],
-    ) if result.gates else ["(no gate evaluated)", ""]
+    )
 
-    lines += ["## Accuracy (served, COCO, conf 0.001 / iou 0.7 / max_det 300)", ""]
+
+def _accuracy_section(result: "VerifyResult", plots: dict[str, str]) -> list[str]:
+    lines = ["## Accuracy (served, COCO, conf 0.001 / iou 0.7 / max_det 300)", ""]
+    # The same ONNX scores differently under emulated Q/DQ, integer kernels and TensorRT: name who ran it.
+    runtimes = {model.name: model.runtime or "not stated by the server" for model in result.models}
     rows = []
     for item in result.accuracy:
         m = item.metrics
-        rows.append([item.model, item.precision, str(item.images), str(item.errors)]
+        rows.append([item.model, item.precision, runtimes.get(item.model, "-"), str(item.images), str(item.errors)]
                     + ([_num(v, 4) for v in (m.map50_95, m.map50, m.map75, m.map_small, m.map_medium, m.map_large)]
                        if m else ["-"] * 6))
-    lines += _table(["model", "precision", "images", "errors", "mAP50-95", "mAP50", "mAP75", "AP small",
+    lines += _table(["model", "precision", "runtime", "images", "errors", "mAP50-95", "mAP50", "mAP75", "AP small",
                      "AP medium", "AP large"], rows)
     if "map" in plots:
         lines += [f"![mAP per precision]({plots['map']})", ""]
+    return lines
 
-    if result.comparisons:
-        lines += ["## Precision vs reference", ""]
-        lines += _table(
-            ["model", "reference", "mAP50-95", "reference mAP", "delta", "ratio", "95% interval",
-             "quantized MACs", "peak img/s", "reference peak", "speed-up"],
-            [[c.model, c.reference_model, _num(c.map50_95, 4), _num(c.reference_map50_95, 4),
-              f"{c.map_delta:+.4f}", _num(c.map_ratio, 4), _interval_cell(c),
-              "-" if c.mac_coverage is None else f"{c.mac_coverage:.1%}", _num(c.peak_throughput),
-              _num(c.reference_peak_throughput), _num(c.speedup, 2) + "x"] for c in result.comparisons],
-        )
-        first = next((c.interval for c in result.comparisons if c.interval), None)
-        if first is not None:
-            lines += [f"Interval: paired bootstrap over the {first.images} images, {first.resamples} resamples "
-                      f"(seed {first.seed}) of pycocotools' per-image results. Quantized MACs: share of "
-                      "convolution multiply-accumulates whose input and weight are quantized (from --build).", ""]
 
-    if result.load:
-        lines += ["## Load (ensemble, one encoded image per request)", ""]
-        rows = []
-        for model, levels in result.load.items():
-            for level in levels:
-                rows.append([model, str(level.concurrency), str(level.requests), str(level.errors),
-                             _num(level.throughput), _num(level.latency.p50_ms), _num(level.latency.p90_ms),
-                             _num(level.latency.p99_ms)])
-        lines += _table(["model", "concurrency", "requests", "errors", "img/s", "p50 ms", "p90 ms", "p99 ms"], rows)
-        if "throughput_latency" in plots:
-            lines += [f"![throughput vs p99 latency]({plots['throughput_latency']})", ""]
-        lines += _server_steps_section(result)
+def _comparison_section(result: "VerifyResult") -> list[str]:
+    if not result.comparisons:
+        return []
+    lines = ["## Precision vs reference", ""]
+    lines += _table(
+        ["model", "reference", "mAP50-95", "reference mAP", "delta", "ratio", "95% interval",
+         "quantized MACs", "peak img/s", "reference peak", "speed-up"],
+        [[c.model, c.reference_model, _num(c.map50_95, 4), _num(c.reference_map50_95, 4),
+          f"{c.map_delta:+.4f}", _num(c.map_ratio, 4), _interval_cell(c),
+          "-" if c.mac_coverage is None else f"{c.mac_coverage:.1%}", _num(c.peak_throughput),
+          _num(c.reference_peak_throughput), _num(c.speedup, 2) + "x"] for c in result.comparisons],
+    )
+    first = next((c.interval for c in result.comparisons if c.interval), None)
+    if first is not None:
+        lines += [f"Interval: paired bootstrap over the {first.images} images, {first.resamples} resamples "
+                  f"(seed {first.seed}) of pycocotools' per-image results. Quantized MACs: share of "
+                  "convolution multiply-accumulates whose input and weight are quantized (from --build).", ""]
+    return lines
 
-    if result.detector_load:
-        lines += ["## Ensemble vs bare detector (same concurrency)", ""]
-        rows = []
-        for model in result.models:
-            ensemble = {level.concurrency: level for level in result.load.get(model.name, [])}
-            for level in result.detector_load.get(model.detector or "", []):
-                whole = ensemble.get(level.concurrency)
-                ratio = whole.throughput / level.throughput if whole and level.throughput else float("nan")
-                rows.append([model.name, str(level.concurrency), _num(whole.throughput if whole else None),
-                             _num(level.throughput), _num(ratio, 2), str(level.errors)])
-        lines += _table(["ensemble", "concurrency", "ensemble img/s", "detector img/s", "ensemble / detector",
-                         "detector errors"], rows)
 
+def _load_section(result: "VerifyResult", plots: dict[str, str]) -> list[str]:
+    if not result.load:
+        return []
+    lines = ["## Load (ensemble, one encoded image per request)", ""]
+    rows = []
+    for model, levels in result.load.items():
+        for level in levels:
+            rows.append([model, str(level.concurrency), str(level.requests), str(level.errors),
+                         _num(level.throughput), _num(level.latency.p50_ms), _num(level.latency.p90_ms),
+                         _num(level.latency.p99_ms)])
+    lines += _table(["model", "concurrency", "requests", "errors", "img/s", "p50 ms", "p90 ms", "p99 ms"], rows)
+    if "throughput_latency" in plots:
+        lines += [f"![throughput vs p99 latency]({plots['throughput_latency']})", ""]
+    return lines + _server_steps_section(result)
+
+
+def _detector_section(result: "VerifyResult") -> list[str]:
+    if not result.detector_load:
+        return []
+    rows = []
+    for model in result.models:
+        ensemble = {level.concurrency: level for level in result.load.get(model.name, [])}
+        for level in result.detector_load.get(model.detector or "", []):
+            whole = ensemble.get(level.concurrency)
+            ratio = whole.throughput / level.throughput if whole and level.throughput else float("nan")
+            rows.append([model.name, str(level.concurrency), _num(whole.throughput if whole else None),
+                         _num(level.throughput), _num(ratio, 2), str(level.errors)])
+    return ["## Ensemble vs bare detector (same concurrency)", ""] + _table(
+        ["ensemble", "concurrency", "ensemble img/s", "detector img/s", "ensemble / detector", "detector errors"],
+        rows)
+
+
+def _errors_section(result: "VerifyResult") -> list[str]:
     errors = [(item.model, "accuracy", msg) for item in result.accuracy for msg in item.error_messages]
     for kind, load in (("load", result.load), ("detector load", result.detector_load)):
         errors += [(model, f"{kind} c={level.concurrency}", msg)
                    for model, levels in load.items() for level in levels for msg in level.error_messages]
-    if errors:
-        lines += ["## First error messages", ""]
-        lines += _table(["model", "where", "message"], [[m, w, msg.replace("|", "/")] for m, w, msg in errors])
+    if not errors:
+        return []
+    return ["## First error messages", ""] + _table(
+        ["model", "where", "message"], [[m, w, msg.replace("|", "/")] for m, w, msg in errors])
 
-    if result.skipped_images:
-        lines += ["## Images not used for accuracy", ""]
-        lines += _table(["file", "reason"], [[s.file, s.reason.replace("|", "/")] for s in result.skipped_images])
 
-    lines += ["## Versions", ""]
-    lines += _table(["component", "version"], [[k, str(v)] for k, v in result.versions.items()]
-                    + [["tritonserver", str(server.get("version"))]])
-    return "\n".join(lines)
+def _skipped_section(result: "VerifyResult") -> list[str]:
+    if not result.skipped_images:
+        return []
+    return ["## Images not used for accuracy", ""] + _table(
+        ["file", "reason"], [[s.file, s.reason.replace("|", "/")] for s in result.skipped_images])
+
+
+def _versions_section(result: "VerifyResult") -> list[str]:
+    server = result.server or {}
+    return ["## Versions", ""] + _table(["component", "version"], [[k, str(v)] for k, v in result.versions.items()]
+                                        + [["tritonserver", str(server.get("version"))]])
 
 
 def _server_steps_section(result: "VerifyResult") -> list[str]:

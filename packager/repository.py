@@ -26,13 +26,12 @@ from packager.contracts import (
     MissingInputError,
     ModelSpec,
     Precision,
-    RepositoryIndex,
     Role,
-    ServedModel,
     TensorSpec,
     check_model_name,
 )
 from packager.postprocess import PRODUCTION_THRESHOLDS, Thresholds
+from packager.repository_index import RepositoryIndex, ServedModel
 from packager.swap import replace_directory
 
 TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")

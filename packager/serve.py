@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,6 +26,13 @@ from pathlib import Path
 from packager import procinfo
 from packager.contracts import Endpoints, MissingInputError, ServerError
 from packager.readiness import NotReadyError, ServerGoneError, wait_until_ready
+from packager.server_args import (
+    DEFAULT_PORTS,
+    busy_ports,
+    find_free_ports,
+    model_repository_arg,
+    refuse_whitespace,
+)
 from packager.server_env import ServerEnv
 from packager.server_records import (
     HOST,
@@ -45,50 +51,15 @@ from packager.server_records import (
     write_state,
 )
 
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+# The serve stage's public names; find_free_ports (server_args.py) too, where tests and benchmarks import it from.
+__all__ = ["ADMIN_HEADER", "DEFAULT_PORTS", "SHM_DEFAULT_BYTES", "LocalTritonServer", "ServeOptions", "find_free_ports",
+           "serve_local", "stop_local"]
+
 # Admin API groups that answer only requests with the header ADMIN_HEADER = the server's admin_key.
 RESTRICTED_APIS = "shared-memory,logging,trace"
 ADMIN_HEADER = "triton-admin-key"
 # Python-backend shm: one region per stub; start at 64 MiB so that a batch of 640x640 images fits without growth.
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
-
-
-def model_repository_arg(repository: str | Path) -> tuple[Path | str, dict[str, str]]:
-    """tritonserver's --model-repository value and extra environment: a local folder, or an S3 URL in Triton's form.
-
-    s3://BUCKET/PREFIX (endpoint from AWS_ENDPOINT_URL) or s3://HOST:PORT/BUCKET/PREFIX; credentials reach the
-    server through the environment it inherits (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).
-    """
-    if str(repository).startswith("s3://"):
-        from packager.push import triton_s3_repository
-
-        return triton_s3_repository(str(repository))
-    return Path(repository).resolve(), {}
-
-
-def find_free_ports(count: int = 3) -> list[int]:
-    """Ports the OS reports free on 127.0.0.1 right now (for tests and parallel servers)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def port_in_use(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR as servers use it: TIME_WAIT leftovers are fine, a listener is not.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 class LocalTritonServer:
@@ -194,10 +165,10 @@ class LocalTritonServer:
             raise ServerError("this server is already started")
         if isinstance(self.repository, Path) and not self.repository.is_dir():
             raise MissingInputError(f"model repository not found: {self.repository} (run yqpack build first)")
-        _refuse_whitespace(self.repository, self.server_env.backend_dir)
+        refuse_whitespace(self.repository, self.server_env.backend_dir)
         if len(set(self.ports.values())) != len(self.ports):
             raise ServerError(f"the gRPC, HTTP and metrics ports must differ, got {self.ports}")
-        busy = [f"{kind} port {port}" for kind, port in self.ports.items() if port_in_use(port)]
+        busy = busy_ports(self.ports)
         if busy:
             raise ServerError(
                 f"{' and '.join(busy)} already in use on {HOST}: stop what listens there (yqpack stop?) "
@@ -293,17 +264,6 @@ class LocalTritonServer:
         return [f"{m.get('name')} ({m.get('state')}: {m.get('reason', '')})" for m in index if m.get("state") != "READY"]
 
 
-def _refuse_whitespace(*paths: Path) -> None:
-    """The Python backend hands model paths to its stubs unquoted: a space makes every stub crash. (An s3://
-    repository is downloaded by Triton to a temporary folder of its own.)"""
-    for path in (p for p in paths if isinstance(p, Path)):
-        names = [path, *(child for child in Path(path).iterdir() if child.is_dir())]
-        spaced = [str(name) for name in names if any(c.isspace() for c in str(name))]
-        if spaced:
-            raise ServerError(f"path with whitespace: {spaced[0]!r}; the Python backend cannot start models from "
-                              "it. Move or rename it to a path without spaces (a symlink resolves back to it).")
-
-
 # -- the `yqpack serve --local` / `yqpack stop` stages ------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeOptions:
@@ -337,7 +297,7 @@ def serve_local(options: ServeOptions, console=None) -> ServerState:
             f"a {kind} yqpack server already runs (pid {running.pid}, gRPC {running.grpc_url}); run `yqpack stop` first"
         )
     ports = {"grpc": options.grpc_port, "http": options.http_port, "metrics": options.metrics_port}
-    busy = [f"{kind} port {port}" for kind, port in ports.items() if port_in_use(port)]
+    busy = busy_ports(ports)
     if busy:  # before creating the env or starting anything
         raise ServerError(f"{' and '.join(busy)} already in use on {HOST}: choose other ports or stop what listens there")
     server = LocalTritonServer(

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import coco_eval
-from .contracts import MANIFEST_NAME, BuildManifest, MissingInputError, RepositoryIndex, YqpackError
+from .contracts import MANIFEST_NAME, BuildManifest, MissingInputError, YqpackError
 from .letterbox import decode_image
+from .repository_index import RepositoryIndex
 
 
 class VerifyError(YqpackError, RuntimeError):
@@ -112,6 +113,25 @@ def build_coverage(build_dir: Path | None) -> dict[str, float]:
         elif variant in manifest.artifacts:
             coverage[precision] = conv_coverage(manifest.artifact_path(build_dir, variant)).share(precision)
     return coverage
+
+
+def served_class_names(name: str, configs: dict[str, dict], build_dir: Path | None,
+                       url: str) -> tuple[list[str], str]:
+    """Class names of ensemble `name` and where they come from: a `class_names` parameter in its config or a step's
+    (`configs`, the ensemble's first), else the build's manifest (--build), else a detached yqpack serve's index."""
+    for holder, config in configs.items():
+        value = config_parameter(config, "class_names")
+        if value:
+            return parse_class_names(value), f"config parameter class_names of {holder}"
+    if build_dir is not None:
+        return manifest_class_names(Path(build_dir)), f"{Path(build_dir) / 'manifest.json'}"
+    names, source = detached_server_class_names(url)
+    if names is None:
+        raise VerifyError(
+            f"{name}: the served configs carry no class_names parameter; pass --build DIR so the "
+            "manifest's class names map class ids to COCO categories"
+        )
+    return names, source
 
 
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:

@@ -17,11 +17,11 @@ from packager.contracts import (
     HeadFormat,
     ManifestError,
     MissingInputError,
-    RepositoryIndex,
     YqpackError,
     check_model_name,
 )
 from packager.manifest import sha256_file
+from packager.repository_index import RepositoryIndex
 
 PACKAGE = Path(__file__).resolve().parent.parent / "packager"
 

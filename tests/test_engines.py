@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from packager import engine_host, engines, gpu_probe
+from packager import engine_host, engine_plans, engines, gpu_probe
 from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli import main
 from packager.contracts import (
@@ -33,12 +33,12 @@ from packager.contracts import (
     MissingInputError,
     ModelSpec,
     Precision,
-    RepositoryIndex,
     Role,
-    ServedModel,
     TensorSpec,
 )
-from packager.engines import EngineBuildError, GpuInfo, TensorRTVersion
+from packager.engine_plans import TensorRTVersion
+from packager.engines import EngineBuildError, GpuInfo
+from packager.repository_index import RepositoryIndex, ServedModel
 
 TRT10 = TensorRTVersion(10, 8, 0)
 TRT86 = TensorRTVersion(8, 6, 1)
@@ -204,11 +204,11 @@ def build_all(repository: Path, trtexec, version=TRT10, gpu=L4, allow_missing=Fa
     ],
 )
 def test_tensorrt_version_parsing(text, expected):
-    assert engines.parse_tensorrt_version(text) == TensorRTVersion(*expected)
+    assert engine_plans.parse_tensorrt_version(text) == TensorRTVersion(*expected)
 
 
 def test_tensorrt_version_rejects_garbage():
-    assert engines.parse_tensorrt_version("no version here") is None
+    assert engine_plans.parse_tensorrt_version("no version here") is None
     with pytest.raises(ValueError, match="not a TensorRT version"):
         TensorRTVersion.parse("ten")
     assert TensorRTVersion(10, 0).strongly_typed and not TensorRTVersion(9, 3).strongly_typed
@@ -282,7 +282,7 @@ def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, m
 def test_trtexec_profile_agrees_with_the_rendered_gpu_config(sample_onnx, sample_io, tmp_path):
     """The engine's profile comes from the repository index; it must agree with what Triton reads from the config."""
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("int8",))
-    (spec,) = engines.repository_engine_specs(repository)
+    (spec,) = engine_plans.repository_engine_specs(repository)
     config = parse_model_config((repository / spec.name / "config.pbtxt").read_text())
     assert (spec.name, spec.precision, spec.artifact) == (config.name, "int8", "int8")
     assert spec.max_batch == config.max_batch_size and list(spec.input_dims) == list(config.input[0].dims)
@@ -298,24 +298,24 @@ def test_only_tensorrt_plan_detectors_are_engine_builds(yolov8n_build, tmp_path)
     from packager.repository import render_repository
 
     ort = render_repository(yolov8n_build, tmp_path / "ort", target="gpu-ort")
-    assert engines.repository_engine_specs(ort.path) == []
+    assert engine_plans.repository_engine_specs(ort.path) == []
     gpu = render_repository(yolov8n_build, tmp_path / "gpu", target="gpu")
-    assert [s.precision for s in engines.repository_engine_specs(gpu.path)] == ["fp16", "int8"]
+    assert [s.precision for s in engine_plans.repository_engine_specs(gpu.path)] == ["fp16", "int8"]
 
 
 def test_a_repository_without_an_index_is_a_clear_error(sample_onnx, sample_io, tmp_path):
     repository = make_gpu_repository(tmp_path, sample_onnx, sample_io)
     (repository / "yqpack_repository.json").unlink()
     with pytest.raises(MissingInputError, match="not a yqpack model repository.*yqpack render"):
-        engines.repository_engine_specs(repository)
+        engine_plans.repository_engine_specs(repository)
 
 
 # ------------------------------------------------------------------------------------------ command lines
 
 
-def spec_for(precision: str, tmp_path: Path) -> engines.EngineSpec:
+def spec_for(precision: str, tmp_path: Path) -> engine_plans.EngineSpec:
     io = {"input_name": "images", "input_dims": [3, 640, 640], "output_name": "output0", "output_dims": [84, 8400]}
-    return engines.engine_spec(served_detector(io, precision), tmp_path)
+    return engine_plans.engine_spec(served_detector(io, precision), tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -348,14 +348,14 @@ def test_trtexec_legacy_flags_before_tensorrt_10(precision, flags, tmp_path):
 
 def test_opt_batch_never_exceeds_max_batch(tmp_path):
     io = {"input_name": "images", "input_dims": [3, 320, 320], "output_name": "output0", "output_dims": [84, 2100]}
-    spec = engines.engine_spec(replace(served_detector(io, "fp16", max_batch=4), preferred_batch_sizes=(2, 4, 8)),
+    spec = engine_plans.engine_spec(replace(served_detector(io, "fp16", max_batch=4), preferred_batch_sizes=(2, 4, 8)),
                                tmp_path)
     assert (spec.min_batch, spec.opt_batch, spec.max_batch) == (1, 4, 4)
 
 
 def test_timing_cache_is_per_version_and_gpu(tmp_path):
-    assert engines.timing_cache_path(tmp_path, TRT10, "8.9").name == "timing-trt10.8.0-sm89.cache"
-    assert engines.timing_cache_path(tmp_path, TRT10, "8.9") != engines.timing_cache_path(tmp_path, TRT10, "7.5")
+    assert engine_plans.timing_cache_path(tmp_path, TRT10, "8.9").name == "timing-trt10.8.0-sm89.cache"
+    assert engine_plans.timing_cache_path(tmp_path, TRT10, "8.9") != engine_plans.timing_cache_path(tmp_path, TRT10, "7.5")
 
 
 # ---------------------------------------------------------------------------- cache key and build loop
@@ -368,7 +368,7 @@ def test_build_then_reuse_then_rebuild_on_each_key_change(sample_onnx, sample_io
     first = build_all(repository, stand_in_trtexec)
     assert [r.status for r in first] == ["built"] and plan.read_bytes() == b"PLAN-BYTES"
     key = json.loads((plan.parent / "model.plan.key.json").read_text())
-    assert key["onnx_sha256"] == engines.sha256_file(sample_onnx)
+    assert key["onnx_sha256"] == engine_plans.sha256_file(sample_onnx)
     assert (key["tensorrt_version"], key["compute_capability"], key["strongly_typed"]) == ("10.8.0", "8.9", True)
     assert key["gpu_name"] == "NVIDIA L4" and key["plugins"] == []
     assert key["profile"]["max"] == "images:8x3x640x640"
@@ -462,7 +462,7 @@ def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tm
     manifest = json.loads((build_dir / "manifest.json").read_text())
     assert manifest["model_name"] == "yolov8n" and manifest["engines"] == recorded
     assert set(recorded) == {"yolov8n_fp16_detector", "yolov8n_int8_detector"}
-    assert recorded["yolov8n_int8_detector"]["onnx_sha256"] == engines.sha256_file(sample_onnx)
+    assert recorded["yolov8n_int8_detector"]["onnx_sha256"] == engine_plans.sha256_file(sample_onnx)
     assert recorded["yolov8n_int8_detector"]["precision"] == "int8"
 
 
@@ -516,7 +516,7 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
         assert (config.input[0].name, list(config.input[0].dims)) == (io["input_name"], io["input_dims"])
         assert (config.output[0].name, list(config.output[0].dims)) == (io["output_name"], io["output_dims"])
         if target == "gpu":
-            (spec,) = [s for s in engines.repository_engine_specs(result.path) if s.name == config.name]
+            (spec,) = [s for s in engine_plans.repository_engine_specs(result.path) if s.name == config.name]
             assert spec.max_batch >= config.max_batch_size
         else:
             assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
@@ -527,7 +527,7 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
         for path in staged:
             precision = path.parent.parent.name.split("_")[-2]
             artifact = manifest["artifacts"][ONNX_VARIANT["gpu"][precision]]
-            assert engines.sha256_file(path) == artifact["sha256"]
+            assert engine_plans.sha256_file(path) == artifact["sha256"]
 
 
 # ------------------------------------------------------------- GPU detection without compute_cap (issue 13)
@@ -689,7 +689,7 @@ def test_plugins_are_part_of_the_key_and_reach_trtexec_in_the_image(sample_onnx,
     assert first.returncode == 0, first.stderr
     assert f"--staticPlugins={plugin_dir / 'libyolo_nms.so'}" in stand_in_trtexec.calls()[0]
     key = json.loads((repository / "yolov8n_fp16_detector" / "1" / "model.plan.key.json").read_text())
-    assert key["plugins"] == [f"libyolo_nms.so:{engines.sha256_file(plugin_dir / 'libyolo_nms.so')}"]
+    assert key["plugins"] == [f"libyolo_nms.so:{engine_plans.sha256_file(plugin_dir / 'libyolo_nms.so')}"]
     (plugin_dir / "libyolo_nms.so").write_bytes(b"\x7fELF plugin v2")  # a new plugin build: the plan is stale
     second = subprocess.run(command, env=env, capture_output=True, text=True)
     assert "engines: 1 built, 0 reused" in second.stdout and len(stand_in_trtexec.calls()) == 2

@@ -88,7 +88,8 @@ def test_fp8_served_on_gpu_target_only(fp8_build, tmp_path):
 
 def test_fp8_engine_needs_compute_capability_8_9(tmp_path):
     """On a GPU below sm 8.9 the fp8 plan is refused with a plain message and trtexec is never started."""
-    from packager.engines import EngineSpec, TensorRTVersion, build_engine, trtexec_command
+    from packager.engine_plans import EngineSpec, TensorRTVersion
+    from packager.engines import build_engine, trtexec_command
     from packager.gpu_probe import GpuInfo
 
     onnx_path = tmp_path / "model.onnx"

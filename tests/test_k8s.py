@@ -22,7 +22,7 @@ from packager.assets import PROJECT_ROOT
 from packager.cli import main
 from packager.k8s import METRIC_NAME, K8sOptions, render_k8s
 from packager.push import push_repository
-from packager.contracts import REPOSITORY_INDEX
+from packager.repository_index import REPOSITORY_INDEX
 from packager.repository import render_repository
 
 VERSIONS = ("1.30.0", "1.35.0")
@@ -356,7 +356,8 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
                 kv.validate(document, "1.35.0", strict=True)
         if variant.endswith("gpu") and folder == rendered[variant]:
             (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-            assert set(config_map["data"]) == {"build_engines.py", "engines.py", "contracts.py", "gpu_probe.py"}
+            assert set(config_map["data"]) == {"build_engines.py", "engines.py", "engine_plans.py",
+                                               "repository_index.py", "contracts.py", "gpu_probe.py"}
             deployment = next(o for o in objects if o["kind"] == "Deployment")
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \

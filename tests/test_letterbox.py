@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from packager.assets import ultralytics_offline_env
-from packager.letterbox import LetterboxInfo, decode_image, letterbox, preprocess, preprocess_bytes, to_chw_float
+from packager.letterbox import (
+    LetterboxInfo,
+    decode_image,
+    letterbox,
+    letterbox_chw_into,
+    preprocess,
+    preprocess_bytes,
+    to_chw_float,
+)
 
 ultralytics_offline_env()
 from ultralytics.data.augment import LetterBox  # noqa: E402
@@ -84,6 +92,28 @@ def test_detector_layout_is_rgb_chw_unit_range():
     assert np.isnan(batch[0]).all()
     # The served letterbox_info tensor is float32: the round trip keeps geometry to float32 precision.
     np.testing.assert_allclose(LetterboxInfo.from_array(info.as_array()), info, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((1, 2000, 3), (640, 640)), ((999, 17, 3), (640, 640)), ((1080, 1920, 3), (640, 640)), ((480, 640, 3), (640, 640)),
+     ((333, 517, 3), (320, 480)), ((640, 640, 3), (640, 640)), ((211, 379), (640, 640)), ((211, 379, 4), (640, 640))],
+)
+def test_one_pass_layout_equals_letterbox_then_chw(shape, size):
+    """The served preprocess writes the detector input in one pass: bit for bit the two-step formulation
+    (letterbox, then to_chw_float), every pixel written (the batch starts as NaN), the same info."""
+    image = random_image(shape, seed=11)
+    letterboxed, want_info = letterbox(image, size)
+    want = to_chw_float(letterboxed)
+    batch = np.full((2, 3, *size), np.nan, dtype=np.float32)
+    info = letterbox_chw_into(image, batch[1])
+    np.testing.assert_array_equal(batch[1], want)
+    assert info == want_info and np.isnan(batch[0]).all()
+    chw, preprocess_info = preprocess(image, size)
+    np.testing.assert_array_equal(chw, want)
+    assert preprocess_info == want_info
+    with pytest.raises(ValueError, match="3xHxW float32"):
+        letterbox_chw_into(image, np.empty((3, *size), dtype=np.float64))
 
 
 def test_preprocess_bytes_equals_preprocess_of_decoded(tmp_path):

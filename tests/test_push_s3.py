@@ -27,7 +27,7 @@ from packager.push import (
     triton_s3_repository,
     verify_pushed,
 )
-from packager.contracts import REPOSITORY_INDEX
+from packager.repository_index import REPOSITORY_INDEX
 from packager.repository import render_repository
 from packager.serve import LocalTritonServer, find_free_ports
 from packager.server_records import read_state

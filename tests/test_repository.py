@@ -21,7 +21,8 @@ from packager.repository import (
     ensemble_name,
     render_repository,
 )
-from packager.contracts import RepositoryIndex, Role
+from packager.contracts import Role
+from packager.repository_index import RepositoryIndex
 
 
 def load_repository_info(repository: Path) -> dict:

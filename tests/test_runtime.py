@@ -58,6 +58,36 @@ def test_int8_model_runs_integer_kernels(yolov8n_build):
     assert not any(integer(counts) for counts in fp32.values()), fp32
 
 
+def test_borrowed_output_and_shared_input_give_the_same_numbers(yolov8n_build, batch):
+    """The served detector's fast path: OpenVINO reads the input in place and lends its output buffer. Same values
+    as `run`; the input is left untouched; a borrowed output is the request's buffer, overwritten by the next call,
+    while `run`'s result is the caller's own."""
+    model = open_model(artifact_path(yolov8n_build, "int8-fp32"), OPENVINO)
+    first, second = batch[:1], batch[1:]
+    before = first.copy()
+    owned = model.run(first)
+    borrowed = model.run_borrowed(first)
+    np.testing.assert_array_equal(borrowed, owned)
+    np.testing.assert_array_equal(first, before)
+    model.run_borrowed(second)
+    np.testing.assert_array_equal(borrowed, model.run(second))  # the lent buffer now holds the second image
+    assert not np.array_equal(owned, borrowed)
+    # a non-C-contiguous batch (same values, Fortran order) is copied first, not misread
+    fortran = np.asfortranarray(first)
+    assert not fortran.flags.c_contiguous
+    np.testing.assert_array_equal(model.run(fortran), owned)
+
+
+def test_unpinned_threads_reach_openvino_and_change_no_number(yolov8n_build, batch):
+    """The served detector runs OpenVINO unpinned (it shares the cores with pre/postprocess): a scheduling
+    setting only, the outputs are the same bits as pinned."""
+    path = artifact_path(yolov8n_build, "int8-fp32")
+    pinned, unpinned = open_model(path, OPENVINO), open_model(path, RuntimeOptions("openvino", cpu_pinning=False))
+    assert pinned._compiled.get_property("ENABLE_CPU_PINNING") is True
+    assert unpinned._compiled.get_property("ENABLE_CPU_PINNING") is False
+    np.testing.assert_array_equal(unpinned.run(batch), pinned.run(batch))
+
+
 def test_onnxruntime_has_no_execution_graph(yolov8n_build):
     with pytest.raises(ValueError, match="execution graph"):
         open_model(artifact_path(yolov8n_build, "fp32"), RuntimeOptions("onnxruntime")).layer_precisions()

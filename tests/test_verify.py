@@ -18,7 +18,8 @@ import pytest
 from packager import coco_eval
 from packager.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
 from packager.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
-from packager.verify import VerifyError, _real_rows, parse_class_names, scan_images, served_identity
+from packager.verify_inputs import VerifyError, parse_class_names, scan_images, served_identity
+from packager.verify_session import _real_rows
 
 
 # --- pure parts -------------------------------------------------------------------------------------------------
@@ -202,6 +203,20 @@ def test_served_map_equals_local_onnx_eval(served_verify, onnx_eval_metrics):
 
 
 @pytest.mark.slow
+def test_the_report_names_the_runtime_behind_each_served_number(served_verify, model_repository):
+    """The runtime comes from the server (config parameter yqpack_runtime), as the repository index records it."""
+    from packager.report import render_markdown
+    from packager.repository_index import RepositoryIndex
+
+    index = RepositoryIndex.load(model_repository.path)
+    runtimes = {model.name: model.runtime for model in served_verify.models}
+    assert runtimes == {name: index.get(name).runtime for name in runtimes}
+    assert set(runtimes.values()) == {"openvino (f32 hint)"}  # the local target's default runtime
+    markdown = render_markdown(served_verify)
+    for item in served_verify.accuracy:
+        assert f"| {item.model} | {item.precision} | openvino (f32 hint) |" in markdown
+
+
 def test_served_fp32_map_matches_ultralytics_reference(served_verify, ultralytics_reference_metrics):
     """Ultralytics' own evaluation of yolov8n.pt, computed in this run (square letterbox, as served)."""
     served = _served_map(served_verify, "fp32")

@@ -22,6 +22,7 @@ import yaml
 from packaging.metadata import Metadata
 
 from packager.assets import PROJECT_ROOT
+from packager.k8s import ENGINE_MODULES
 
 SOURCES = ("pyproject.toml", "README.md", "packager", "templates", "deploy")
 
@@ -65,7 +66,7 @@ def test_wheel_carries_templates_and_deploy(wheel):
     assert {f"packager/{p}" for p in shipped} <= names
     for name in ("docker-compose.yml", ".env", "Dockerfile", "build_engines.py", "plugins/README.md"):
         assert f"packager/deploy_files/{name}" in names
-    assert "packager/gpu_probe.py" in names and "packager/engines.py" in names
+    assert {f"packager/{module}" for module in ENGINE_MODULES} <= names  # what build_engines.py imports
 
 
 def test_installed_package_finds_its_files_and_keeps_state_per_user(installed, tmp_path):

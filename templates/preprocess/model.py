@@ -16,7 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from letterbox import DEFAULT_MAX_PIXELS, decode_image, letterbox, to_chw_float  # noqa: E402  (copied here)
+from letterbox import DEFAULT_MAX_PIXELS, decode_image, letterbox_chw_into  # noqa: E402  (copied here)
 from request_params import parse_parameters  # noqa: E402
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -46,13 +46,13 @@ class TritonPythonModel:
         for index, data in enumerate(encoded):
             try:
                 image = decode_image(_as_bytes(data), self.max_pixels, self.reject_corrupt)
-                boxed, info = letterbox(image, self.size)
+                # Straight into this image's slot of the output batch: no padded copy, no second buffer.
+                info = letterbox_chw_into(image, images[index])
             except ValueError as error:
                 where = f"image {index + 1} of {len(encoded)}: " if len(encoded) > 1 else ""
                 return _error(f"preprocess: {where}{error}", pb_utils.TritonError.INVALID_ARG)
             except Exception as error:  # noqa: BLE001  (any failure is this request's error, not the server's)
                 return _error(f"preprocess: image {index + 1} of {len(encoded)}: {error}", pb_utils.TritonError.INTERNAL)
-            to_chw_float(boxed, out=images[index])
             infos[index] = info.as_array()
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("images", images), pb_utils.Tensor("letterbox_info", infos)]
