@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from packager.assets import assets_dir
+from packager.auto_preset import AUTO_MAX_TRIALS
 from packager.calibration import list_images, split_calibration_and_tuning
 from packager.coco_eval import CocoGroundTruth, evaluate
 from packager.contracts import BuildManifest
@@ -31,7 +32,6 @@ from packager.manifest import artifact_path
 from packager.onnx_eval import detect_images
 from packager.qdq_graph import int8_conv_mac_share, keep_precise
 from packager.quantize import QuantizeOptions, quantize_int8_twins
-from packager.quantize import AUTO_MAX_TRIALS
 from packager.sensitivity import AgreementScorer, Score, UnitScore, analyze, chosen, greedy_keep_precise, ranked
 
 

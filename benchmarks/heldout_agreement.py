@@ -51,10 +51,10 @@ from packager.coverage import conv_coverage
 from packager.letterbox import preprocess, read_image
 from packager.postprocess import EVAL_THRESHOLDS, postprocess
 from packager.qdq_graph import find_units, keep_precise
+from packager.auto_preset import apply_auto_preset
 from packager.quantize import (
     DEFAULT_AUTO_TARGET,
     QuantizeOptions,
-    apply_auto_preset,
     head_nodes_to_keep_precise,
     quantize_int8_twins,
 )

@@ -52,15 +52,9 @@ from .onnx_eval import (
     evaluate_build_detailed,
     validation_files,
 )
-from .quantize import (
-    Fp8Result,
-    QuantizeOptions,
-    QuantizeResult,
-    apply_auto_preset,
-    convert_fp16,
-    quantize_fp8_twins,
-    quantize_int8_twins,
-)
+from .auto_preset import apply_auto_preset
+from .quantize import QuantizeOptions, QuantizeResult, convert_fp16, quantize_int8_twins
+from .quantize_fp8 import Fp8Result, quantize_fp8_twins
 from .runtime import RuntimeOptions, runtime_on_this_machine
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.

@@ -11,7 +11,7 @@ Presets: `mixed` = ModelOpt's default placement, minus the detection head's outp
 (found by graph structure) and minus residual Adds; `extreme` quantizes every listed op type, a stress test of
 INT8 sensitivity, never a deployment setting; `auto` calibrates ModelOpt's default placement with no preset
 exclusions, then keeps the fewest, most sensitive units precise until a label-free agreement target is met on
-tuning images (never calibration or validation images): see `apply_auto_preset` and packager/sensitivity.py.
+tuning images (never calibration or validation images): see packager/auto_preset.py and packager/sensitivity.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 PRESETS = ("mixed", "extreme", "auto")
 # auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images that must be reached (see sensitivity.py).
 DEFAULT_AUTO_TARGET = 0.97
-AUTO_MAX_TRIALS = 12  # greedy trials before giving up on the target (each costs one pass over the tuning images)
 CALIBRATION_METHODS = ("max", "entropy")
 CALIBRATION_EPS = ("cpu", "cuda:0", "trt")
 
@@ -50,7 +49,7 @@ MIXED_OPS_TO_EXCLUDE = ["Add"]
 _CONV_OPS = {"Conv", "ConvTranspose"}
 
 
-class _NoGpuProbeNoise(logging.Filter):
+class NoGpuProbeNoise(logging.Filter):
     """ModelOpt's calibrator probes NVML and logs an ERROR when there is no GPU; with CPU-only calibration
     that is expected, and an ERROR line in a successful build would only alarm the user."""
 
@@ -194,7 +193,7 @@ def quantize_int8_twins(
     excluded_ops = list(dict.fromkeys(options.exclude_ops))
     op_types_to_quantize = None
     if options.preset == "mixed":
-        excluded = sorted(set(excluded) | set(head_nodes_to_keep_precise(source)), key=_node_order(source))
+        excluded = sorted(set(excluded) | set(head_nodes_to_keep_precise(source)), key=node_order(source))
         excluded_ops = list(dict.fromkeys(MIXED_OPS_TO_EXCLUDE + excluded_ops))
     elif options.preset == "extreme":  # only the ops the model has (ModelOpt rejects unknown spellings)
         op_types_to_quantize = [op for op in EXTREME_OP_TYPES if op in op_types_present]
@@ -202,7 +201,7 @@ def quantize_int8_twins(
     nodes_to_exclude = [re.escape(name) + "$" for name in excluded]
 
     modelopt_logger = logging.getLogger("modelopt.onnx")
-    noise_filter = _NoGpuProbeNoise()
+    noise_filter = NoGpuProbeNoise()
     if all(ep == "cpu" for ep in options.calibration_eps):
         modelopt_logger.addFilter(noise_filter)
     started = time.perf_counter()
@@ -294,69 +293,10 @@ def quantized_node_names(onnx_model) -> list[str]:
     ]
 
 
-def _node_order(onnx_model):
+def node_order(onnx_model):
+    """Sort key: a node name's position in the graph (unknown names last)."""
     order = {n.name: i for i, n in enumerate(onnx_model.graph.node)}
     return lambda name: order.get(name, len(order))
-
-
-@dataclass
-class Fp8Result:
-    fp8_path: Path  # FP8 Q/DQ, FP16 elsewhere: for TensorRT on compute capability >= 8.9
-    fp8_fp32_path: Path  # same scales, FP32 elsewhere: the onnxruntime CPU stand-in (unoptimized sessions)
-    quantized_nodes: int
-    wall_time_s: float
-
-
-def quantize_fp8_twins(
-    fp32_path: str | Path,
-    calibration: np.ndarray,
-    out_dir: str | Path,
-    excluded_nodes: list[str],
-    excluded_ops: list[str],
-    options: QuantizeOptions | None = None,
-) -> Fp8Result:
-    """ModelOpt `quantize_mode="fp8"` (E4M3) from the same export and calibration tensor as INT8, keeping the
-    same nodes and op types precise; writes `model.fp8-fp32.onnx` and its fp16-mixed twin `model.fp8.onnx`.
-
-    ModelOpt's FP8 mode quantizes Conv, Gemm, MatMul and Add only (max or entropy calibration, as for INT8).
-    """
-    import onnx
-    from modelopt.onnx.autocast import convert_to_f16
-    from modelopt.onnx.quantization import quantize
-
-    options = options or QuantizeOptions()
-    if calibration is None or len(calibration) == 0:
-        raise ConfigError("FP8 quantization needs calibration data (real images), got none")
-    fp32_path, out_dir = Path(fp32_path), Path(out_dir)
-    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
-    started = time.perf_counter()
-    modelopt_logger = logging.getLogger("modelopt.onnx")
-    noise_filter = _NoGpuProbeNoise()
-    modelopt_logger.addFilter(noise_filter)
-    try:
-        with tempfile.TemporaryDirectory(prefix="yqpack-fp8-") as tmp:
-            work_input, fp32_twin = Path(tmp) / "model.onnx", Path(tmp) / "model.fp8-fp32.onnx"
-            shutil.copyfile(fp32_path, work_input)
-            quantize(
-                onnx_path=str(work_input), quantize_mode="fp8",
-                calibration_data={input_name: np.ascontiguousarray(calibration, dtype=np.float32)},
-                calibration_method=options.calibration_method, calibration_eps=list(options.calibration_eps),
-                op_types_to_exclude=list(excluded_ops) or None,
-                nodes_to_exclude=[re.escape(name) + "$" for name in excluded_nodes],
-                high_precision_dtype="fp32", output_path=str(fp32_twin), log_level="WARNING",
-            )
-            if not fp32_twin.is_file():
-                raise QuantizationError("ModelOpt finished without writing the FP8 model (see its log above)")
-            quantized = onnx.load(str(fp32_twin))
-            mixed = convert_to_f16(quantized, low_precision_type="fp16", keep_io_types=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fp8_fp32_path, fp8_path = out_dir / "model.fp8-fp32.onnx", out_dir / "model.fp8.onnx"
-            shutil.move(str(fp32_twin), fp8_fp32_path)
-            onnx.save(mixed, str(fp8_path))
-    finally:
-        modelopt_logger.removeFilter(noise_filter)
-    return Fp8Result(fp8_path, fp8_fp32_path, len(quantized_node_names(quantized)),
-                     round(time.perf_counter() - started, 2))
 
 
 @dataclass
@@ -386,49 +326,3 @@ class AutoSelection:
                 "kept_precise": self.kept_precise, "reason": self.reason(), "final": self.final,
                 "all_int8": self.all_int8,
                 "steps": self.steps, "ranking": self.ranking, "wall_time_s": self.wall_time_s}
-
-
-def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_images: list[Path],
-                      imgsz: tuple[int, int], class_names: list[str], options: QuantizeOptions,
-                      show_progress: bool = True) -> QuantizeResult:
-    """Preset auto, after `quantize_int8_twins` calibrated everything: rank units by sensitivity on the tuning
-    images, keep them precise greedily until the agreement target is met, rewrite both twins from that graph."""
-    import onnx
-    from modelopt.onnx.autocast import convert_to_f16
-
-    from .sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
-    from .qdq_graph import keep_precise
-
-    if not tuning_images:
-        raise ConfigError("--preset auto needs tuning images that are not calibration images: give more "
-                         "--calib-images than --calib-size, or --tune-images DIR")
-    started = time.perf_counter()
-    all_int8 = onnx.load(str(result.int8_fp32_path))
-    scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning_images, imgsz, class_names)
-    sensitivity = analyze(all_int8, scorer, refine=options.auto_refine, show_progress=show_progress)
-    steps = greedy_keep_precise(all_int8, sensitivity.units, scorer, options.auto_target, AUTO_MAX_TRIALS,
-                                show_progress=show_progress)
-    choice = chosen(steps)
-    units = [u for name in choice.kept_precise for u in sensitivity.units if u.unit == name]
-    final = keep_precise(all_int8, [n for u in units for n in u.nodes])
-    onnx.save(final, str(result.int8_fp32_path))
-    onnx.save(convert_to_f16(final, low_precision_type="fp16", keep_io_types=True), str(result.int8_path))
-    result.excluded_nodes = sorted(set(result.excluded_nodes) | {n for u in units for n in u.nodes},
-                                   key=_node_order(all_int8))
-    result.quantized_nodes = len(quantized_node_names(final))
-    result.auto = AutoSelection(
-        target=options.auto_target, tuning_images=sensitivity.images,
-        met_target=choice.score.agreement >= options.auto_target, kept_precise=choice.kept_precise,
-        final={"agreement": choice.score.agreement, "sqnr_db": choice.score.sqnr_db,
-               "int8_mac_coverage": round(choice.int8_coverage, 5)},
-        steps=[{"tried": s.unit, "accepted": s.accepted, "kept_precise": s.kept_precise,
-                "agreement": s.score.agreement, "sqnr_db": s.score.sqnr_db,
-                "int8_mac_coverage": round(s.int8_coverage, 5)} for s in steps],
-        ranking=[{"unit": u.unit, "agreement_alone": u.alone.agreement, "sqnr_db_alone": u.alone.sqnr_db}
-                 for u in sensitivity.units],
-        all_int8={"agreement": sensitivity.all_int8.agreement, "sqnr_db": sensitivity.all_int8.sqnr_db},
-        wall_time_s=round(time.perf_counter() - started, 1),
-    )
-    if not result.auto.met_target:
-        log.warning("auto preset: %s", result.auto.reason())
-    return result
