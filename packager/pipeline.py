@@ -28,6 +28,7 @@ from .calibration import (
     split_calibration_and_tuning,
 )
 from .bootstrap import RatioInterval
+from .build_manifest import assemble_manifest, record_quantization_extras
 from .coco_eval import CocoMetrics
 from .coverage import ConvCoverage, conv_coverage
 from .swap import replace_directory
@@ -39,10 +40,7 @@ from .contracts import (
     BuildManifest,
     ConfigError,
     MissingInputError,
-    ModelSpec,
-    TensorSpec,
 )
-from .manifest import artifact_entries, library_versions
 from .onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
     DEFAULT_VARIANTS,
@@ -200,8 +198,9 @@ def _build_into(build_dir: Path, options: BuildOptions, console: Console) -> Bui
         convert_fp16(build_dir / ARTIFACT_FILES["fp32"], build_dir / ARTIFACT_FILES["fp16"])
     timings["fp16"] = time.perf_counter() - started
 
-    manifest = _manifest(build_dir, options, exported, calibration, quantization, tuning)
-    _record_quantization_extras(manifest, coverage, fp8, used_hashes)
+    manifest = assemble_manifest(build_dir, exported, calibration, quantization, tuning, options.quantize,
+                                 options.max_batch)
+    record_quantization_extras(manifest, coverage, fp8, used_hashes)
     manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings, coverage=coverage, fp8=fp8)
     if options.val_images is not None:
@@ -264,23 +263,6 @@ def _check_disjoint(options: BuildOptions, calibration: CalibrationResult, tunin
     return used
 
 
-def _record_quantization_extras(manifest: BuildManifest, coverage: dict[str, ConvCoverage], fp8: Fp8Result | None,
-                                used_hashes: dict[str, dict[str, str]]) -> None:
-    manifest.quantization["int8_mac_coverage"] = round(coverage["int8"].share("int8"), 5)
-    manifest.quantization["conv_coverage"] = {k: c.as_dict() for k, c in coverage.items()}
-    manifest.calibration["image_sha256"] = used_hashes["calibration"]
-    manifest.calibration["tuning_image_sha256"] = used_hashes["tuning"]
-    if fp8 is not None:
-        manifest.quantization["fp8"] = {
-            "quantize_mode": "fp8", "format": "E4M3 (float8e4m3fn) Q/DQ",
-            "high_precision_dtype": {"fp8": "fp16", "fp8-fp32": "fp32"},
-            "same_calibration_and_exclusions_as_int8": True, "quantized_nodes": fp8.quantized_nodes,
-            "fp8_mac_coverage": round(coverage["fp8"].share("fp8"), 5), "wall_time_s": fp8.wall_time_s,
-            "served_on": "gpu target only (TensorRT, compute capability >= 8.9)",
-            "cpu_evaluation": "onnxruntime CPU with graph optimizations disabled",
-        }
-
-
 def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Console) -> None:
     """mAP of every variant, ratios vs fp32 with paired bootstrap intervals, and the gate on each quantized one."""
     gated = [GATED_VARIANT] + (["fp8-fp32"] if result.fp8 is not None else [])
@@ -323,60 +305,6 @@ def _calibration(options: BuildOptions) -> tuple[CalibrationResult, list[Path]]:
     calibration = build_calibration(options.calib_images, options.imgsz, options.calib_size, options.show_progress,
                                     files=files)
     return calibration, tuning
-
-
-def _manifest(build_dir, options, exported: ExportResult, calibration, quantization: QuantizeResult,
-              tuning: list[Path]) -> BuildManifest:
-    versions = library_versions()
-    max_batch = options.max_batch if exported.dynamic_batch else exported.input_shape[0]
-    spec = ModelSpec(
-        name=exported.model_name,
-        head=exported.head_format,
-        input=TensorSpec(exported.input_name, tuple(exported.input_shape)),
-        output=TensorSpec(exported.output_name, tuple(exported.output_shape)),
-        class_names=tuple(exported.class_names),
-        imgsz=tuple(exported.imgsz),
-        stride=exported.stride,
-        dynamic_batch=exported.dynamic_batch,
-        max_batch=max_batch,
-    )
-    return BuildManifest(
-        model=spec,
-        source_model=exported.source_model,
-        opset=exported.opset,
-        artifacts=artifact_entries(build_dir),
-        yqpack_version=versions["yqpack"],
-        versions=versions,
-        quantization={
-            "tool": "nvidia-modelopt onnx PTQ",
-            "quantize_mode": "int8",
-            "preset": quantization.preset,
-            "calibration_method": options.quantize.calibration_method,
-            "calibration_eps": list(options.quantize.calibration_eps),
-            "dq_only": options.quantize.dq_only,
-            "calibrate_per_node": options.quantize.calibrate_per_node,
-            "trt_plugins": list(options.quantize.trt_plugins),
-            "excluded_nodes": quantization.excluded_nodes,
-            "excluded_node_patterns": list(options.quantize.exclude_nodes),
-            "excluded_ops": quantization.excluded_ops,
-            "op_types_to_quantize": quantization.op_types_to_quantize,
-            "quantized_nodes": quantization.quantized_nodes,
-            "high_precision_dtype": {"int8": "fp16", "int8-fp32": "fp32"},
-            "twins_from_one_calibration": True,
-            "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
-            "wall_time_s": quantization.wall_time_s,
-            **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
-        },
-        calibration={
-            "source": calibration.source,
-            "count": calibration.count,
-            "skipped": calibration.skipped,
-            "letterbox": "packager.letterbox.preprocess",
-            # Tuning images (preset auto): never calibration images, see split_calibration_and_tuning.
-            "tuning": {"count": len(tuning), "files": [p.name for p in tuning],
-                       "used_by": "preset auto" if quantization.auto else None},
-        },
-    )
 
 
 def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
