@@ -152,6 +152,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="detector intra-op threads (0: all cores)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds per concurrency level")
     parser.add_argument("--preprocess-instances", type=int, default=None, help="default: per target")
+    parser.add_argument("--detector-instances", type=int, default=1,
+                        help="served detector instances (with --threads: e.g. 2 x 1 thread instead of 1 x 2)")
     parser.add_argument("--max-queue-delay-us", type=int, default=None, help="default: per target")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
@@ -170,6 +172,7 @@ def main() -> None:
         repo = render_repository(
             args.build, Path(tmp) / "model_repository", target="local", precisions=tuple(precisions),
             preprocess_instances=args.preprocess_instances, max_queue_delay_us=args.max_queue_delay_us,
+            detector_instances=args.detector_instances,
             intra_op_threads=args.threads, runtime=options.runtime, precision_hint=options.precision_hint,
         )
         grpc_port, http_port, metrics_port = find_free_ports(3)
