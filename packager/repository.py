@@ -61,6 +61,9 @@ DETECTOR_PLATFORM = {"local": "python", "cpu": "onnxruntime", "cpu-openvino": "o
 # Detector template per precision where it differs from the target's own: Triton's openvino backend has no f32
 # precision hint (bf16 by default on AMX hosts), so cpu-openvino keeps FP32/FP16 exact on the onnxruntime backend.
 DETECTOR_TEMPLATE = {"cpu-openvino": {"fp32": "cpu", "fp16": "cpu"}}
+# What executes each template's detector (the local one: the runtime chosen at render), named in reports.
+DETECTOR_RUNTIME = {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "openvino (Triton backend)",
+                    "gpu": "tensorrt", "gpu-ort": "onnxruntime + tensorrt (Triton backend)"}
 LABELS_FILE = "labels.txt"
 # The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
 IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
@@ -105,13 +108,16 @@ def detector_name(model_name: str, precision: str) -> str:
     return f"{model_name}_{precision}_detector"
 
 
-def detector_runtime(target: str, precision: str, options: RenderOptions) -> str:
+def detector_template(target: str, precision: str) -> str:
+    """The templates/detector/<name> a target's detector of this precision is rendered from."""
+    return DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
+
+
+def detector_runtime(template: str, options: RenderOptions) -> str:
     """What executes the detector's math, as reports name it: the same ONNX scores differently under each."""
-    if target == "local":
+    if template == "local":
         return runtime_module.RuntimeChoice(options.runtime, options.precision_hint).label
-    template = DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
-    return {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "openvino (Triton backend)",
-            "gpu": "tensorrt", "gpu-ort": "onnxruntime + tensorrt (Triton backend)"}[template]
+    return DETECTOR_RUNTIME[template]
 
 
 def default_precisions(target: str) -> tuple[str, ...]:
@@ -273,7 +279,8 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
     models = []
     for precision in plan.precisions:
         detector = detector_name(spec.name, precision.value)
-        runtime = detector_runtime(target, precision.value, options)
+        template = detector_template(target, precision.value)
+        runtime = detector_runtime(template, options)
         common = {**plan.common(), "precision": precision.value, "detector_runtime": runtime}
         context = {
             **common,
@@ -290,7 +297,6 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
         }
         version_dir = staging / detector / "1"
         version_dir.mkdir(parents=True)
-        template = DETECTOR_TEMPLATE.get(target, {}).get(precision.value, target)
         _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
         for extra in sorted(detector_templates.iterdir()):
             if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
