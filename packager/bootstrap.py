@@ -234,16 +234,11 @@ def paired_ratio(
     `subset` (image indices) restricts everything to those images: the same as evaluating only them, since an
     image with weight 0 contributes nothing (used to measure how the interval narrows with more images).
     """
-    _check_paired(candidate, reference)
-    subset, full, weights = _resample_plan(candidate.images, subset, resamples, seed)
-    point_ref = float(weighted_map(reference, full)[0])
-    ratio = float(weighted_map(candidate, full)[0]) / point_ref if point_ref > 0 else float("nan")
-    ref = weighted_map(reference, weights)
+    images, (point_cand, point_ref), (cand, ref) = _paired_maps(candidate, reference, subset, resamples, seed)
+    ratio = point_cand / point_ref if point_ref > 0 else float("nan")
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratios = weighted_map(candidate, weights) / ref
-    low, high = _percentile_interval(ratios, confidence)
-    return RatioInterval(candidate_name, reference_name, ratio, low, high, confidence, resamples, seed,
-                         int(subset.size))
+        low, high = _percentile_interval(cand / ref, confidence)
+    return RatioInterval(candidate_name, reference_name, ratio, low, high, confidence, resamples, seed, images)
 
 
 @dataclass
@@ -286,12 +281,10 @@ def paired_difference(
     subset: np.ndarray | None = None,
 ) -> DifferenceInterval:
     """candidate - reference mAP50-95 with its paired bootstrap interval (both scored on the same resamples)."""
-    _check_paired(candidate, reference)
-    subset, full, weights = _resample_plan(candidate.images, subset, resamples, seed)
-    a, b = float(weighted_map(candidate, full)[0]), float(weighted_map(reference, full)[0])
-    low, high = _percentile_interval(weighted_map(candidate, weights) - weighted_map(reference, weights), confidence)
+    images, (a, b), (cand, ref) = _paired_maps(candidate, reference, subset, resamples, seed)
+    low, high = _percentile_interval(cand - ref, confidence)
     return DifferenceInterval(candidate_name, reference_name, a, b, a - b, low, high, confidence, resamples, seed,
-                              int(subset.size))
+                              images)
 
 
 def resampled_interval(
@@ -306,9 +299,13 @@ def resampled_interval(
     return (float(weighted_map(results, full)[0]), *_percentile_interval(weighted_map(results, weights), confidence))
 
 
-def _check_paired(candidate: PerImageResults, reference: PerImageResults) -> None:
+def _paired_maps(candidate: PerImageResults, reference: PerImageResults, subset, resamples: int, seed: int):
+    """(images used, (candidate, reference) mAP on the full set, the same two over the same resamples)."""
     if candidate.image_ids != reference.image_ids:
         raise ValueError("a paired bootstrap needs both models evaluated on the same images")
+    subset, full, weights = _resample_plan(candidate.images, subset, resamples, seed)
+    points = (float(weighted_map(candidate, full)[0]), float(weighted_map(reference, full)[0]))
+    return int(subset.size), points, (weighted_map(candidate, weights), weighted_map(reference, weights))
 
 
 def _resample_plan(images: int, subset, resamples: int, seed: int):
