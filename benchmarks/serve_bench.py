@@ -4,7 +4,9 @@ Renders the `local` repository of a build (one or more precisions, one runtime) 
 embedded tritonserver on free ports and measures, at concurrency 1, 4, 8 (async gRPC client, real COCO JPEGs):
   - the ensemble (bytes -> preprocess -> detector -> postprocess) images/s, p50/p99 latency;
   - the bare served detector (pre-letterboxed tensors in) for the serving overhead of the detector alone;
-  - the bare detector in this process with the same runtime, batch 1, same ONNX and thread count: the ceiling;
+  - the bare detector in this process with the same runtime, batch 1, same ONNX, thread count and instances: the
+    ceiling; and the whole pipeline in this process (decode + letterbox, detector, NMS one after another, the same
+    functions the served steps call): what serving adds beyond the work itself;
   - time per request inside preprocess / detector / postprocess from Triton's statistics.
 Precisions are interleaved round by round, so ratios between them (INT8 vs FP32) come from one run.
 
@@ -21,14 +23,17 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tritonclient.grpc.aio as aioclient
 
 from packager.assets import assets_dir
 from packager.letterbox import preprocess_bytes
 from packager.loadtest import TritonLoad, latency_stats, step_timings
+from packager.postprocess import PRODUCTION_THRESHOLDS, postprocess
 from packager.report import cpu_name
 from packager.repository import detector_name, render_repository
 from packager.runtime import DEFAULT_RUNTIME, RUNTIMES, CompiledModel, RuntimeOptions, open_model
@@ -37,26 +42,43 @@ from packager.server_env import MALLOC_ENV, ensure_server_env
 
 
 class InProcessDetector:
-    """The ceiling: the bare detector in this process, batch 1, same runtime as served, with the better thread
-    setting of the two (onnxruntime: spinning on/off; OpenVINO: threads pinned to cores or not)."""
+    """The ceiling: the bare detector in this process, batch 1, same runtime and settings as served - with N served
+    instances, N compiled models running side by side in threads (the runtimes release the GIL) - with the better
+    thread setting of the two (onnxruntime: spinning on/off; OpenVINO: threads pinned to cores or not)."""
 
-    def __init__(self, onnx_path: Path, tensors: list[np.ndarray], options: RuntimeOptions):
+    def __init__(self, onnx_path: Path, tensors: list[np.ndarray], options: RuntimeOptions, instances: int = 1):
         self.tensors = tensors
         knob = "allow_spinning" if options.runtime == "onnxruntime" else "cpu_pinning"
-        probes = {on: open_model(onnx_path, RuntimeOptions(**{**vars(options), knob: on})) for on in (True, False)}
-        for model in probes.values():
-            model.run(tensors[0][None])  # first run allocates
-        timings = {on: self.run(len(tensors) // 4 or 1, model)[1] for on, model in probes.items()}
+        probes = {
+            on: [open_model(onnx_path, RuntimeOptions(**{**vars(options), knob: on})) for _ in range(instances)]
+            for on in (True, False)
+        }
+        for models in probes.values():
+            for model in models:
+                model.run(tensors[0][None])  # first run allocates
+        timings = {on: self.run(len(tensors) // 4 or 1, models)[1] for on, models in probes.items()}
         self.setting = f"{knob}={min(timings, key=timings.get)}"  # which wins depends on the machine's other load
-        self.model = probes[min(timings, key=timings.get)]
+        self.models = probes[min(timings, key=timings.get)]
 
-    def run(self, count: int, model: CompiledModel | None = None) -> tuple[list[float], float]:
-        model = model or self.model
-        latencies, start = [], time.perf_counter()
-        for i in range(count):
-            begin = time.perf_counter()
-            model.run_borrowed(self.tensors[i % len(self.tensors)][None])  # as the served detector runs it
-            latencies.append(time.perf_counter() - begin)
+    def run(self, count: int, models: list[CompiledModel] | None = None, pipeline=None) -> tuple[list[float], float]:
+        """`count` runs shared among the instances, each instance's runs back to back (as a served instance under
+        load); returns every run's latency and the wall time of all. `pipeline(model, i)`, if given, is one whole
+        image's work instead of the bare detector's."""
+        models = models or self.models
+        latencies: list[float] = []
+
+        def one_instance(model: CompiledModel, indices: range) -> None:
+            for i in indices:
+                begin = time.perf_counter()
+                if pipeline is None:
+                    model.run_borrowed(self.tensors[i % len(self.tensors)][None])  # as the served detector runs it
+                else:
+                    pipeline(model, i)
+                latencies.append(time.perf_counter() - begin)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(models)) as pool:
+            list(pool.map(one_instance, models, [range(k, count, len(models)) for k in range(len(models))]))
         return latencies, time.perf_counter() - start
 
 
@@ -109,13 +131,16 @@ def _per_request_ms(before: dict, after: dict, models: list[str]) -> dict:
 class PrecisionBench:
     """One precision's ensemble, bare served detector and in-process ceiling, measured in interleaved rounds."""
 
-    def __init__(self, repo, precision: str, encoded: list[bytes], options: RuntimeOptions):
+    def __init__(self, repo, precision: str, encoded: list[bytes], options: RuntimeOptions, instances: int):
         self.precision, self.encoded = precision, encoded
         self.ensemble, self.detector = repo.ensembles[precision], detector_name(repo.model_name, precision)
-        imgsz = tuple(json.loads((repo.path / "yqpack_repository.json").read_text())["imgsz"])
-        self.tensors = [preprocess_bytes(data, imgsz)[0] for data in encoded]
-        self.ceiling = InProcessDetector(repo.path / self.detector / "1" / "model.onnx", self.tensors, options)
-        self.runs = {"ceiling": [], "detector": [], "ensemble": []}
+        index = json.loads((repo.path / "yqpack_repository.json").read_text())
+        self.imgsz, self.head_format = tuple(index["imgsz"]), index["head_format"]
+        self.tensors = [preprocess_bytes(data, self.imgsz)[0] for data in encoded]
+        self.ceiling = InProcessDetector(
+            repo.path / self.detector / "1" / "model.onnx", self.tensors, options, instances
+        )
+        self.runs = {"ceiling": [], "pipeline": [], "detector": [], "ensemble": []}
 
     def ensemble_inputs(self, i):
         image = aioclient.InferInput("IMAGE", [1, 1], "BYTES")
@@ -127,17 +152,27 @@ class PrecisionBench:
         tensor.set_data_from_numpy(self.tensors[i % len(self.tensors)][None])
         return [tensor]
 
+    def pipeline(self, model: CompiledModel, i: int) -> None:
+        """One image the whole way in this process, as the ensemble's three steps do it: decode + letterbox,
+        detector, decode + NMS with the served default thresholds."""
+        tensor, info = preprocess_bytes(self.encoded[i % len(self.encoded)], self.imgsz)
+        postprocess(model.run_borrowed(tensor[None])[0], info, PRODUCTION_THRESHOLDS, self.head_format)
+
     def round(self, url: str, chunk: int, level: int) -> None:
         self.runs["ceiling"].append(self.ceiling.run(chunk))
+        self.runs["pipeline"].append(self.ceiling.run(chunk, pipeline=self.pipeline))
         self.runs["detector"].append(asyncio.run(served(url, self.detector, self.detector_inputs, chunk, level)))
         self.runs["ensemble"].append(asyncio.run(served(url, self.ensemble, self.ensemble_inputs, chunk, level)))
 
     def summary(self) -> dict:
-        ceiling, bare, full = (_summary(self.runs[key]) for key in ("ceiling", "detector", "ensemble"))
+        ceiling, pipeline, bare, full = (
+            _summary(self.runs[key]) for key in ("ceiling", "pipeline", "detector", "ensemble")
+        )
         self.runs = {key: [] for key in self.runs}
-        return {"ceiling_in_process": ceiling, "ceiling_setting": self.ceiling.setting, "served_detector": bare,
-                "ensemble": full,
-                "ensemble_vs_ceiling": round(full["images_per_s"] / ceiling["images_per_s"], 3)}
+        return {"ceiling_in_process": ceiling, "ceiling_setting": self.ceiling.setting,
+                "pipeline_in_process": pipeline, "served_detector": bare, "ensemble": full,
+                "ensemble_vs_ceiling": round(full["images_per_s"] / ceiling["images_per_s"], 3),
+                "ensemble_vs_pipeline": round(full["images_per_s"] / pipeline["images_per_s"], 3)}
 
 
 def _arguments() -> argparse.Namespace:
@@ -164,6 +199,7 @@ def main() -> None:
         # The server runs with these malloc settings; the in-process ceiling gets them too (read at process start).
         os.execve(sys.executable, [sys.executable, *sys.argv], {**MALLOC_ENV, **os.environ})
     args = _arguments()
+    cv2.setNumThreads(1)  # as the served preprocess: the in-process pipeline does the same work the same way
     levels, precisions = [int(c) for c in args.concurrency.split(",")], args.precision.split(",")
     options = RuntimeOptions(args.runtime, args.precision_hint, threads=args.threads)
     encoded = [p.read_bytes() for p in sorted((assets_dir() / "coco" / "val2017").glob("*.jpg"))[: args.images]]
@@ -184,7 +220,9 @@ def main() -> None:
         with server:
             results["server_ready_s"] = round(time.perf_counter() - started, 1)  # compile time included
             pre, post = f"{repo.model_name}_preprocess", f"{repo.model_name}_postprocess"
-            benches = [PrecisionBench(repo, precision, encoded, options) for precision in precisions]
+            benches = [
+                PrecisionBench(repo, precision, encoded, options, args.detector_instances) for precision in precisions
+            ]
             for level in levels:
                 # Interleaved rounds: on a shared machine the load drifts, and every measurement should see the same.
                 chunk = max(args.requests // args.rounds, level)
