@@ -43,8 +43,9 @@ from packager.server_env import MALLOC_ENV, ensure_server_env
 
 class InProcessDetector:
     """The ceiling: the bare detector in this process, batch 1, same runtime and settings as served - with N served
-    instances, N compiled models running side by side in threads (the runtimes release the GIL) - with the better
-    thread setting of the two (onnxruntime: spinning on/off; OpenVINO: threads pinned to cores or not)."""
+    instances, as many compiled models as requests can keep busy (min(N, concurrency)), side by side in threads
+    (the runtimes release the GIL) - with the better thread setting of the two (onnxruntime: spinning on/off;
+    OpenVINO: threads pinned to cores or not)."""
 
     def __init__(self, onnx_path: Path, tensors: list[np.ndarray], options: RuntimeOptions, instances: int = 1):
         self.tensors = tensors
@@ -56,15 +57,16 @@ class InProcessDetector:
         for models in probes.values():
             for model in models:
                 model.run(tensors[0][None])  # first run allocates
-        timings = {on: self.run(len(tensors) // 4 or 1, models)[1] for on, models in probes.items()}
+        timings = {on: self.run(len(tensors) // 4 or 1, 1, models)[1] for on, models in probes.items()}
         self.setting = f"{knob}={min(timings, key=timings.get)}"  # which wins depends on the machine's other load
         self.models = probes[min(timings, key=timings.get)]
 
-    def run(self, count: int, models: list[CompiledModel] | None = None, pipeline=None) -> tuple[list[float], float]:
-        """`count` runs shared among the instances, each instance's runs back to back (as a served instance under
-        load); returns every run's latency and the wall time of all. `pipeline(model, i)`, if given, is one whole
-        image's work instead of the bare detector's."""
-        models = models or self.models
+    def run(self, count: int, level: int, models: list[CompiledModel] | None = None,
+            pipeline=None) -> tuple[list[float], float]:
+        """`count` runs at concurrency `level`, shared among the instances it keeps busy, each instance's runs back
+        to back (as a served instance under load); returns every run's latency and the wall time of all.
+        `pipeline(model, i)`, if given, is one whole image's work instead of the bare detector's."""
+        models = (models or self.models)[:level]
         latencies: list[float] = []
 
         def one_instance(model: CompiledModel, indices: range) -> None:
@@ -159,8 +161,8 @@ class PrecisionBench:
         postprocess(model.run_borrowed(tensor[None])[0], info, PRODUCTION_THRESHOLDS, self.head_format)
 
     def round(self, url: str, chunk: int, level: int) -> None:
-        self.runs["ceiling"].append(self.ceiling.run(chunk))
-        self.runs["pipeline"].append(self.ceiling.run(chunk, pipeline=self.pipeline))
+        self.runs["ceiling"].append(self.ceiling.run(chunk, level))
+        self.runs["pipeline"].append(self.ceiling.run(chunk, level, pipeline=self.pipeline))
         self.runs["detector"].append(asyncio.run(served(url, self.detector, self.detector_inputs, chunk, level)))
         self.runs["ensemble"].append(asyncio.run(served(url, self.ensemble, self.ensemble_inputs, chunk, level)))
 

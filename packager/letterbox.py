@@ -134,15 +134,25 @@ def letterbox(image: np.ndarray, size: tuple[int, int] = (640, 640)) -> tuple[np
 def letterbox_chw_into(image: np.ndarray, out: np.ndarray) -> LetterboxInfo:
     """`to_chw_float(letterbox(image, out.shape[1:])[0], out)` in one pass, the same bits (tested): the resized
     image is written straight into its window of `out` and only the border is filled, so no padded uint8 copy
-    and no full-size channel planes are made (half the time of the two steps on the served path)."""
-    if out.ndim != 3 or out.shape[0] != 3 or out.dtype != np.float32:
-        raise ValueError(f"expected a 3xHxW float32 output, got {out.dtype} {out.shape}")
+    and no full-size channel planes are made (half the time of the two steps on the served path).
+
+    A uint8 `out` gets the letterboxed RGB pixels themselves, a quarter of the bytes: `normalize_into` then makes
+    the same float32 input from them wherever the detector runs (the local target's served detector)."""
+    if out.ndim != 3 or out.shape[0] != 3 or out.dtype not in (np.float32, np.uint8):
+        raise ValueError(f"expected a 3xHxW float32 or uint8 output, got {out.dtype} {out.shape}")
     resized, (top, _, left, _), info = _resize_for_letterbox(image, out.shape[1:])
     height, width = resized.shape[:2]
-    out[:, :top], out[:, top + height :] = _PAD_FLOAT, _PAD_FLOAT
-    out[:, top : top + height, :left], out[:, top : top + height, left + width :] = _PAD_FLOAT, _PAD_FLOAT
+    pad = _PAD_FLOAT if out.dtype == np.float32 else PAD_VALUE
+    out[:, :top], out[:, top + height :] = pad, pad
+    out[:, top : top + height, :left], out[:, top : top + height, left + width :] = pad, pad
     _write_chw(resized, out[:, top : top + height, left : left + width])
     return info
+
+
+def normalize_into(pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1], the detector's input scale; the one product every path uses, so an input
+    normalised here has the same bits as one letterboxed straight to float32."""
+    return np.multiply(pixels, _INV_255, out=out, dtype=np.float32)
 
 
 def _resize_for_letterbox(image: np.ndarray, size) -> tuple[np.ndarray, tuple[int, int, int, int], LetterboxInfo]:
@@ -177,7 +187,10 @@ def to_chw_float(letterboxed: np.ndarray, out: np.ndarray | None = None) -> np.n
 def _write_chw(bgr: np.ndarray, out: np.ndarray) -> None:
     # Plane by plane from contiguous channel copies: a third faster than a strided transpose, and no temporary.
     for channel, plane in enumerate(cv2.split(bgr)[::-1]):
-        np.multiply(plane, _INV_255, out=out[channel], dtype=np.float32)
+        if out.dtype == np.uint8:
+            out[channel] = plane
+        else:
+            normalize_into(plane, out[channel])
 
 
 def preprocess(image: np.ndarray, size: tuple[int, int] = (640, 640)) -> tuple[np.ndarray, LetterboxInfo]:

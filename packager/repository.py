@@ -64,6 +64,12 @@ DETECTOR_TEMPLATE = {"cpu-openvino": {"fp32": "cpu", "fp16": "cpu"}}
 # What executes each template's detector (the local one: the runtime chosen at render), named in reports.
 DETECTOR_RUNTIME = {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "openvino (Triton backend)",
                     "gpu": "tensorrt", "gpu-ort": "onnxruntime + tensorrt (Triton backend)"}
+# Targets whose detector is a Python model (the embedded server's): the ensemble hands it the letterboxed uint8
+# pixels on a second input - a quarter of float32's bytes through shared memory - and it normalises them itself, to
+# the same bits. The float input stays first, for clients of the bare detector (Ultralytics' Triton client casts
+# to the first input's type).
+PIXEL_INPUT_TARGETS = {"local"}
+TRITON_DTYPE = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8"}
 LABELS_FILE = "labels.txt"
 # The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
 IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
@@ -186,12 +192,21 @@ class _Plan:
     sources: dict[Precision, Path]
     plans: dict[Precision, Path]
 
+    @property
+    def letterboxed(self) -> TensorSpec:
+        """The detector input the ensemble feeds from the preprocess: the model's own, or its pixels."""
+        if self.options.target in PIXEL_INPUT_TARGETS:
+            return TensorSpec(f"{self.spec.input.name}_pixels", self.spec.input.shape, "uint8")
+        return self.spec.input
+
     def common(self) -> dict:
         spec = self.spec
         return {
             "max_batch_size": self.max_batch,
             "input_name": spec.input.name,
             "input_dims": list(spec.input.dims),
+            "letterboxed_name": self.letterboxed.name,
+            "letterboxed_data_type": TRITON_DTYPE[self.letterboxed.dtype],
             "output_name": spec.output.name,
             "output_dims": list(spec.output.dims),
             "head_format": spec.head.value,
@@ -262,7 +277,7 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
                   {**common, "name": post, "instance_count": options.postprocess_instances or instances[1],
                    "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": ""})
     (staging / post / LABELS_FILE).write_text(_labels(spec))
-    letterboxed = TensorSpec("images", (-1, *spec.input.dims))
+    letterboxed = TensorSpec("images", plan.letterboxed.shape, plan.letterboxed.dtype)
     info = TensorSpec("letterbox_info", (-1, 5))
     return [
         ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
@@ -301,7 +316,8 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
         for extra in sorted(detector_templates.iterdir()):
             if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
                 shutil.copy2(extra, version_dir / extra.name)
-                shutil.copy2(runtime_module.__file__, version_dir / "runtime.py")
+                for module in (runtime_module, letterbox_module, image_header_module):
+                    shutil.copy2(module.__file__, version_dir / Path(module.__file__).name)
         # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
         shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
         if precision in plan.plans:
@@ -317,8 +333,9 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             staging / ensemble / "config.pbtxt",
         )
         (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
+        detector_inputs = (spec.input,) if plan.letterboxed == spec.input else (spec.input, plan.letterboxed)
         models += [
-            ServedModel(detector, Role.DETECTOR, precision, (spec.input,), (spec.output,), plan.max_batch,
+            ServedModel(detector, Role.DETECTOR, precision, detector_inputs, (spec.output,), plan.max_batch,
                         plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template],
                         runtime),
             ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,

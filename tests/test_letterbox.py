@@ -12,6 +12,7 @@ from packager.letterbox import (
     decode_image,
     letterbox,
     letterbox_chw_into,
+    normalize_into,
     preprocess,
     preprocess_bytes,
     to_chw_float,
@@ -114,6 +115,20 @@ def test_one_pass_layout_equals_letterbox_then_chw(shape, size):
     assert preprocess_info == want_info
     with pytest.raises(ValueError, match="3xHxW float32"):
         letterbox_chw_into(image, np.empty((3, *size), dtype=np.float64))
+
+
+@pytest.mark.parametrize("shape, size", [((999, 17, 3), (640, 640)), ((480, 640, 3), (640, 640)), ((211, 379), (320, 480))])
+def test_pixels_normalised_later_are_the_same_bits(shape, size):
+    """The local ensemble hands its detector uint8 pixels and the detector normalises them: the float input it
+    makes is bit for bit the one the float letterbox writes (calibration, evaluation, other targets)."""
+    image = random_image(shape, seed=5)
+    letterboxed, want_info = letterbox(image, size)
+    pixels = np.zeros((3, *size), dtype=np.uint8)
+    assert letterbox_chw_into(image, pixels) == want_info
+    np.testing.assert_array_equal(pixels, letterboxed[..., ::-1].transpose(2, 0, 1))  # RGB planes
+    normalised = np.full((3, *size), np.nan, dtype=np.float32)
+    normalize_into(pixels, normalised)
+    np.testing.assert_array_equal(normalised, preprocess(image, size)[0])
 
 
 def test_preprocess_bytes_equals_preprocess_of_decoded(tmp_path):

@@ -17,6 +17,7 @@ from packager.assets import TEMPLATES_DIR
 from packager.repository import (
     LABELS_FILE,
     TARGETS,
+    TRITON_DTYPE,
     detector_name,
     ensemble_name,
     render_repository,
@@ -89,7 +90,7 @@ def test_ensembles_are_wired(rendered):
         assert ensemble.platform == "ensemble"
         assert [(t.name, t.data_type) for t in ensemble.input] == [("IMAGE", model_config_pb2.TYPE_STRING)]
         assert [(t.name, list(t.dims)) for t in ensemble.output] == [("DETECTIONS", [-1, 6])]
-        available = {t.name for t in ensemble.input}
+        available = {t.name: t.data_type for t in ensemble.input}  # ensemble tensor -> its type
         steps = list(ensemble.ensemble_scheduling.step)
         assert [s.model_name for s in steps] == [
             f"{rendered.model_name}_preprocess",
@@ -98,12 +99,16 @@ def test_ensembles_are_wired(rendered):
         ]
         for step in steps:
             model = configs[step.model_name]
-            assert set(step.input_map) == {t.name for t in model.input}, f"{step.model_name}: unmapped inputs"
-            assert set(step.output_map) <= {t.name for t in model.output}, f"{step.model_name}: unknown outputs"
-            missing = set(step.input_map.values()) - available
+            inputs, outputs = {t.name: t for t in model.input}, {t.name: t for t in model.output}
+            required = {name for name, t in inputs.items() if not t.optional}
+            assert required <= set(step.input_map) <= set(inputs), f"{step.model_name}: unmapped inputs"
+            assert set(step.output_map) <= set(outputs), f"{step.model_name}: unknown outputs"
+            missing = set(step.input_map.values()) - set(available)
             assert not missing, f"{step.model_name} consumes {missing} before any step produces it"
-            available |= set(step.output_map.values())
-        assert {t.name for t in ensemble.output} <= available
+            for name, tensor in step.input_map.items():
+                assert inputs[name].data_type == available[tensor], f"{step.model_name}: {name} of another type"
+            available |= {tensor: outputs[name].data_type for name, tensor in step.output_map.items()}
+        assert {t.name for t in ensemble.output} <= set(available)
 
 
 def test_detector_names_and_dims_match_the_onnx(rendered, yolov8n_build):
@@ -119,16 +124,19 @@ def test_detector_names_and_dims_match_the_onnx(rendered, yolov8n_build):
         initializers = {i.name for i in graph.initializer}
         (onnx_input,) = [i for i in graph.input if i.name not in initializers]
         (onnx_output,) = graph.output
-        assert [t.name for t in config.input] == [onnx_input.name] == [manifest["input"]["name"]]
+        # The model's own input first; the local target's Python detector also takes the letterboxed pixels.
+        pixels = ["images_pixels"] if rendered.target == "local" else []
+        assert [t.name for t in config.input] == [onnx_input.name, *pixels] == [manifest["input"]["name"], *pixels]
         assert [t.name for t in config.output] == [onnx_output.name] == [manifest["output"]["name"]]
         onnx_in_dims = [d.dim_value for d in onnx_input.type.tensor_type.shape.dim][1:]
         onnx_out_dims = [d.dim_value for d in onnx_output.type.tensor_type.shape.dim][1:]
-        assert list(config.input[0].dims) == onnx_in_dims
+        assert all(list(t.dims) == onnx_in_dims for t in config.input)
         assert list(config.output[0].dims) == onnx_out_dims
         assert config.input[0].data_type == config.output[0].data_type == model_config_pb2.TYPE_FP32
+        assert [t.data_type for t in config.input[1:]] == [model_config_pb2.TYPE_UINT8] * len(pixels)
         # pre/post must agree with the detector's tensors
         pre, post = configs[f"{rendered.model_name}_preprocess"], configs[f"{rendered.model_name}_postprocess"]
-        assert list(pre.output[0].dims) == onnx_in_dims
+        assert list(pre.output[0].dims) == onnx_in_dims and pre.output[0].data_type == config.input[-1].data_type
         assert [t.name for t in post.input][0] == onnx_output.name and list(post.input[0].dims) == onnx_out_dims
 
 
@@ -232,7 +240,10 @@ def test_the_index_and_the_configs_state_the_same_facts(rendered):
         if model.role is Role.DETECTOR:
             config = configs[model.name]
             assert [t.name for t in config.input] == [t.name for t in model.inputs]
-            assert list(config.input[0].dims) == list(model.inputs[0].dims)
+            assert [list(t.dims) for t in config.input] == [list(t.dims) for t in model.inputs]
+            assert [model_config_pb2.DataType.Name(t.data_type) for t in config.input] == [
+                TRITON_DTYPE[t.dtype] for t in model.inputs
+            ]
             assert list(config.output[0].dims) == list(model.outputs[0].dims)
             assert list(config.dynamic_batching.preferred_batch_size) == list(model.preferred_batch_sizes)
 

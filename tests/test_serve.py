@@ -160,6 +160,45 @@ def test_request_parameters_reach_postprocess_through_the_ensemble(client, model
     _assert_same(_detect(client, ensemble, data), default, "after a rejected request")
 
 
+def test_the_local_detector_takes_its_float_input_or_the_letterboxed_pixels(client, model_repository, model_name,
+                                                                          sample_images):
+    """The ensemble sends the detector uint8 pixels (a quarter of the bytes), clients of the bare detector its
+    float input: the same output either way, also when both kinds share one dynamic batch; a request with
+    neither is refused alone."""
+    detector = detector_name(model_name, "int8")
+    floats, pixels = [], []
+    for data in sample_images[:4]:
+        tensor, _ = preprocess_bytes(data, model_repository.index.model.imgsz)
+        floats.append(tensor[None])
+        pixels.append(np.rint(tensor * 255).astype(np.uint8)[None])  # exact: every value is a multiple of 1/255
+
+    def tensor_input(name, array):
+        item = grpcclient.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "UINT8")
+        item.set_data_from_numpy(array)
+        return item
+
+    want = [client.infer(detector, [tensor_input("images", x)]).as_numpy("output0") for x in floats]
+    for i, x in enumerate(pixels):
+        np.testing.assert_array_equal(client.infer(detector, [tensor_input("images_pixels", x)]).as_numpy("output0"),
+                                      want[i])
+    results = {}
+    for i, (x, name) in enumerate([(floats[0], "images"), (pixels[1], "images_pixels"), (floats[2], "images"),
+                                   (pixels[3], "images_pixels")]):
+        client.async_infer(detector, [tensor_input(name, x)],
+                           callback=lambda result, error, i=i: results.__setitem__(i, (result, error)))
+    deadline = time.monotonic() + 120
+    while len(results) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for i in range(4):
+        result, error = results[i]
+        assert error is None, error
+        np.testing.assert_array_equal(result.as_numpy("output0"), want[i])
+    with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT"):
+        client.infer(detector, [])  # refused by Triton, before the model
+    np.testing.assert_array_equal(client.infer(detector, [tensor_input("images", floats[0])]).as_numpy("output0"),
+                                  want[0])
+
+
 # -- bad inputs --------------------------------------------------------------------------------------------------
 def _bad_inputs(good_jpeg: bytes) -> dict[str, tuple[bytes, bool]]:
     """name -> (bytes, must_fail). The others must give the correct answer."""

@@ -1,5 +1,8 @@
 """Served preprocess: encoded image bytes -> letterboxed detector input + letterbox_info.
 
+The output `images` is what the config declares: FP32 in [0, 1] for a Triton backend detector, or UINT8 pixels
+(a quarter of the bytes through shared memory) for the local target's Python detector, which normalises them.
+
 Rendered into `<model>_preprocess/1/` next to flat copies of yqpack's own `letterbox.py`, `image_header.py` and
 `request_params.py`, so the server letterboxes exactly as calibration and local evaluation do. A bad image or
 bad request parameter fails only its own request, with INVALID_ARG, before anything expensive: parameters are
@@ -27,6 +30,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.size = (int(params["height"]), int(params["width"]))
+        self.dtype = pb_utils.triton_string_to_numpy(pb_utils.get_output_config_by_name(config, "images")["data_type"])
         self.max_pixels = int(params.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.reject_corrupt = params.get("reject_corrupt", "true").strip().lower() in _TRUE
         # One thread: the detector owns the cores; cv2's own pool would only fight it for them.
@@ -41,7 +45,7 @@ class TritonPythonModel:
             encoded = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
         except ValueError as error:
             return _error(f"preprocess: {error}", pb_utils.TritonError.INVALID_ARG)
-        images = np.empty((len(encoded), 3, *self.size), dtype=np.float32)
+        images = np.empty((len(encoded), 3, *self.size), dtype=self.dtype)
         infos = np.empty((len(encoded), 5), dtype=np.float32)
         for index, data in enumerate(encoded):
             try:

@@ -1,9 +1,10 @@
 """Served detector for the embedded server (`--target local`): onnxruntime or OpenVINO (CPU) in the Python backend.
 
 The pytriton tritonserver has only the Python backend, so this model stands in for Triton's onnxruntime and
-openvino backends: all requests of one dynamic batch are concatenated and run in one call. The runtime is the
-config parameter `runtime` (openvino: real INT8 kernels, `precision_hint` f32 unless bf16 is asked for);
-yqpack's own `runtime.py` is copied beside this file, so served and local evaluation open models identically.
+openvino backends: all requests of one dynamic batch run in one call. The runtime is the config parameter
+`runtime` (openvino: real INT8 kernels, `precision_hint` f32 unless bf16 is asked for). yqpack's own `runtime.py`
+and `letterbox.py` are copied beside this file, so served and local evaluation open models and normalise pixels
+identically. Each request brings the model's float input or (from the ensemble) its letterboxed uint8 pixels.
 """
 
 import json
@@ -14,7 +15,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runtime import RuntimeOptions, open_model  # noqa: E402  (copied next to this file)
+from letterbox import normalize_into  # noqa: E402  (copied next to this file)
+from runtime import RuntimeOptions, open_model  # noqa: E402
 
 
 class TritonPythonModel:
@@ -37,20 +39,21 @@ class TritonPythonModel:
         self.model = open_model(os.path.join(version_dir, params.get("model_filename", "model.onnx")), options)
         for note in self.model.choice.notes:  # a fallback must be visible in the server log
             pb_utils.Logger.log_warn(f"{args['model_name']}: {note}")
-        self.input_name = config["input"][0]["name"]
+        # Pixels first: the ensemble's input; the float one is for clients of the bare detector.
+        self.input_names = [tensor["name"] for tensor in config["input"]][::-1]
         self.output_name = config["output"][0]["name"]
+        self.batch_buffer = np.empty((0,), dtype=np.float32)
         pb_utils.Logger.log_info(
             f"{args['model_name']}: {self.model.label}, compiled in {self.model.compile_seconds:.2f} s"
         )
 
     def execute(self, requests):
         try:
-            inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-            # One request (every request at concurrency 1): its shared-memory input goes to the runtime as is.
-            batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+            arrays = [self._input(request) for request in requests]
             # Borrowed: pb_utils.Tensor keeps a reference and the stub copies it into shared memory as soon as
             # execute() returns, before the next call can overwrite the runtime's output buffer.
-            outputs = np.split(self.model.run_borrowed(batch), np.cumsum([len(x) for x in inputs])[:-1])
+            outputs = np.split(self.model.run_borrowed(self._float_batch(arrays)),
+                               np.cumsum([len(x) for x in arrays])[:-1])
         except Exception as error:  # noqa: BLE001  (report to every request of the batch, keep serving)
             message = f"detector: {error}"
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message)) for _ in requests]
@@ -58,3 +61,31 @@ class TritonPythonModel:
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
             for out in outputs
         ]
+
+    def _input(self, request):
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                return tensor.as_numpy()
+        # Triton itself refuses a request without inputs; this names the two if that ever changes.
+        raise ValueError(f"a request needs one of the inputs {' or '.join(self.input_names)}")
+
+    def _float_batch(self, arrays):
+        """The requests' inputs as one float32 batch. One float request (a bare-detector client) goes to the
+        runtime as it lies in shared memory; otherwise each is written into one reused buffer, pixels normalised
+        on the way (the runtime reads the buffer before the next execute() writes it)."""
+        if len(arrays) == 1 and arrays[0].dtype == np.float32:
+            return arrays[0]
+        shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
+        size = int(np.prod(shape))
+        if self.batch_buffer.size < size:
+            self.batch_buffer = np.empty(size, dtype=np.float32)
+        batch, start = self.batch_buffer[:size].reshape(shape), 0
+        for array in arrays:
+            part = batch[start : start + len(array)]
+            if array.dtype == np.uint8:
+                normalize_into(array, part)
+            else:
+                part[...] = array
+            start += len(array)
+        return batch
