@@ -199,6 +199,24 @@ def test_the_local_detector_takes_its_float_input_or_the_letterboxed_pixels(clie
                                   want[0])
 
 
+def test_a_request_of_several_images_equals_each_in_process(client, model_repository, pipelines, sample_images):
+    """One request carrying 3 images ([3, 1] BYTES) goes through the ensemble as a batch of 3 - letterboxed
+    pixels, normalised by the detector, one batched run - and each image's rows equal its own in-process
+    detections; rows past an image's count are padding (class -1)."""
+    images = sample_images[2:5]
+    tensor = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object).reshape(-1, 1))
+    detections = client.infer(model_repository.ensembles["int8"], [tensor]).as_numpy("DETECTIONS")
+    assert detections.shape[0] == 3
+    for index, data in enumerate(images):
+        local = pipelines["int8"](data)
+        rows = detections[index][detections[index][:, 5] >= 0]
+        assert rows.shape == local.shape, f"image {index}"
+        # A batch of 3 may round differently from batch 1 (as with dynamic batching above).
+        np.testing.assert_allclose(rows, local, atol=1e-2, err_msg=f"image {index}")
+        assert (detections[index][len(local):, 5] == -1).all()
+
+
 # -- bad inputs --------------------------------------------------------------------------------------------------
 def _bad_inputs(good_jpeg: bytes) -> dict[str, tuple[bytes, bool]]:
     """name -> (bytes, must_fail). The others must give the correct answer."""
