@@ -290,7 +290,6 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
 def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
     spec, options = plan.spec, plan.options
     target = options.target
-    detector_templates = TEMPLATES_DIR / "detector" / target
     models = []
     for precision in plan.precisions:
         detector = detector_name(spec.name, precision.value)
@@ -310,14 +309,13 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             "precision_hint": options.precision_hint,
             "ultralytics_metadata": ultralytics_metadata_pbtxt(spec),
         }
+        if DETECTOR_PLATFORM[template] == "python":  # the local target: opens the model with yqpack's runtime.py
+            _python_model(env, staging / detector, f"detector/{template}",
+                          [runtime_module.__file__, letterbox_module.__file__, image_header_module.__file__], context)
+        else:
+            (staging / detector / "1").mkdir(parents=True)
+            _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
         version_dir = staging / detector / "1"
-        version_dir.mkdir(parents=True)
-        _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
-        for extra in sorted(detector_templates.iterdir()):
-            if extra.is_file() and extra.suffix == ".py":  # the local target's Python-backend model
-                shutil.copy2(extra, version_dir / extra.name)
-                for module in (runtime_module, letterbox_module, image_header_module):
-                    shutil.copy2(module.__file__, version_dir / Path(module.__file__).name)
         # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
         shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
         if precision in plan.plans:
