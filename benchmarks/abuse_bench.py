@@ -31,13 +31,13 @@ import numpy as np
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from packager.assets import assets_dir
-from packager.loadtest import latency_stats
-from packager.report import cpu_name
-from packager.repository import render_repository
-from packager.serve import LocalTritonServer, find_free_ports
-from packager.server_records import stub_processes
-from packager.server_env import ensure_server_env
+from packager.core.paths import assets_dir
+from packager.verify.loadtest import latency_stats
+from packager.verify.report import cpu_name
+from packager.repository.render import render_repository
+from packager.serve.embedded import LocalTritonServer, find_free_ports
+from packager.serve.records import stub_processes
+from packager.serve.server_env import ensure_server_env
 
 CONCURRENCY = 8
 MODEL = "yolov8n_fp32"

@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from packager.assets import assets_dir
-from packager.auto_preset import AUTO_MAX_TRIALS
-from packager.calibration import list_images, split_calibration_and_tuning
-from packager.coco_eval import CocoGroundTruth, evaluate
-from packager.contracts import BuildManifest
-from packager.manifest import artifact_path
-from packager.onnx_eval import detect_images
-from packager.qdq_graph import int8_conv_mac_share, keep_precise
-from packager.quantize import QuantizeOptions, quantize_int8_twins
-from packager.sensitivity import AgreementScorer, Score, UnitScore, analyze, chosen, greedy_keep_precise, ranked
+from packager.core.paths import assets_dir
+from packager.quantize.auto_preset import AUTO_MAX_TRIALS
+from packager.calibration.calibration import list_images, split_calibration_and_tuning
+from packager.metrics.coco_eval import CocoGroundTruth, evaluate
+from packager.core.contracts import BuildManifest
+from packager.build.records import artifact_path
+from packager.evaluate.onnx_eval import detect_images
+from packager.quantize.qdq_graph import int8_conv_mac_share, keep_precise
+from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins
+from packager.quantize.sensitivity import AgreementScorer, Score, UnitScore, analyze, chosen, greedy_keep_precise, ranked
 
 
 def val_map(model, images, ground_truth, class_names, imgsz, work: Path, label: str) -> float:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.bootstrap import paired_ratio
-from packager.coco_eval import CocoGroundTruth, evaluate_images
-from packager.contracts import BuildManifest
-from packager.onnx_eval import UNOPTIMIZED_VARIANTS, detect_images
+from packager.metrics.intervals import paired_ratio
+from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
+from packager.core.contracts import BuildManifest
+from packager.evaluate.onnx_eval import UNOPTIMIZED_VARIANTS, detect_images
 
 
 def detections(build: Path, files: list[Path], variants: list[str], cache: Path | None) -> dict:

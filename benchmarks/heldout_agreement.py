@@ -42,24 +42,24 @@ import numpy as np
 import onnx
 from rich.progress import track
 
-from packager.assets import assets_dir
-from packager.bootstrap import paired_difference, paired_ratio, resampled_interval
-from packager.calibration import list_images, split_calibration_and_tuning
-from packager.coco_eval import CocoGroundTruth, evaluate_images
-from packager.contracts import BuildManifest
-from packager.coverage import conv_coverage
-from packager.letterbox import preprocess, read_image
-from packager.postprocess import EVAL_THRESHOLDS, postprocess
-from packager.qdq_graph import find_units, keep_precise
-from packager.auto_preset import apply_auto_preset
-from packager.quantize import (
+from packager.core.paths import assets_dir
+from packager.metrics.intervals import paired_difference, paired_ratio, resampled_interval
+from packager.calibration.calibration import list_images, split_calibration_and_tuning
+from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
+from packager.core.contracts import BuildManifest
+from packager.metrics.mac_coverage import conv_coverage
+from packager.inference.letterbox import preprocess, read_image
+from packager.inference.postprocess import EVAL_THRESHOLDS, postprocess
+from packager.quantize.qdq_graph import find_units, keep_precise
+from packager.quantize.auto_preset import apply_auto_preset
+from packager.quantize.int8 import (
     DEFAULT_AUTO_TARGET,
     QuantizeOptions,
     head_nodes_to_keep_precise,
     quantize_int8_twins,
 )
-from packager.runtime import RUNTIMES, RuntimeOptions, open_model
-from packager.sensitivity import AGREEMENT_THRESHOLDS, PseudoGroundTruth, agreement_per_image
+from packager.inference.runtime import RUNTIMES, RuntimeOptions, open_model
+from packager.quantize.sensitivity import AGREEMENT_THRESHOLDS, PseudoGroundTruth, agreement_per_image
 
 DESCRIPTIONS = {
     "all-int8": "everything INT8 (ModelOpt default placement)",

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.assets import assets_dir
-from packager.contracts import BuildManifest
-from packager.manifest import artifact_path
-from packager.onnx_eval import evaluate_build, onnx_session
+from packager.core.paths import assets_dir
+from packager.core.contracts import BuildManifest
+from packager.build.records import artifact_path
+from packager.evaluate.onnx_eval import evaluate_build, onnx_session
 
 
 def build(model: Path, calib: Path, out: Path, calib_size: int, preset: str) -> dict:
     """One `yqpack build` in a child process: wall time and the child's peak RSS."""
-    command = [sys.executable, "-m", "packager.cli", "build", "--model", str(model), "--calib-images", str(calib),
+    command = [sys.executable, "-m", "packager.cli.main", "build", "--model", str(model), "--calib-images", str(calib),
                "--calib-size", str(calib_size), "--preset", preset, "--out", str(out)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.manifest import artifact_path
-from packager.runtime import RuntimeOptions, int8_isa, open_model, read_cpu_flags
+from packager.build.records import artifact_path
+from packager.inference.runtime import RuntimeOptions, int8_isa, open_model, read_cpu_flags
 
 SETTINGS = {
     "onnxruntime": RuntimeOptions("onnxruntime"),

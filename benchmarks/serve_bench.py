@@ -30,15 +30,15 @@ import cv2
 import numpy as np
 import tritonclient.grpc.aio as aioclient
 
-from packager.assets import assets_dir
-from packager.letterbox import preprocess_bytes
-from packager.loadtest import TritonLoad, latency_stats, step_timings
-from packager.postprocess import PRODUCTION_THRESHOLDS, postprocess
-from packager.report import cpu_name
-from packager.repository import detector_name, render_repository
-from packager.runtime import DEFAULT_RUNTIME, RUNTIMES, CompiledModel, RuntimeOptions, open_model
-from packager.serve import LocalTritonServer, find_free_ports
-from packager.server_env import MALLOC_ENV, ensure_server_env
+from packager.core.paths import assets_dir
+from packager.inference.letterbox import preprocess_bytes
+from packager.verify.loadtest import TritonLoad, latency_stats, step_timings
+from packager.inference.postprocess import PRODUCTION_THRESHOLDS, postprocess
+from packager.verify.report import cpu_name
+from packager.repository.render import detector_name, render_repository
+from packager.inference.runtime import DEFAULT_RUNTIME, RUNTIMES, CompiledModel, RuntimeOptions, open_model
+from packager.serve.embedded import LocalTritonServer, find_free_ports
+from packager.serve.server_env import MALLOC_ENV, ensure_server_env
 
 
 class InProcessDetector:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.assets import assets_dir
+from packager.core.paths import assets_dir
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def yolov8n_build(assets, tmp_path_factory) -> Path:
 
     YQPACK_TEST_BUILD=<existing build dir> reuses a build instead (development only; the CI builds fresh).
     """
-    from packager.pipeline import BuildOptions, run_build
+    from packager.build.pipeline import BuildOptions, run_build
 
     reuse = os.environ.get("YQPACK_TEST_BUILD")
     if reuse:
@@ -54,7 +54,7 @@ def yolov8n_build(assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server_env():
     """The real server env (nvidia-pytriton, numpy<2) under $YQPACK_HOME, created once and reused."""
-    from packager.server_env import ensure_server_env
+    from packager.serve.server_env import ensure_server_env
 
     return ensure_server_env()
 
@@ -65,7 +65,7 @@ def model_repository(yolov8n_build, tmp_path_factory):
 
     `.path` is the repository folder, `.ensembles` maps precision -> ensemble model name.
     """
-    from packager.repository import render_repository
+    from packager.repository.render import render_repository
 
     out = tmp_path_factory.mktemp("repository") / "model_repository"
     return render_repository(yolov8n_build, out, target="local", precisions=("fp32", "fp16", "int8"))
@@ -74,7 +74,7 @@ def model_repository(yolov8n_build, tmp_path_factory):
 @pytest.fixture(scope="session")
 def local_server(model_repository, server_env, tmp_path_factory):
     """A running LocalTritonServer serving `model_repository` on free 127.0.0.1 ports (grpc_url, http_url)."""
-    from packager.serve import LocalTritonServer, find_free_ports
+    from packager.serve.embedded import LocalTritonServer, find_free_ports
 
     grpc_port, http_port, metrics_port = find_free_ports(3)
     server = LocalTritonServer(
@@ -94,7 +94,7 @@ def local_server(model_repository, server_env, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def coco_ground_truth(assets):
-    from packager.coco_eval import CocoGroundTruth
+    from packager.metrics.coco_eval import CocoGroundTruth
 
     return CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
 
@@ -118,7 +118,7 @@ def served_verify(local_server, model_repository, yolov8n_build, sample_val, tmp
 
     Short levels (a few requests each) keep CI time down; the README benchmark uses the CLI defaults.
     """
-    from packager.verify import VerifyOptions, run_verify
+    from packager.verify.run import VerifyOptions, run_verify
 
     images, annotations = sample_val
     options = VerifyOptions(
@@ -137,8 +137,8 @@ def served_verify(local_server, model_repository, yolov8n_build, sample_val, tmp
 
 @pytest.fixture(scope="session")
 def onnx_eval_metrics(yolov8n_build, sample_val):
-    """Local onnxruntime COCO eval (packager.onnx_eval) of the build's fp32, fp16 and int8-fp32 ONNX, once."""
-    from packager.onnx_eval import evaluate_build
+    """Local onnxruntime COCO eval (packager.evaluate.onnx_eval) of the build's fp32, fp16 and int8-fp32 ONNX, once."""
+    from packager.evaluate.onnx_eval import evaluate_build
 
     images, annotations = sample_val
     return evaluate_build(yolov8n_build, images, annotations, variants=("fp32", "fp16", "int8-fp32"),
@@ -153,9 +153,9 @@ def ultralytics_reference_metrics(assets, coco_ground_truth):
     import numpy as np
     import torch
 
-    from packager.assets import ultralytics_offline_env
-    from packager.coco_eval import evaluate
-    from packager.postprocess import EVAL_THRESHOLDS
+    from packager.core.paths import ultralytics_offline_env
+    from packager.metrics.coco_eval import evaluate
+    from packager.inference.postprocess import EVAL_THRESHOLDS
 
     ultralytics_offline_env()
     from ultralytics import YOLO
@@ -201,7 +201,7 @@ def s3_server(tmp_path_factory):
         import moto  # noqa: F401
     except ImportError as error:
         pytest.fail(f"{error}: install the test extras (pip install -e .[test]) for the S3 tests")
-    from packager.serve import find_free_ports
+    from packager.serve.embedded import find_free_ports
 
     port = find_free_ports(1)[0]
     endpoint = f"http://127.0.0.1:{port}"

@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from packager.image_header import ImageHeaderError, read_header
-from packager.letterbox import ImageRejected, decode_image
-from packager.request_params import ACCEPTED, MAX_DET_LIMIT, ParameterError, parse_parameters
+from packager.inference.image_header import ImageHeaderError, read_header
+from packager.inference.letterbox import ImageRejected, decode_image
+from packager.inference.request_params import ACCEPTED, MAX_DET_LIMIT, ParameterError, parse_parameters
 
 ACCEPTED_LIST = ", ".join(ACCEPTED)
 
@@ -198,7 +198,7 @@ def test_http_answers_400_for_client_errors_and_200_for_good_requests(local_serv
 # -- names ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad_name", ["../../x", "yolo'v8", "my model", 'a"b', ".."])
 def test_model_names_outside_the_safe_set_are_refused_at_render(yolov8n_build, tmp_path, bad_name):
-    from packager.repository import render_repository
+    from packager.repository.render import render_repository
 
     manifest = json.loads((yolov8n_build / "manifest.json").read_text())
     for artifact in manifest["artifacts"].values():  # absolute paths: the copied manifest still finds the files
@@ -213,7 +213,7 @@ def test_model_names_outside_the_safe_set_are_refused_at_render(yolov8n_build, t
 
 @pytest.mark.slow
 def test_admin_apis_need_the_servers_admin_key(local_server, client):
-    from packager.serve import ADMIN_HEADER
+    from packager.serve.embedded import ADMIN_HEADER
 
     for call in (client.get_log_settings, client.get_system_shared_memory_status):
         with pytest.raises(InferenceServerException, match="restricted"):
@@ -248,7 +248,7 @@ def _greedy_reference(boxes, scores, iou_threshold, max_keep):
 @pytest.mark.parametrize("count, iou, max_keep", [(5000, 0.45, 100), (5000, 0.0, 1000), (3000, 0.99, 1000),
                                                  (30000, 0.7, 300), (2500, 1.0, 1000), (10, 0.5, 1000)])
 def test_block_nms_keeps_exactly_what_one_greedy_sweep_keeps(count, iou, max_keep):
-    from packager.postprocess import nms
+    from packager.inference.postprocess import nms
 
     rng = np.random.default_rng(count)
     xy = rng.uniform(0, 600, (count, 2)).astype(np.float32)
@@ -259,7 +259,7 @@ def test_block_nms_keeps_exactly_what_one_greedy_sweep_keeps(count, iou, max_kee
 
 @pytest.mark.parametrize("levels", [3, 50, 100000])
 def test_top_candidates_equal_a_stable_sort(levels):
-    from packager.postprocess import top_candidates
+    from packager.inference.postprocess import top_candidates
 
     scores = np.random.default_rng(levels).integers(0, levels, 70000).astype(np.float32) / levels
     for count in (1, 30000, 69999):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from packager.assets import PROJECT_ROOT
+from packager.core.paths import PROJECT_ROOT
 
 SCRIPTS = sorted((PROJECT_ROOT / "benchmarks").glob("*.py"))
 

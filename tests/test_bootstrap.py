@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from packager.bootstrap import paired_difference, paired_ratio, resample_weights, resampled_interval, weighted_map
-from packager.calibration import DataOverlapError, check_no_overlap, find_overlap, image_hashes
-from packager.coco_eval import CocoGroundTruth, evaluate_images
-from packager.onnx_eval import GateResult, detect_images
+from packager.metrics.intervals import paired_difference, paired_ratio, resample_weights, resampled_interval, weighted_map
+from packager.calibration.calibration import DataOverlapError, check_no_overlap, find_overlap, image_hashes
+from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
+from packager.evaluate.onnx_eval import GateResult, detect_images
 
 VAL_IMAGES = 32
 
@@ -101,7 +101,7 @@ def test_eval_onnx_refuses_validation_images_recorded_as_calibration(yolov8n_bui
 
     from click.testing import CliRunner
 
-    from packager.cli import main
+    from packager.cli.main import main
 
     build = tmp_path / "build"
     build.mkdir()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from packager.cli import main
+from packager.cli.main import main
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_failed_accuracy_gate_writes_nothing(run, assets, tmp_path):
 
 
 def test_calibration_skips_corrupt_images_by_name(assets, tmp_path):
-    from packager.calibration import build_calibration
+    from packager.calibration.calibration import build_calibration
 
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -137,7 +137,7 @@ def test_calibration_skips_corrupt_images_by_name(assets, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".npy", ".npz"])
 def test_calibration_files_load_and_are_checked(tmp_path, suffix):
-    from packager.calibration import load_calibration_file
+    from packager.calibration.calibration import load_calibration_file
 
     data = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
     path = tmp_path / f"calib{suffix}"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from packager.cli import main
-from packager.contracts import (
+from packager.cli.main import main
+from packager.core.contracts import (
     BuildManifest,
     ConfigError,
     HeadFormat,
@@ -20,8 +20,8 @@ from packager.contracts import (
     YqpackError,
     check_model_name,
 )
-from packager.manifest import sha256_file
-from packager.repository_index import RepositoryIndex
+from packager.build.records import sha256_file
+from packager.core.repository_index import RepositoryIndex
 
 PACKAGE = Path(__file__).resolve().parent.parent / "packager"
 
@@ -124,8 +124,15 @@ def test_the_cli_turns_stage_errors_into_one_line(tmp_path):
     assert result.output.startswith("Error: no manifest.json in") and "Traceback" not in result.output
 
 
+def _module_name(path: Path) -> str:
+    """packager/core/contracts.py -> 'core.contracts'."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
 def _imports(module: Path) -> set[str]:
-    """packager modules imported anywhere in `module` (module level or inside functions) when it runs."""
+    """packager modules (dotted, e.g. 'core.contracts' or a folder 'engines') imported anywhere in `module`
+    (module level or inside functions) when it runs."""
+    package = _module_name(module).rpartition(".")[0]  # the folder a relative import starts from
     found = set()
     tree = ast.parse(module.read_text())
     for block in ast.walk(tree):  # imports for type checkers only never run: not a dependency
@@ -133,24 +140,26 @@ def _imports(module: Path) -> set[str]:
             block.body = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("packager."):
-                found.add(node.module.split(".")[1])
-            elif node.module == "packager":
-                found.update(alias.name for alias in node.names)
+            if node.level == 1:
+                base = ".".join(filter(None, [package, node.module]))
+            elif node.module and (node.module == "packager" or node.module.startswith("packager.")):
+                base = node.module.partition(".")[2]
+            else:
+                continue
+            # `from packager.engines import gpu_probe` imports a module; `from packager.core.contracts import X`
+            # a name of one
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if base else alias.name)
+            found.add(base)
     return found
 
 
-def test_packager_has_no_import_cycles_and_contracts_is_the_ground_floor():
-    modules = {path.stem for path in PACKAGE.glob("*.py")}
-    graph = {name: _imports(PACKAGE / f"{name}.py") & modules for name in modules}
-    assert graph["contracts"] == set(), "contracts.py must import nothing of yqpack"
-    assert "cli" not in set().union(*(deps for name, deps in graph.items() if name != "cli")), \
-        "only the entry point may import the CLI"
+def _import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(path) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+    return {name: _imports(PACKAGE / f"{name.replace('.', '/')}.py") & modules for name in modules}
 
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     def cycle_from(start: str) -> list[str] | None:
         stack = [(start, [start])]
         while stack:
@@ -162,5 +171,23 @@ def test_packager_has_no_import_cycles_and_contracts_is_the_ground_floor():
                     stack.append((dep, path + [dep]))
         return None
 
-    cycles = [cycle for cycle in map(cycle_from, sorted(modules)) if cycle]
+    return [cycle for cycle in map(cycle_from, sorted(graph)) if cycle]
+
+
+def test_packager_has_no_import_cycles_and_contracts_is_the_ground_floor():
+    graph = _import_graph()
+    assert "core.contracts" in graph and graph["core.contracts"] == set(), \
+        "core/contracts.py must import nothing of yqpack"
+    outside = {name: {dep for dep in deps if dep.split(".")[0] != name.split(".")[0]} for name, deps in graph.items()}
+    for folder in ("core", "inference"):  # the ground floor; the code copied into served models
+        leaks = {name: deps for name, deps in outside.items() if name.startswith(folder + ".") and deps}
+        assert not leaks, f"{folder}/ must import nothing else of yqpack: {leaks}"
+    assert not any(dep.startswith("cli.") for name, deps in outside.items() for dep in deps), \
+        "only the entry point may import the CLI"
+    cycles = _cycles(graph)
     assert not cycles, f"import cycles: {cycles}"
+    folders = {}
+    for name, deps in outside.items():
+        folders.setdefault(name.split(".")[0], set()).update(dep.split(".")[0] for dep in deps)
+    folder_cycles = _cycles(folders)
+    assert not folder_cycles, f"import cycles between stage folders: {folder_cycles}"

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from packager.coverage import conv_coverage
+from packager.metrics.mac_coverage import conv_coverage
 
 
 def _tiny_model() -> onnx.ModelProto:

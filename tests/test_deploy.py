@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from packager import deploy
-from packager.contracts import Endpoints
-from packager.readiness import NotReadyError, ServerGoneError, wait_until_ready
-from packager.assets import DEPLOY_DIR, PROJECT_ROOT
-from packager.server_env import MALLOC_ENV
+from packager.serve import compose as deploy
+from packager.core.contracts import Endpoints
+from packager.serve.readiness import NotReadyError, ServerGoneError, wait_until_ready
+from packager.core.paths import DEPLOY_DIR, PROJECT_ROOT
+from packager.serve.server_env import MALLOC_ENV
 
 DEPLOY = DEPLOY_DIR
 
@@ -133,7 +133,7 @@ def test_dockerfile_adds_what_the_python_models_import():
     imports = set()
     copied = ("letterbox", "postprocess", "image_header", "request_params")  # flat copies beside model.py
     for module in ("templates/preprocess/model.py", "templates/postprocess/model.py",
-                   *(f"packager/{name}.py" for name in copied)):
+                   *(f"packager/inference/{name}.py" for name in copied)):
         imports |= set(re.findall(r"^(?:import|from) (\w+)", (PROJECT_ROOT / module).read_text(), re.M))
     third_party = imports - set(sys.stdlib_module_names) - {"triton_python_backend_utils", "packager",
                                                             "__future__", *copied}
@@ -197,7 +197,7 @@ def test_engine_probe_reports_a_missing_engine(tmp_path):
 
 
 def test_compose_up_without_an_engine_says_so(yolov8n_build, tmp_path, monkeypatch):
-    from packager.repository import render_repository
+    from packager.repository.render import render_repository
 
     repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu").path
     with pytest.raises(deploy.DockerUnavailableError, match="Docker") as failure:
@@ -289,8 +289,8 @@ def test_endpoints_text():
 def test_engines_command_without_docker_is_a_plain_error(yolov8n_build, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from packager.cli import main
-    from packager.repository import render_repository
+    from packager.cli.main import main
+    from packager.repository.render import render_repository
 
     repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu").path
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'absent.sock'}")
@@ -300,7 +300,7 @@ def test_engines_command_without_docker_is_a_plain_error(yolov8n_build, tmp_path
 
 
 def test_compose_up_refuses_a_gpu_repository_without_engine_sources(yolov8n_build, tmp_path):
-    from packager.repository import render_repository
+    from packager.repository.render import render_repository
 
     repository = render_repository(yolov8n_build, tmp_path / "model_repository", target="gpu", precisions=("fp16",)).path
     source = repository / "yolov8n_fp16_detector" / "1" / "model.onnx"

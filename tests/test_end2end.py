@@ -16,15 +16,15 @@ import onnx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from packager.assets import ultralytics_offline_env
-from packager.export import export_onnx
-from packager.letterbox import preprocess, read_image
-from packager.contracts import BuildManifest, HeadFormat, ModelSpec, TensorSpec
-from packager.manifest import artifact_path
-from packager.onnx_eval import onnx_session
-from packager.postprocess import Thresholds, postprocess
-from packager.runtime import RuntimeOptions
-from packager.repository import detector_name, ensemble_name, render_repository
+from packager.core.paths import ultralytics_offline_env
+from packager.export.onnx_export import export_onnx
+from packager.inference.letterbox import preprocess, read_image
+from packager.core.contracts import BuildManifest, HeadFormat, ModelSpec, TensorSpec
+from packager.build.records import artifact_path
+from packager.evaluate.onnx_eval import onnx_session
+from packager.inference.postprocess import Thresholds, postprocess
+from packager.inference.runtime import RuntimeOptions
+from packager.repository.render import detector_name, ensemble_name, render_repository
 
 pytestmark = pytest.mark.slow
 IMGSZ = (320, 320)
@@ -36,7 +36,7 @@ SERVED = {"yolo26n": ("fp32", "int8"), "yolo11n": ("fp32",), "yolov8n": ("fp32",
 
 @pytest.fixture(scope="module")
 def builds(assets, yolov8n_build, tmp_path_factory) -> dict[str, Path]:
-    from packager.pipeline import BuildOptions, run_build
+    from packager.build.pipeline import BuildOptions, run_build
 
     out = tmp_path_factory.mktemp("e2e-builds")
     result = {"yolov8n": Path(yolov8n_build)}
@@ -55,7 +55,7 @@ def val_files(assets) -> list[Path]:
 @pytest.fixture(scope="module")
 def server(builds, server_env, tmp_path_factory):
     """One tritonserver for the three families: each build rendered (local target), model folders side by side."""
-    from packager.serve import LocalTritonServer, find_free_ports
+    from packager.serve.embedded import LocalTritonServer, find_free_ports
 
     root = tmp_path_factory.mktemp("e2e-serve")
     combined = root / "model_repository"
@@ -209,8 +209,8 @@ def test_ultralytics_triton_client_on_served_detector(server, builds, val_files,
 
 def test_eval_and_verify_unchanged_for_an_end2end_build(server, builds, sample_val, tmp_path):
     """`eval-onnx` and `verify` take a YOLO26 build as they take a YOLOv8 one; served == local detections."""
-    from packager.onnx_eval import evaluate_build
-    from packager.verify import VerifyOptions, run_verify
+    from packager.evaluate.onnx_eval import evaluate_build
+    from packager.verify.run import VerifyOptions, run_verify
 
     images, coco_annotations = sample_val
     # The random-init model names its classes '0'..'79' (COCO's 80 in YOLO order): the first 32 images'
@@ -252,7 +252,7 @@ def test_ultralytics_metadata_survives_pbtxt_quoting():
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from packager.repository import ultralytics_metadata_pbtxt
+    from packager.repository.render import ultralytics_metadata_pbtxt
 
     names = ["person", "it's", 'say "hi"', "back\\slash"]
     spec = ModelSpec("x", HeadFormat.END2END, TensorSpec("images", (-1, 3, 320, 480)),

@@ -24,10 +24,16 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from packager import engine_host, engine_plans, engines, gpu_probe
-from packager.assets import PROJECT_ROOT, TEMPLATES_DIR
-from packager.cli import main
-from packager.contracts import (
+from packager.engines import host as engine_host
+
+from packager.engines import plans as engine_plans
+
+from packager.engines import builder as engines
+
+from packager.engines import gpu_probe
+from packager.core.paths import PROJECT_ROOT, TEMPLATES_DIR
+from packager.cli.main import main
+from packager.core.contracts import (
     BuildManifest,
     HeadFormat,
     MissingInputError,
@@ -36,9 +42,9 @@ from packager.contracts import (
     Role,
     TensorSpec,
 )
-from packager.engine_plans import TensorRTVersion
-from packager.engines import EngineBuildError, GpuInfo
-from packager.repository_index import RepositoryIndex, ServedModel
+from packager.engines.plans import TensorRTVersion
+from packager.engines.builder import EngineBuildError, GpuInfo
+from packager.core.repository_index import RepositoryIndex, ServedModel
 
 TRT10 = TensorRTVersion(10, 8, 0)
 TRT86 = TensorRTVersion(8, 6, 1)
@@ -295,7 +301,7 @@ def test_trtexec_profile_agrees_with_the_rendered_gpu_config(sample_onnx, sample
 
 
 def test_only_tensorrt_plan_detectors_are_engine_builds(yolov8n_build, tmp_path):
-    from packager.repository import render_repository
+    from packager.repository.render import render_repository
 
     ort = render_repository(yolov8n_build, tmp_path / "ort", target="gpu-ort")
     assert engine_plans.repository_engine_specs(ort.path) == []
@@ -503,7 +509,7 @@ def test_engines_on_a_missing_repository_is_a_plain_error(tmp_path):
 @pytest.mark.parametrize("target", ["gpu", "gpu-ort"])
 def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target):
     """repository.py renders these templates from a real build; every detector config matches its ONNX."""
-    from packager.repository import ONNX_VARIANT, render_repository
+    from packager.repository.render import ONNX_VARIANT, render_repository
 
     build_dir = yolov8n_build
     manifest = json.loads((build_dir / "manifest.json").read_text())

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from packager.cli import main
-from packager.onnx_eval import AccuracyGateError, check_gate
+from packager.cli.main import main
+from packager.evaluate.onnx_eval import AccuracyGateError, check_gate
 
 # The assets README's figure. Measured here with Ultralytics 8.4.190 `model.val` + pycocotools on the same images:
 # 0.4438 with rect batches, 0.4344 square (as served); the test compares with the square pipeline run in-session.

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from packager.calibration import build_calibration
-from packager.export import export_onnx, parse_imgsz
-from packager.letterbox import preprocess, read_image
-from packager.onnx_eval import onnx_session
-from packager.quantize import QuantizeOptions, head_nodes_to_keep_precise, quantize_int8_twins, quantized_node_names
+from packager.calibration.calibration import build_calibration
+from packager.export.onnx_export import export_onnx, parse_imgsz
+from packager.inference.letterbox import preprocess, read_image
+from packager.evaluate.onnx_eval import onnx_session
+from packager.quantize.int8 import QuantizeOptions, head_nodes_to_keep_precise, quantize_int8_twins, quantized_node_names
 
 
 def input_dims(path):

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from packager.coverage import conv_coverage
+from packager.metrics.mac_coverage import conv_coverage
 
 VAL_IMAGES = 8
 
@@ -18,7 +18,7 @@ VAL_IMAGES = 8
 @pytest.fixture(scope="module")
 def fp8_build(assets, tmp_path_factory):
     """A small real build: imgsz 320, 16 calibration images, 8 val images, --target gpu (FP8 on by default)."""
-    from packager.pipeline import BuildOptions, run_build
+    from packager.build.pipeline import BuildOptions, run_build
 
     root = tmp_path_factory.mktemp("fp8")
     val = root / "val"
@@ -58,7 +58,7 @@ def test_fp8_artifacts_have_float8_qdq_on_convolutions(fp8_build):
     assert manifest["quantization"]["fp8"]["fp8_mac_coverage"] == round(coverage.share("fp8"), 5)
     assert 0.5 < manifest["quantization"]["int8_mac_coverage"] < 1
     assert len(manifest["calibration"]["image_sha256"]) == 16
-    from packager.pipeline import summary_table
+    from packager.build.pipeline import summary_table
 
     caption = summary_table(fp8_build).caption
     assert "of conv MACs in INT8" in caption and "of conv MACs in FP8" in caption and "fp8-fp32 mAP50-95" in caption
@@ -76,7 +76,7 @@ def test_fp8_evaluates_with_an_interval_and_passes_its_gate(fp8_build):
 
 
 def test_fp8_served_on_gpu_target_only(fp8_build, tmp_path):
-    from packager.repository import render_repository
+    from packager.repository.render import render_repository
 
     repo = fp8_build.repository
     assert (repo / "yolov8n_fp8" / "config.pbtxt").is_file()
@@ -88,9 +88,9 @@ def test_fp8_served_on_gpu_target_only(fp8_build, tmp_path):
 
 def test_fp8_engine_needs_compute_capability_8_9(tmp_path):
     """On a GPU below sm 8.9 the fp8 plan is refused with a plain message and trtexec is never started."""
-    from packager.engine_plans import EngineSpec, TensorRTVersion
-    from packager.engines import build_engine, trtexec_command
-    from packager.gpu_probe import GpuInfo
+    from packager.engines.plans import EngineSpec, TensorRTVersion
+    from packager.engines.builder import build_engine, trtexec_command
+    from packager.engines.gpu_probe import GpuInfo
 
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"not used")

@@ -18,12 +18,12 @@ from click.testing import CliRunner
 from kubernetes_validate import utils as kv
 from referencing import Registry, Resource
 
-from packager.assets import PROJECT_ROOT
-from packager.cli import main
-from packager.k8s import METRIC_NAME, K8sOptions, render_k8s
-from packager.push import push_repository
-from packager.repository_index import REPOSITORY_INDEX
-from packager.repository import render_repository
+from packager.core.paths import PROJECT_ROOT
+from packager.cli.main import main
+from packager.serve.k8s import ENGINE_MODULES, METRIC_NAME, K8sOptions, render_k8s
+from packager.serve.s3_push import push_repository
+from packager.core.repository_index import REPOSITORY_INDEX
+from packager.repository.render import render_repository
 
 VERSIONS = ("1.30.0", "1.35.0")
 CRD_KINDS = {"ServiceMonitor", "InferenceService"}
@@ -231,7 +231,7 @@ def test_s3_repository_is_read_by_triton_or_fetched_for_the_engine_build(rendere
 
 
 def test_engine_init_container_runs_the_compose_engines_code(rendered, repositories, tmp_path):
-    """The ConfigMap carries deploy/build_engines.py + packager/engines.py; laid out as its items mount them, a
+    """The ConfigMap carries deploy/build_engines.py + packager/engines/builder.py; laid out as its items mount them, a
     bare Python runs the builder (here without trtexec, which it reports as such)."""
     folder = rendered["pvc-gpu"]
     kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
@@ -246,7 +246,8 @@ def test_engine_init_container_runs_the_compose_engines_code(rendered, repositor
         source = folder / next(f for f in generator["files"] if Path(f).name == item["key"])
         (layout / item["path"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, layout / item["path"])
-    assert (layout / "packager" / "engines.py").read_bytes() == (PROJECT_ROOT / "packager" / "engines.py").read_bytes()
+    for module in ENGINE_MODULES:  # mounted back at their paths under packager/
+        assert (layout / "packager" / module).read_bytes() == (PROJECT_ROOT / "packager" / module).read_bytes()
     script = tmp_path / engines["command"][1].strip("/")
     repository = tmp_path / "models"
     shutil.copytree(repositories["gpu"], repository)
@@ -323,7 +324,7 @@ def test_a_repository_without_ensembles_is_refused(repositories, tmp_path):
 
 
 def test_an_unreachable_s3_endpoint_is_a_clear_error(tmp_path, monkeypatch):
-    from packager.serve import find_free_ports
+    from packager.serve.embedded import find_free_ports
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
@@ -356,8 +357,8 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
                 kv.validate(document, "1.35.0", strict=True)
         if variant.endswith("gpu") and folder == rendered[variant]:
             (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-            assert set(config_map["data"]) == {"build_engines.py", "engines.py", "engine_plans.py",
-                                               "repository_index.py", "contracts.py", "gpu_probe.py"}
+            assert set(config_map["data"]) == {"build_engines.py", "builder.py", "plans.py", "gpu_probe.py",
+                                               "contracts.py", "repository_index.py", "files.py"}
             deployment = next(o for o in objects if o["kind"] == "Deployment")
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \
@@ -367,7 +368,7 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
 def test_rerendering_replaces_the_folder_and_a_foreign_folder_is_refused(repositories, tmp_path):
     out = tmp_path / "k8s"
     _render(str(repositories["gpu"]), out)
-    assert (out / "pvc.yaml").is_file() and (out / "engines" / "engines.py").is_file()
+    assert (out / "pvc.yaml").is_file() and (out / "engines" / "builder.py").is_file()
     _render(str(repositories["local"]), out, gpus=0, pvc="other-models")
     assert not (out / "engines").exists()  # nothing left over from the gpu rendering
     assert "other-models" in (out / "pvc.yaml").read_text()

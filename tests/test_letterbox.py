@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from packager.assets import ultralytics_offline_env
-from packager.letterbox import (
+from packager.core.paths import ultralytics_offline_env
+from packager.inference.letterbox import (
     LetterboxInfo,
     decode_image,
     letterbox,

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from packager.assets import ultralytics_offline_env
-from packager.letterbox import LetterboxInfo, preprocess, read_image
-from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, decode, map_to_original, postprocess
+from packager.core.paths import ultralytics_offline_env
+from packager.inference.letterbox import LetterboxInfo, preprocess, read_image
+from packager.inference.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, decode, map_to_original, postprocess
 
 ultralytics_offline_env()
 from ultralytics.utils.nms import non_max_suppression  # noqa: E402

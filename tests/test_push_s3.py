@@ -16,9 +16,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from click.testing import CliRunner
 
-from packager.cli import main
-from packager.contracts import ConfigError, ServerError
-from packager.push import (
+from packager.cli.main import main
+from packager.core.contracts import ConfigError, ServerError
+from packager.serve.s3_push import (
     PLACEHOLDER_NAME,
     S3Error,
     S3Location,
@@ -27,10 +27,10 @@ from packager.push import (
     triton_s3_repository,
     verify_pushed,
 )
-from packager.repository_index import REPOSITORY_INDEX
-from packager.repository import render_repository
-from packager.serve import LocalTritonServer, find_free_ports
-from packager.server_records import read_state
+from packager.core.repository_index import REPOSITORY_INDEX
+from packager.repository.render import render_repository
+from packager.serve.embedded import LocalTritonServer, find_free_ports
+from packager.serve.records import read_state
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_push_serve_verify_stop_from_s3_with_the_cli(aws_env, fp32_repository, s
     (home / "server-env").symlink_to(server_env.root)  # a private state file, the session's server env
     env = {**os.environ, "YQPACK_HOME": str(home)}
     grpc_port, http_port, metrics_port = find_free_ports(3)
-    cli = [sys.executable, "-m", "packager.cli"]
+    cli = [sys.executable, "-m", "packager.cli.main"]
     started = subprocess.run([*cli, "serve", "--repository", f"s3://{server['bucket']}/served/v1", "--detach",
                               "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                               "--metrics-port", str(metrics_port)],

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from packager.manifest import ARTIFACT_FILES, artifact_path, sha256_file
-from packager.quantize import (
+from packager.build.records import ARTIFACT_FILES, artifact_path, sha256_file
+from packager.quantize.int8 import (
     EXTREME_OP_TYPES,
     QuantizeOptions,
     head_nodes_to_keep_precise,
@@ -153,7 +153,7 @@ def test_derived_fp16_twin_equals_modelopt_fp16_quantization(yolov8n_build, tmp_
 
     from modelopt.onnx.quantization import quantize
 
-    from packager.onnx_eval import onnx_session
+    from packager.evaluate.onnx_eval import onnx_session
 
     calib = np.load(yolov8n_build / "calib.npy")[:8]
     ours = quantize_int8_twins(artifact_path(yolov8n_build, "fp32"), calib, tmp_path / "ours")
@@ -174,7 +174,7 @@ def test_derived_fp16_twin_equals_modelopt_fp16_quantization(yolov8n_build, tmp_
 def test_dq_only_stores_int8_weights_and_computes_the_same(yolov8n_build, tmp_path):
     """--dq-only: weights become INT8 initializers read by DequantizeLinear (no weight QuantizeLinear left), in both
     twins, and the model computes exactly what the Q/DQ-weights model of the same calibration computes."""
-    from packager.onnx_eval import onnx_session
+    from packager.evaluate.onnx_eval import onnx_session
 
     calib = np.load(yolov8n_build / "calib.npy", mmap_mode="r")[:8].copy()
     source = artifact_path(yolov8n_build, "fp32")

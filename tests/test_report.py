@@ -8,12 +8,12 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from packager import coco_eval
-from packager.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
-from packager.loadtest import RequestOutcome, StepTiming, summarize_level
-from packager.report import render_markdown, write_report
-from packager.verify_inputs import SkippedImage
-from packager.verify_result import ServedModel, VerifyResult
+from packager.metrics import coco_eval
+from packager.verify.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
+from packager.verify.loadtest import RequestOutcome, StepTiming, summarize_level
+from packager.verify.report import render_markdown, write_report
+from packager.verify.inputs import SkippedImage
+from packager.verify.result import ServedModel, VerifyResult
 
 
 def _detections_from_ground_truth(ground_truth, class_names, jitter_px: float, seed: int) -> dict:

@@ -12,9 +12,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from packager import letterbox, postprocess
-from packager.assets import TEMPLATES_DIR
-from packager.repository import (
+from packager.inference import letterbox
+
+from packager.inference import postprocess
+from packager.core.paths import TEMPLATES_DIR
+from packager.repository.render import (
     LABELS_FILE,
     TARGETS,
     TRITON_DTYPE,
@@ -22,8 +24,8 @@ from packager.repository import (
     ensemble_name,
     render_repository,
 )
-from packager.contracts import Role
-from packager.repository_index import RepositoryIndex
+from packager.core.contracts import Role
+from packager.core.repository_index import RepositoryIndex
 
 
 def load_repository_info(repository: Path) -> dict:
@@ -249,7 +251,7 @@ def test_the_index_and_the_configs_state_the_same_facts(rendered):
 
 
 def test_an_index_from_an_older_yqpack_is_refused_clearly(yolov8n_build, tmp_path):
-    from packager.contracts import ManifestError
+    from packager.core.contracts import ManifestError
 
     result = render_repository(yolov8n_build, tmp_path / "repo", precisions=("fp32",))
     path = result.path / "yqpack_repository.json"
@@ -297,7 +299,7 @@ def test_cpu_openvino_runs_int8_on_openvino_and_keeps_float_exact(yolov8n_build,
 
 @pytest.mark.parametrize("runtime,hint", [("openvino", "f32"), ("openvino", "bf16"), ("onnxruntime", "f32")])
 def test_local_detector_runtime_is_a_config_parameter(yolov8n_build, tmp_path, runtime, hint):
-    from packager import runtime as runtime_module
+    from packager.inference import runtime as runtime_module
 
     result = render_repository(yolov8n_build, tmp_path / "repo", precisions=("int8",), runtime=runtime,
                                precision_hint=hint)

@@ -1,4 +1,4 @@
-"""packager.runtime with the real onnxruntime and OpenVINO: FP32 stays FP32, INT8 runs on integer kernels,
+"""packager.inference.runtime with the real onnxruntime and OpenVINO: FP32 stays FP32, INT8 runs on integer kernels,
 the compiled-model cache, and the CPU instruction-set fallback."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager.manifest import artifact_path
-from packager.runtime import RuntimeOptions, cpu_flags, int8_isa, open_model, resolve_runtime
+from packager.build.records import artifact_path
+from packager.inference.runtime import RuntimeOptions, cpu_flags, int8_isa, open_model, resolve_runtime
 
 # The flags line of this development machine's /proc/cpuinfo (Intel Xeon, Emerald Rapids class, KVM), verbatim.
 XEON_CPUINFO = (

@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-from packager.calibration import list_images, split_calibration_and_tuning
-from packager.contracts import BuildManifest
-from packager.manifest import artifact_path
-from packager.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
-from packager.quantize import QuantizeOptions, quantize_int8_twins
-from packager.bootstrap import paired_difference, weighted_map
-from packager.sensitivity import AgreementScorer, agreement_per_image, analyze, chosen, greedy_keep_precise
+from packager.calibration.calibration import list_images, split_calibration_and_tuning
+from packager.core.contracts import BuildManifest
+from packager.build.records import artifact_path
+from packager.quantize.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
+from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins
+from packager.metrics.intervals import paired_difference, weighted_map
+from packager.quantize.sensitivity import AgreementScorer, agreement_per_image, analyze, chosen, greedy_keep_precise
 
 CALIB = 4
 
@@ -81,7 +81,7 @@ def test_removing_a_units_qdq_equals_excluding_it_at_calibration(
     assert quantized_inputs(derived) == quantized_inputs(excluded)
     assert not set(unit.nodes) & set(quantized_inputs(derived))
     assert int8_conv_mac_share(derived) < 1.0 or unit.conv_macs == 0
-    from packager.letterbox import preprocess, read_image
+    from packager.inference.letterbox import preprocess, read_image
 
     tensor = np.stack([preprocess(read_image(p), (640, 640))[0] for p in tuning_files[:2]])
     ours, theirs = _run(derived, tensor), _run(excluded, tensor)
@@ -141,7 +141,7 @@ def test_split_calibration_and_tuning_is_disjoint(tmp_path):
 
 def test_build_with_auto_preset_records_its_choice(assets, tmp_path):
     """A whole `yqpack build --preset auto` at 320 px: calibration 8 images, tuning the next 4 (disjoint)."""
-    from packager.pipeline import BuildOptions, run_build
+    from packager.build.pipeline import BuildOptions, run_build
 
     out = tmp_path / "auto"
     result = run_build(BuildOptions(
@@ -170,7 +170,7 @@ def test_sensitivity_cli_writes_json_table_and_chart(yolov8n_build, assets, tmp_
     """`yqpack sensitivity` on the build's own calibration folder: its calibration images are skipped."""
     from click.testing import CliRunner
 
-    from packager.cli import main
+    from packager.cli.main import main
 
     out = tmp_path / "sens" / "sensitivity.json"
     result = CliRunner().invoke(main, ["sensitivity", "--build", str(yolov8n_build), "--images",
@@ -189,7 +189,7 @@ def test_sensitivity_cli_writes_json_table_and_chart(yolov8n_build, assets, tmp_
 
 def test_downstream_submodel_from_cached_fp32_equals_the_full_variant(all_int8, scorer):
     """The speed-up of `analyze`: run only what a unit's Q/DQ can change, fed with cached FP32 tensors."""
-    from packager.qdq_graph import downstream_submodel, only_quantized
+    from packager.quantize.qdq_graph import downstream_submodel, only_quantized
 
     for unit in [u for u in find_units(all_int8) if u.name in ("model.8", "model.22/cv3.1")]:
         variant = only_quantized(all_int8, unit.nodes)

@@ -23,15 +23,15 @@ from tritonclient.grpc import model_config_pb2
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from packager.cli import main
-from packager.contracts import YqpackError
-from packager.letterbox import preprocess_bytes
-from packager.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
-from packager.repository import detector_name
-from packager.runtime import RuntimeOptions, open_model
-from packager.serve import LocalTritonServer, find_free_ports
-from packager.server_records import read_state, shm_regions, stub_processes
-from packager.server_env import MALLOC_ENV
+from packager.cli.main import main
+from packager.core.contracts import YqpackError
+from packager.inference.letterbox import preprocess_bytes
+from packager.inference.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
+from packager.repository.render import detector_name
+from packager.inference.runtime import RuntimeOptions, open_model
+from packager.serve.embedded import LocalTritonServer, find_free_ports
+from packager.serve.records import read_state, shm_regions, stub_processes
+from packager.serve.server_env import MALLOC_ENV
 
 pytestmark = pytest.mark.slow
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -417,7 +417,7 @@ def _wait_ready(grpc_url: str, process: subprocess.Popen | None = None, timeout:
 def test_detach_then_stop(model_repository, server_env, free_ports, tmp_path):
     env = _cli_env(tmp_path, server_env)
     grpc_port, http_port, metrics_port = free_ports
-    command = [sys.executable, "-m", "packager.cli", "serve", "--repository", str(model_repository.path),
+    command = [sys.executable, "-m", "packager.cli.main", "serve", "--repository", str(model_repository.path),
                "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)]
     started = subprocess.run([*command, "--detach"], env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr
@@ -429,7 +429,7 @@ def test_detach_then_stop(model_repository, server_env, free_ports, tmp_path):
         again = subprocess.run([*command, "--detach"], env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode != 0 and "already runs" in again.stderr
     finally:
-        stopped = subprocess.run([sys.executable, "-m", "packager.cli", "stop"], env=env, capture_output=True,
+        stopped = subprocess.run([sys.executable, "-m", "packager.cli.main", "stop"], env=env, capture_output=True,
                                  text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
     assert f"stopped tritonserver pid {state.pid}" in stopped.stderr
@@ -442,7 +442,7 @@ def test_foreground_serve_stops_cleanly_on_ctrl_c(model_repository, server_env, 
     env = _cli_env(tmp_path, server_env)
     grpc_port, http_port, metrics_port = free_ports
     process = subprocess.Popen(
-        [sys.executable, "-m", "packager.cli", "serve", "--repository", str(model_repository.path),
+        [sys.executable, "-m", "packager.cli.main", "serve", "--repository", str(model_repository.path),
          "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -469,7 +469,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_server_env_is_reused_and_keeps_numpy_1(server_env):
-    from packager.server_env import INSTALL_LOG_NAME, MARKER_NAME, ensure_server_env
+    from packager.serve.server_env import INSTALL_LOG_NAME, MARKER_NAME, ensure_server_env
 
     log = server_env.root / INSTALL_LOG_NAME
     stamp = log.stat().st_mtime_ns if log.exists() else None

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from packager import procinfo
-from packager.contracts import YqpackError
-from packager.serve import LocalTritonServer, find_free_ports, stop_local
-from packager.server_records import ServerState, read_state, serve_dir, shm_regions, stub_processes, write_state
+from packager.serve import procinfo
+from packager.core.contracts import YqpackError
+from packager.serve.embedded import LocalTritonServer, find_free_ports, stop_local
+from packager.serve.records import ServerState, read_state, serve_dir, shm_regions, stub_processes, write_state
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _yqpack(*args: str, env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "packager.cli", *args], env=env, cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "packager.cli.main", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -109,7 +109,7 @@ def test_kill_9_of_the_server_leaves_nothing_after_the_next_command(model_reposi
 @pytest.mark.slow
 def test_kill_9_of_a_foreground_serve_takes_the_server_with_it(model_repository, server_env, tmp_path):
     env, work = _env(tmp_path, server_env, home=True)
-    process = subprocess.Popen([sys.executable, "-m", "packager.cli", *_serve_args(model_repository.path)],
+    process = subprocess.Popen([sys.executable, "-m", "packager.cli.main", *_serve_args(model_repository.path)],
                                env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240

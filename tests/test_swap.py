@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.swap import exchange_paths, replace_directory
+from packager.core.files import exchange_paths, replace_directory
 
 SWAPS = 300
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager import coco_eval
-from packager.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
-from packager.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
-from packager.verify_inputs import VerifyError, parse_class_names, scan_images, served_identity
-from packager.verify_session import _real_rows
+from packager.metrics import coco_eval
+from packager.verify.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
+from packager.verify.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
+from packager.verify.inputs import VerifyError, parse_class_names, scan_images, served_identity
+from packager.verify.session import _real_rows
 
 
 # --- pure parts -------------------------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_unmeasured_accuracy_fails_its_gate():
 
 
 def _run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "packager.cli", "verify", *args, "--no-progress"],
+    return subprocess.run([sys.executable, "-m", "packager.cli.main", "verify", *args, "--no-progress"],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -205,8 +205,8 @@ def test_served_map_equals_local_onnx_eval(served_verify, onnx_eval_metrics):
 @pytest.mark.slow
 def test_the_report_names_the_runtime_behind_each_served_number(served_verify, model_repository):
     """The runtime comes from the server (config parameter yqpack_runtime), as the repository index records it."""
-    from packager.report import render_markdown
-    from packager.repository_index import RepositoryIndex
+    from packager.verify.report import render_markdown
+    from packager.core.repository_index import RepositoryIndex
 
     index = RepositoryIndex.load(model_repository.path)
     runtimes = {model.name: model.runtime for model in served_verify.models}
@@ -284,7 +284,7 @@ def test_impossible_map_ratio_fails_and_names_the_gate(local_server, yolov8n_bui
 
 
 def test_no_server_is_a_clear_error_after_wait(sample_val, tmp_path):
-    from packager.serve import find_free_ports
+    from packager.serve.embedded import find_free_ports
 
     images, annotations = sample_val
     (port,) = find_free_ports(1)  # nothing listens there
@@ -301,7 +301,7 @@ def _verify_interrupted(server, build_dir, sample_val, report_dir, interrupt) ->
 
     images, annotations = sample_val
     verify = subprocess.Popen(
-        [sys.executable, "-m", "packager.cli", "verify", "--url", server.grpc_url, "--images", str(images),
+        [sys.executable, "-m", "packager.cli.main", "verify", "--url", server.grpc_url, "--images", str(images),
          "--annotations", str(annotations), "--build", str(build_dir), "--max-images", "4",
          "--concurrency", "2", "--duration", "300", "--warmup", "0", "--no-detector-load",
          "--report-dir", str(report_dir), "--no-progress"],
@@ -336,8 +336,8 @@ def _assert_incomplete_report(report_dir: Path) -> dict:
 @pytest.fixture
 def own_server(yolov8n_build, server_env, tmp_path):
     """A server of this test's own (never the shared one), fp32 only, whose models clients may unload."""
-    from packager.repository import render_repository
-    from packager.serve import LocalTritonServer, find_free_ports
+    from packager.repository.render import render_repository
+    from packager.serve.embedded import LocalTritonServer, find_free_ports
 
     repository = render_repository(yolov8n_build, tmp_path / "repository", target="local", precisions=("fp32",))
     grpc_port, http_port, metrics_port = find_free_ports(3)

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from packager.coco_eval import CocoMetrics
-from packager.gates import AbsoluteGates, AccuracyReference, ServedAccuracy, absolute_accuracy_gates, readiness_gates
+from packager.metrics.coco_eval import CocoMetrics
+from packager.verify.gates import AbsoluteGates, AccuracyReference, ServedAccuracy, absolute_accuracy_gates, readiness_gates
 
 IMAGES = 16
 
@@ -65,8 +65,8 @@ def val_subset(sample_val, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated_build(yolov8n_build, val_subset, coco_class_names, tmp_path_factory):
     """The session build's manifest (artifacts by absolute path) with an fp32 `evaluation` on the true 16."""
-    from packager.coco_eval import CocoGroundTruth, evaluate
-    from packager.onnx_eval import detect_images
+    from packager.metrics.coco_eval import CocoGroundTruth, evaluate
+    from packager.evaluate.onnx_eval import detect_images
 
     folder, true, _ = val_subset
     manifest = json.loads((yolov8n_build / "manifest.json").read_text())
@@ -82,7 +82,7 @@ def evaluated_build(yolov8n_build, val_subset, coco_class_names, tmp_path_factor
 
 
 def _verify(server, folder, annotations, report_dir, *extra):
-    command = [sys.executable, "-m", "packager.cli", "verify", "--url", server.grpc_url, "--images", str(folder),
+    command = [sys.executable, "-m", "packager.cli.main", "verify", "--url", server.grpc_url, "--images", str(folder),
                "--annotations", str(annotations), "--models", "yolov8n_fp32", "--concurrency", "1",
                "--requests", "2", "--warmup", "0", "--no-detector-load", "--report-dir", str(report_dir),
                "--no-progress", *extra]

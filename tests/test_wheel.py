@@ -21,8 +21,8 @@ import pytest
 import yaml
 from packaging.metadata import Metadata
 
-from packager.assets import PROJECT_ROOT
-from packager.k8s import ENGINE_MODULES
+from packager.core.paths import PROJECT_ROOT
+from packager.serve.k8s import ENGINE_MODULES
 
 SOURCES = ("pyproject.toml", "README.md", "packager", "templates", "deploy")
 
@@ -70,7 +70,7 @@ def test_wheel_carries_templates_and_deploy(wheel):
 
 
 def test_installed_package_finds_its_files_and_keeps_state_per_user(installed, tmp_path):
-    code = ("import json, packager, packager.assets as a; print(json.dumps({'package': packager.__file__, "
+    code = ("import json, packager, packager.core.paths as a; print(json.dumps({'package': packager.__file__, "
             "'templates': str(a.TEMPLATES_DIR), 'deploy': str(a.DEPLOY_DIR), 'home': str(a.yqpack_home()), "
             "'checkout': a.is_source_checkout()}))")
     run = run_installed(installed, tmp_path, code)
@@ -88,7 +88,7 @@ def test_installed_package_finds_its_files_and_keeps_state_per_user(installed, t
 @pytest.mark.slow
 def test_installed_wheel_renders_gpu_repository_and_prints_engines(installed, yolov8n_build, tmp_path):
     repository = tmp_path / "model_repository"
-    render = ("import sys; from packager.cli import main; sys.exit(main(['render', '--build', "
+    render = ("import sys; from packager.cli.main import main; sys.exit(main(['render', '--build', "
               f"{str(yolov8n_build)!r}, '--repository', 'model_repository', '--target', 'gpu']))")
     rendered = run_installed(installed, tmp_path, render)  # relative --repository: lands in the temp folder
     assert rendered.returncode == 0, rendered.stderr
@@ -97,7 +97,7 @@ def test_installed_wheel_renders_gpu_repository_and_prints_engines(installed, yo
                        "yolov8n_postprocess", "yolov8n_preprocess"]
     assert 'platform: "tensorrt_plan"' in (repository / "yolov8n_int8_detector" / "config.pbtxt").read_text()
 
-    cli = ("import sys; from packager.cli import main; sys.exit(main(['engines', '--build', "
+    cli = ("import sys; from packager.cli.main import main; sys.exit(main(['engines', '--build', "
            f"{str(yolov8n_build)!r}, '--repository', {str(repository)!r}, '--engines', 'print']))")
     printed = run_installed(installed, tmp_path, cli)
     assert printed.returncode == 0, printed.stderr
@@ -111,7 +111,7 @@ def test_installed_compose_file_mounts_the_installed_package(installed, tmp_path
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("no compose implementation installed (apt-get install docker-compose)")
-    code = ("import json, packager.deploy as d; from packager.contracts import Endpoints; "
+    code = ("import json, packager.serve.compose as d; from packager.core.contracts import Endpoints; "
             f"print(json.dumps(d.compose_environment({str(tmp_path / 'repo')!r}, Endpoints(), False, base={{}})))")
     run = run_installed(installed, tmp_path, code)
     assert run.returncode == 0, run.stderr

@@ -1,0 +1,157 @@
+"""`yqpack build`, `render` and `eval-onnx`: their options, parsed into the stages' option objects.
+
+Registered on the command group in packager/cli/main.py, which converts the stages' errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _runtime_options(command):
+    """--runtime / --precision-hint: which CPU runtime evaluates (and, for --target local, serves) the ONNX."""
+    command = click.option("--precision-hint", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                           help="OpenVINO only: f32 keeps FP32 exact; bf16 is faster on AMX and less exact.")(command)
+    return click.option("--runtime", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
+                        show_default=True, help="openvino: INT8 on integer kernels (VNNI/AMX); onnxruntime: INT8 "
+                        "emulated (Q -> DQ -> float). Falls back to onnxruntime, with a message, where "
+                        "OpenVINO cannot run.")(command)
+
+
+@click.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path),
+              help="Ultralytics .pt checkpoint, model .yaml (random init) or an existing .onnx export.")
+@click.option("--out", default=Path("build"), show_default=True, type=click.Path(path_type=Path),
+              help="Build directory (replaced atomically when the build succeeds).")
+@click.option("--calib-images", type=click.Path(path_type=Path), help="Folder of calibration images.")
+@click.option("--calib-data", type=click.Path(path_type=Path),
+              help="Ready calibration tensor (.npy/.npz, N x 3 x H x W float32) instead of --calib-images.")
+@click.option("--calib-size", default=64, show_default=True, type=int, help="Calibration images to use.")
+@click.option("--imgsz", default="640", show_default=True, help="Input size: 640 or H,W (multiples of 32).")
+@click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch served.")
+@click.option("--static-batch", is_flag=True, help="Export with a fixed batch of 1 instead of a dynamic batch.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the FP32 export.")
+@click.option("--end2end/--no-end2end", default=None,
+              help="NMS-free one-to-one head (YOLO26) or the classic head + NMS. Default: NMS-free when the model has it.")
+@click.option("--preset", type=click.Choice(["mixed", "extreme", "auto"]), default="mixed", show_default=True,
+              help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
+                   "extreme: quantize everything (stress test only, never deploy); auto: keep the most sensitive "
+                   "units precise until --auto-target agreement with FP32 on the tuning images.")
+@click.option("--auto-target", default=0.97, show_default=True, type=float,
+              help="auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images to reach.")
+@click.option("--tune-images", type=click.Path(path_type=Path),
+              help="auto: tuning images [default: --calib-images after the first --calib-size].")
+@click.option("--max-tune-images", default=64, show_default=True, type=int, help="auto: tuning images to use.")
+@click.option("--calibration-method", type=click.Choice(["max", "entropy"]), default="max", show_default=True)
+@click.option("--calibration-eps", default="cpu", show_default=True,
+              help="Comma-separated ModelOpt calibration execution providers (cpu, cuda:0, trt).")
+@click.option("--dq-only/--no-dq-only", default=False, show_default=True,
+              help="Store INT8 weights with DequantizeLinear only (ModelOpt dq_only).")
+@click.option("--exclude-nodes", multiple=True, help="Regex of node names to keep out of INT8 (repeatable).")
+@click.option("--exclude-ops", multiple=True, help="Op type to keep out of INT8, e.g. Concat (repeatable).")
+@click.option("--calibrate-per-node", is_flag=True, help="ModelOpt per-node calibration (lower memory).")
+@click.option("--trt-plugins", multiple=True, help="TensorRT plugin library (.so) passed to ModelOpt (repeatable).")
+@click.option("--val-images", type=click.Path(path_type=Path), help="Evaluate the ONNX variants on these images.")
+@click.option("--val-annotations", type=click.Path(path_type=Path), help="COCO instances JSON for --val-images.")
+@click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
+              help="Gate: INT8 mAP50-95 must be at least this fraction of FP32.")
+@click.option("--repository", type=click.Path(path_type=Path),
+              help="Also render a Triton model repository from the build into this folder.")
+@click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
+              show_default=True, help="Serving target of the rendered repository (with --repository).")
+@click.option("--fp8/--no-fp8", default=None,
+              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 [default: only with "
+                   "--target gpu, the one target that serves FP8].")
+@click.option("--allow-overlap", is_flag=True,
+              help="Warn instead of refusing when a --val-images image is also a calibration/tuning image.")
+@_runtime_options
+def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, end2end, preset,
+          auto_target, tune_images, max_tune_images,
+          calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
+          val_images, val_annotations, min_map_ratio, repository, target, fp8, allow_overlap, runtime, precision_hint) -> None:
+    """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
+    from rich.console import Console
+
+    from packager.build.pipeline import BuildOptions, run_build, summary_table
+    from packager.quantize.int8 import QuantizeOptions
+    from packager.inference.runtime import RuntimeOptions
+
+    options = BuildOptions(
+        model=model, out=out, calib_images=calib_images, calib_data=calib_data, calib_size=calib_size, imgsz=imgsz,
+        max_batch=max_batch, dynamic_batch=not static_batch, opset=opset, end2end=end2end,
+        quantize=QuantizeOptions(
+            preset=preset, calibration_method=calibration_method,
+            calibration_eps=[ep.strip() for ep in calibration_eps.split(",") if ep.strip()], dq_only=dq_only,
+            exclude_nodes=list(exclude_nodes), exclude_ops=list(exclude_ops), calibrate_per_node=calibrate_per_node,
+            trt_plugins=list(trt_plugins), auto_target=auto_target,
+        ),
+        tune_images=tune_images, max_tune_images=max_tune_images,
+        val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
+        repository=repository, repository_target=target, runtime=RuntimeOptions(runtime, precision_hint), fp8=fp8,
+        allow_overlap=allow_overlap,
+    )
+    result = run_build(options)
+    Console().print(summary_table(result))
+
+
+@click.command()
+@click.option("--build", "build_dir", default=Path("build"), show_default=True, type=click.Path(path_type=Path),
+              help="Build directory made by yqpack build (read only: nothing is re-quantized).")
+@click.option("--repository", default=Path("model_repository"), show_default=True, type=click.Path(path_type=Path),
+              help="Model repository to write (replaced atomically).")
+@click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
+              show_default=True)
+@click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
+@click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
+@_runtime_options
+def render(build_dir, repository, target, precisions, max_batch, runtime, precision_hint) -> None:
+    """Render a Triton model repository for a serving target from a finished build."""
+    from packager.repository.render import RenderOptions, render as render_stage
+
+    names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
+    result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch,
+                                                               runtime=runtime, precision_hint=precision_hint))
+    click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
+               + ", ".join(result.ensembles.values()))
+
+
+@click.command("eval-onnx")
+@click.option("--build", "build_dir", default=Path("build"), show_default=True,
+              type=click.Path(path_type=Path), help="Build directory made by yqpack build.")
+@click.option("--val-images", required=True, type=click.Path(path_type=Path))
+@click.option("--val-annotations", required=True, type=click.Path(path_type=Path))
+@click.option("--variants", default="fp32,fp16,int8-fp32", show_default=True,
+              help="Comma-separated ONNX variants (fp32, fp16, int8, int8-fp32, fp8, fp8-fp32).")
+@click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
+              help="Gate: int8-fp32 (and fp8-fp32) mAP50-95 must be at least this fraction of FP32 (0 disables).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics to this JSON file.")
+@click.option("--allow-overlap", is_flag=True,
+              help="Warn instead of refusing when a validation image is one of the build's calibration images.")
+@_runtime_options
+def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path, allow_overlap, runtime,
+              precision_hint) -> None:
+    """COCO mAP of a build's ONNX variants on CPU (OpenVINO or onnxruntime), ratios vs FP32 with 95 % intervals,
+    quantized MAC coverage, gates."""
+    import json
+
+    from rich.console import Console
+
+    from packager.evaluate.onnx_eval import check_gate, evaluate_build_detailed
+    from packager.build.pipeline import metrics_table
+    from packager.inference.runtime import RuntimeOptions, runtime_on_this_machine
+
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    options = RuntimeOptions(runtime, precision_hint)
+    evaluation = evaluate_build_detailed(build_dir, val_images, val_annotations, names, allow_overlap=allow_overlap,
+                                         runtime=options)
+    label = runtime_on_this_machine(options).label  # what ran, fallbacks included
+    Console().print(metrics_table(evaluation.metrics, label, evaluation.intervals, evaluation.coverage))
+    if json_path is not None:
+        rows = {v: {**row, "runtime": label} for v, row in evaluation.as_dict().items()}
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    for variant in ("int8-fp32", "fp8-fp32"):
+        if min_map_ratio > 0 and "fp32" in evaluation.metrics and variant in evaluation.metrics:
+            gate = check_gate(evaluation.metrics, min_map_ratio, variant, evaluation.intervals.get(variant))
+            click.echo(f"Gate passed: {gate.message()}")

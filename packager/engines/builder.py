@@ -1,0 +1,292 @@
+"""TensorRT engines for the `gpu` target: find trtexec, its command lines, and the build loop.
+
+A plan only loads under the exact TensorRT version and GPU compute capability that built it, so plans are built
+on the serving host, by the serving image (deploy/docker-compose.yml's `engines` service runs
+deploy/build_engines.py, which calls `main()` here). This module therefore uses the standard library only at
+import time, and so do the modules it imports (contracts, gpu_probe, engine_plans): the tritonserver image has
+no numpy/rich/click. Optional pieces (the TensorRT Python API, the build manifest) are imported inside the
+functions that need them. What a plan is and its cache key live in engine_plans.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from packager.engines import gpu_probe
+from packager.core.contracts import EngineBuildError, MissingInputError
+from packager.engines.plans import (
+    EngineKey,
+    EngineSpec,
+    TensorRTVersion,
+    cached_plan_is_valid,
+    engine_key,
+    key_path,
+    parse_tensorrt_version,
+    repository_engine_specs,
+    timing_cache_path,
+    write_key,
+)
+from packager.engines.gpu_probe import GpuInfo
+
+LOG_SUFFIX = ".log"
+TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
+LOG_TAIL_LINES = 30
+
+
+# ----------------------------------------------------------------------------------------- host toolchain
+
+
+def detect_gpu() -> GpuInfo:
+    """The serving GPU (name + compute capability, packager/engines/gpu_probe.py); GpuProbeError (an EngineBuildError)
+    says what to set when nothing can tell."""
+    return gpu_probe.detect_gpu()
+
+
+def find_trtexec(explicit: str | os.PathLike | None = None) -> Path:
+    """trtexec: the given path, $TRTEXEC, the image's usual places, then PATH."""
+    candidates = [explicit, os.environ.get("TRTEXEC"), *TRTEXEC_CANDIDATES, shutil.which("trtexec")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise MissingInputError(
+        "trtexec not found (looked at $TRTEXEC, " + ", ".join(TRTEXEC_CANDIDATES) + " and PATH). Run the engine "
+        "build inside the tritonserver image (docker compose run engines) or set TRTEXEC to its path"
+    )
+
+
+def detect_tensorrt_version(trtexec: Path) -> TensorRTVersion:
+    """TensorRT version of this trtexec ($YQPACK_TENSORRT_VERSION overrides), from the banner it prints first."""
+    override = os.environ.get("YQPACK_TENSORRT_VERSION")
+    if override:
+        return TensorRTVersion.parse(override)
+    run = subprocess.run([str(trtexec), "--help"], capture_output=True, text=True, timeout=120)
+    version = parse_tensorrt_version(run.stdout + run.stderr)
+    if version is None:
+        raise EngineBuildError(f"could not read the TensorRT version from `{trtexec} --help`; set YQPACK_TENSORRT_VERSION")
+    return version
+
+
+# ------------------------------------------------------------------------------------------- command lines
+
+
+def trtexec_command(
+    trtexec: str | os.PathLike,
+    spec: EngineSpec,
+    version: TensorRTVersion,
+    plan_out: Path,
+    timing_cache: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
+) -> list[str]:
+    """The trtexec invocation for one plan.
+
+    TensorRT >= 10: `--stronglyTyped`, so each layer runs in the type the ONNX gives it (FP16 graph, ModelOpt
+    INT8 Q/DQ with FP16 elsewhere); the legacy precision flags are deprecated there and removed in 11.
+    TensorRT < 10: no strongly typed networks, so fall back to `--fp16` (and `--int8`, which honours the Q/DQ
+    nodes as explicit quantization) and let the builder pick per layer.
+    Plugin libraries load with `--staticPlugins` (TensorRT >= 8.6; `--plugins` before, deprecated since): the
+    plan then needs the same library at load time, which Triton gets through --backend-config=tensorrt,plugins=.
+    """
+    command = [str(trtexec), f"--onnx={spec.onnx_path}", f"--saveEngine={plan_out}"]
+    if version.strongly_typed:
+        command.append("--stronglyTyped")
+    else:
+        command += legacy_precision_flags(spec.precision)
+    profile = spec.profile
+    command += [f"--minShapes={profile['min']}", f"--optShapes={profile['opt']}", f"--maxShapes={profile['max']}"]
+    if timing_cache is not None:
+        command.append(f"--timingCacheFile={timing_cache}")
+    plugin_flag = "--staticPlugins" if version >= TensorRTVersion(8, 6) else "--plugins"
+    command += [f"{plugin_flag}={library}" for library in plugins]
+    # Build only: the benchmark run after the build would cost minutes and is not needed to serve.
+    command.append("--skipInference" if version >= TensorRTVersion(8, 6) else "--buildOnly")
+    return command
+
+
+def legacy_precision_flags(precision: str) -> list[str]:
+    return {"fp32": [], "fp16": ["--fp16"], "int8": ["--fp16", "--int8"], "fp8": ["--fp16", "--fp8"]}[precision]
+
+
+# ------------------------------------------------------------------------------------------------- builds
+
+
+@dataclass
+class EngineResult:
+    name: str
+    precision: str
+    status: str  # "built", "cached" or "failed"
+    plan_path: Path
+    key: EngineKey | None = None
+    seconds: float = 0.0
+    message: str = ""
+    log_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("built", "cached")
+
+
+Runner = Callable[[Sequence[str], Path], int]  # (command, log file) -> exit code
+
+
+def run_logged(command: Sequence[str], log_path: Path) -> int:
+    """Run a builder with stdout+stderr going to log_path (kept for the user on failure)."""
+    with open(log_path, "w") as log:
+        return subprocess.run(list(command), stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def remove_plan(plan_path: Path) -> None:
+    """No broken or stale plan is left behind: Triton must not load a plan that does not match its key."""
+    for path in (plan_path, key_path(plan_path), plan_path.with_name(plan_path.name + ".building")):
+        path.unlink(missing_ok=True)
+
+
+def fp8_supported(compute_capability: str) -> bool:
+    """FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)."""
+    try:
+        major, minor = (int(part) for part in compute_capability.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (8, 9)
+
+
+def build_engine(
+    spec: EngineSpec,
+    trtexec: str | os.PathLike,
+    version: TensorRTVersion,
+    gpu: GpuInfo,
+    *,
+    timing_cache: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
+    runner: Runner = run_logged,
+) -> EngineResult:
+    """Build one plan unless a plan with the same key is already there. Never raises for a builder failure."""
+    if not spec.onnx_path.is_file():
+        remove_plan(spec.plan_path)
+        return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
+                            message=f"source ONNX missing: {spec.onnx_path}")
+    if spec.precision == "fp8" and not fp8_supported(gpu.compute_capability):
+        remove_plan(spec.plan_path)
+        return EngineResult(spec.name, spec.precision, "failed", spec.plan_path,
+                            message=f"FP8 needs compute capability >= 8.9 (Ada, Hopper, Blackwell); this GPU is "
+                                    f"sm {gpu.compute_capability}: serve int8/fp16 (or --allow-missing)")
+    key = engine_key(spec, version, gpu, plugins)
+    if cached_plan_is_valid(spec.plan_path, key):
+        return EngineResult(spec.name, spec.precision, "cached", spec.plan_path, key=key,
+                            message="plan matches (ONNX sha256, TensorRT, GPU, plugins, profile)")
+    remove_plan(spec.plan_path)
+    building = spec.plan_path.with_name(spec.plan_path.name + ".building")
+    log_path = spec.plan_path.with_name(spec.plan_path.name + LOG_SUFFIX)
+    command = trtexec_command(trtexec, spec, version, building, timing_cache, plugins)
+    started = time.monotonic()
+    try:
+        code = runner(command, log_path)
+    except OSError as error:  # e.g. trtexec vanished or is not executable
+        log_path.write_text(f"{error}\n")
+        code = 127
+    seconds = time.monotonic() - started
+    log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    if code != 0 or not building.is_file() or building.stat().st_size == 0:
+        remove_plan(spec.plan_path)
+        return EngineResult(spec.name, spec.precision, "failed", spec.plan_path, key=key, seconds=seconds,
+                            message=f"trtexec exited with {code}" if code else "trtexec wrote no plan",
+                            log_tail=tail(log_text))
+    os.replace(building, spec.plan_path)  # atomic: Triton sees either no plan or a whole one
+    write_key(spec.plan_path, key)
+    mode = "strongly typed" if version.strongly_typed else "legacy " + " ".join(legacy_precision_flags(spec.precision))
+    return EngineResult(spec.name, spec.precision, "built", spec.plan_path, key=key, seconds=seconds,
+                        message=f"TensorRT {version} ({mode}), {gpu.name} sm {gpu.compute_capability}")
+
+
+def build_repository_engines(
+    repository: Path,
+    *,
+    allow_missing: bool = False,
+    trtexec: str | os.PathLike | None = None,
+    version: TensorRTVersion | None = None,
+    gpu: GpuInfo | None = None,
+    timing_cache_dir: Path | None = None,
+    plugins: Sequence[str | os.PathLike] = (),
+    runner: Runner = run_logged,
+    report: Callable[[str], None] = print,
+) -> list[EngineResult]:
+    """Build (or reuse) the plan of every tensorrt_plan detector in `repository`.
+
+    Every detector is attempted so the user sees all failures at once; then, unless `allow_missing`, any
+    failure raises EngineBuildError. With `allow_missing` the failed detectors are left without a plan and
+    Triton starts without them (the compose file then relaxes --exit-on-error / --strict-readiness).
+    """
+    specs = repository_engine_specs(repository)
+    if not specs:
+        report(f"no tensorrt_plan detector in {repository}: nothing to build")
+        return []
+    trtexec = find_trtexec(trtexec) if runner is run_logged else Path(trtexec or "trtexec")
+    version = version or detect_tensorrt_version(Path(trtexec))
+    gpu = gpu or detect_gpu()
+    report(f"GPU: {gpu.name}, compute capability {gpu.compute_capability} (from {gpu.source})")
+    missing = [str(p) for p in plugins if not Path(p).is_file()]
+    if missing:
+        raise EngineBuildError(f"TensorRT plugin librar{'y' if len(missing) == 1 else 'ies'} not found: "
+                               + ", ".join(missing) + " (is the plugin folder mounted at /plugins?)")
+    if not version.strongly_typed:
+        report(f"TensorRT {version} < 10 has no strongly typed builds: falling back to --fp16 / --fp16 --int8 "
+               "with the Q/DQ model (builder-chosen precisions)")
+    results = []
+    for spec in specs:
+        cache = timing_cache_path(timing_cache_dir or spec.plan_path.parent, version, gpu.compute_capability)
+        report(f"{spec.name}: {spec.precision} plan, profile {spec.profile['min']} .. {spec.profile['max']}")
+        result = build_engine(spec, trtexec, version, gpu, timing_cache=cache, plugins=plugins, runner=runner)
+        results.append(result)
+        report(f"{spec.name}: {result.status} ({result.message}{', %.0f s' % result.seconds if result.seconds else ''})")
+        if not result.ok and result.log_tail:
+            report(f"--- last lines of the builder log ({result.plan_path.name}{LOG_SUFFIX}) ---\n{result.log_tail}")
+    failed = [r for r in results if not r.ok]
+    if failed and not allow_missing:
+        raise EngineBuildError(failure_summary(failed) + " (pass --allow-missing to serve without them)")
+    if failed:
+        report(failure_summary(failed) + ": --allow-missing given, Triton will start without them")
+    return results
+
+
+def failure_summary(failed: list[EngineResult]) -> str:
+    return f"{len(failed)} engine build(s) failed: " + ", ".join(f"{r.name} ({r.message})" for r in failed)
+
+
+# ------------------------------------------------------------------------------ entry (in the image too)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python3 deploy/build_engines.py /models`: build every plan of a repository with trtexec."""
+    parser = argparse.ArgumentParser(description="Build the TensorRT plans of a yqpack model repository.")
+    parser.add_argument("repository", type=Path)
+    parser.add_argument("--allow-missing", action="store_true",
+                        default=os.environ.get("YQPACK_ALLOW_MISSING", "0").lower() in ("1", "true", "yes"),
+                        help="exit 0 even when an engine fails (Triton then starts without that model)")
+    parser.add_argument("--trtexec", default=None, help="trtexec path (default: $TRTEXEC or the image's)")
+    parser.add_argument("--timing-cache-dir", type=Path, default=None, help="where timing caches are kept")
+    parser.add_argument("--plugins", default="",
+                        help="TensorRT plugin libraries separated by ';' (as Triton's tensorrt plugins= setting)")
+    args = parser.parse_args(argv)
+    try:
+        results = build_repository_engines(
+            args.repository, allow_missing=args.allow_missing, trtexec=args.trtexec,
+            timing_cache_dir=args.timing_cache_dir, plugins=[p for p in args.plugins.split(";") if p.strip()],
+        )
+    except (EngineBuildError, FileNotFoundError, ValueError) as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    built = sum(r.status == "built" for r in results)
+    cached = sum(r.status == "cached" for r in results)
+    print(f"engines: {built} built, {cached} reused, {len(results) - built - cached} failed")
+    return 0

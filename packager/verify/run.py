@@ -1,0 +1,151 @@
+"""`yqpack verify`: check a running Triton server the way a user would trust it.
+
+Accuracy (served COCO mAP with evaluation thresholds sent as request parameters), load (concurrency levels,
+latency percentiles, server-side step timings), precision comparison, gates, and a report. A server that dies
+or a model that is unloaded mid-run makes the result "incomplete" - never "pass".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+
+from packager.metrics import coco_eval
+from packager.core.contracts import ConfigError, MissingInputError
+from packager.verify.gates import (
+    AccuracyReference,
+    absolute_accuracy_gates,
+    compare_precisions,
+    decide_status,
+    evaluate_gates,
+    readiness_gates,
+)
+from packager.verify.report import collect_versions, write_report
+from packager.verify.inputs import ImageSet, build_coverage, scan_images
+from packager.verify.result import ServedModel, VerifyOptions, VerifyResult
+from packager.verify.session import EVAL_PARAMETERS, Measurements, VerifySession
+
+
+def run_verify(options: VerifyOptions, console: Console | None = None) -> VerifyResult:
+    """Verify every ensemble of a running server; writes the report and returns the result (never raises for
+    gate failures or a server that disappears mid-run - those are the result's status)."""
+    console = console or Console(stderr=True)
+    _check_options(options)
+    ground_truth = coco_eval.CocoGroundTruth(options.annotations)
+    images = scan_images(Path(options.images_dir), ground_truth, options.max_images)
+    for skipped in images.skipped:
+        console.print(f"[yellow]image {skipped.file}: {skipped.reason}[/yellow]")
+    _warn_decoder_mismatch(console)
+    started, began = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    measured = asyncio.run(_measure(options, console, images, ground_truth))
+    result = _judge(options, measured, images, ground_truth, started, began)
+    result.report_files = write_report(result, Path(options.report_dir))
+    return result
+
+
+async def _measure(options: VerifyOptions, console: Console, images: ImageSet,
+                   ground_truth: coco_eval.CocoGroundTruth) -> Measurements:
+    # Created inside the running loop: the session's grpc.aio client belongs to the loop it is made in.
+    return await VerifySession(options, console).measure(images, ground_truth)
+
+
+def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
+           ground_truth: coco_eval.CocoGroundTruth, started: str, began: float) -> VerifyResult:
+    """Comparisons and gates over what was measured. An incomplete run gets no accuracy reference: the build is
+    not evaluated again for numbers that prove nothing."""
+    comparisons = compare_precisions(measured.accuracy, measured.load, measured.per_image,
+                                     build_coverage(options.build_dir))
+    gates = evaluate_gates(options.gates, measured.accuracy, comparisons, measured.load, measured.detector_load)
+    references = _references(options, measured.models, images, ground_truth) if measured.incomplete is None else {}
+    gates += absolute_accuracy_gates(options.absolute, measured.accuracy, references)
+    gates += readiness_gates(measured.not_ready)
+    return VerifyResult(
+        status=decide_status(gates, measured.incomplete),
+        incomplete_reason=measured.incomplete,
+        url=options.url,
+        server=measured.server,
+        models=measured.models,
+        accuracy=measured.accuracy,
+        load=measured.load,
+        detector_load=measured.detector_load,
+        comparisons=comparisons,
+        gates=gates,
+        images=_image_counts(options, images),
+        skipped_images=images.skipped,
+        settings=_settings(options),
+        versions=collect_versions(),
+        started=started,
+        wall_time_s=time.perf_counter() - began,
+        not_ready=measured.not_ready,
+        references=references,
+    )
+
+
+def _image_counts(options: VerifyOptions, images: ImageSet) -> dict:
+    return {
+        "folder_files": images.folder_files,
+        "accuracy": len(images.accuracy_files),
+        "load_payloads": len(images.load_payloads),
+        "annotations": str(options.annotations),
+        "images_dir": str(options.images_dir),
+    }
+
+
+def _references(options: VerifyOptions, models: list[ServedModel], images: ImageSet,
+                ground_truth: coco_eval.CocoGroundTruth) -> dict[str, AccuracyReference | None]:
+    """The build's own mAP of each served ONNX on the images scored here (None: no build to compare with)."""
+    from packager.verify.reference import accuracy_reference, find_build_dir
+
+    build_dir = find_build_dir(options.build_dir, options.url)
+    if build_dir is None:
+        return {}
+    return {
+        model.name: accuracy_reference(model.name, model.precision, build_dir, images.accuracy_files,
+                                       ground_truth, model.class_names, options.progress)
+        for model in models
+    }
+
+
+def _warn_decoder_mismatch(console: Console) -> None:
+    """The readability check above decodes with this env's OpenCV; the server's is pinned in server_env."""
+    import cv2
+
+    from packager.serve.server_env import SERVER_REQUIREMENTS
+
+    server = next(r.split("==")[1] for r in SERVER_REQUIREMENTS if r.startswith("opencv"))
+    if not server.startswith(cv2.__version__ + "."):
+        console.print(f"[yellow]OpenCV {cv2.__version__} here, {server} in the server: an image readable here may "
+                      "be refused there (it is then scored as an image without detections)[/yellow]")
+
+
+def _check_options(options: VerifyOptions) -> None:
+    if not options.concurrency or any(int(c) < 1 for c in options.concurrency):
+        raise ConfigError(f"concurrency levels must be positive integers, got {list(options.concurrency)}")
+    if options.duration_s is None and (options.requests_per_level or 0) < 1:
+        raise ConfigError("give --requests N (>= 1) or --duration SECONDS per load level")
+    if options.duration_s is not None and options.duration_s <= 0:
+        raise ConfigError(f"--duration must be positive, got {options.duration_s}")
+    if options.timeout_s is not None and options.timeout_s <= 0:
+        raise ConfigError(f"--timeout must be positive, got {options.timeout_s}")
+    if not Path(options.annotations).is_file():
+        raise MissingInputError(f"annotation file not found: {options.annotations}")
+
+
+def _settings(options: VerifyOptions) -> dict:
+    return {
+        "concurrency": list(options.concurrency),
+        "requests_per_level": options.requests_per_level if options.duration_s is None else None,
+        "duration_s": options.duration_s,
+        "warmup_requests": options.warmup_requests,
+        "accuracy_concurrency": options.accuracy_concurrency,
+        "timeout_s": options.timeout_s,
+        "eval_parameters": EVAL_PARAMETERS,
+        "gates": asdict(options.gates),
+        "absolute_gates": asdict(options.absolute),
+        "models": list(options.models) if options.models else None,
+        "build_dir": str(options.build_dir) if options.build_dir else None,
+    }
