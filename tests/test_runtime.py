@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from packager.build.records import artifact_path
-from packager.inference.runtime import RuntimeOptions, cpu_flags, int8_isa, open_model, resolve_runtime
+from packager.inference.runtime import (
+    SATURATION_NOTE,
+    RuntimeOptions,
+    cpu_flags,
+    int8_isa,
+    is_quantized,
+    open_model,
+    resolve_runtime,
+)
 
 # The flags line of this development machine's /proc/cpuinfo (Intel Xeon, Emerald Rapids class, KVM), verbatim.
 XEON_CPUINFO = (
@@ -28,6 +36,9 @@ XEON_CPUINFO = (
 OLD_FLAGS = frozenset("fpu sse sse2 ssse3 sse4_1 cx16 lm".split())
 AVX2_FLAGS = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c".split())
 OPENVINO = RuntimeOptions("openvino")
+# Tests of OpenVINO's mechanics (buffers, pinning, cache) on the INT8 model open it as on a VNNI/AMX CPU, where it
+# stays on OpenVINO; without VNNI it would run on onnxruntime (test_a_quantized_model_leaves_openvino_without_vnni).
+VNNI = cpu_flags(XEON_CPUINFO)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +60,8 @@ def test_fp32_with_the_f32_hint_matches_onnxruntime(yolov8n_build, batch):
 
 
 def test_int8_model_runs_integer_kernels(yolov8n_build):
-    int8 = open_model(artifact_path(yolov8n_build, "int8-fp32"), OPENVINO).layer_precisions()
-    fp32 = open_model(artifact_path(yolov8n_build, "fp32"), OPENVINO).layer_precisions()
+    int8 = open_model(artifact_path(yolov8n_build, "int8-fp32"), OPENVINO, flags=VNNI).layer_precisions()
+    fp32 = open_model(artifact_path(yolov8n_build, "fp32"), OPENVINO, flags=VNNI).layer_precisions()
     integer = lambda counts: sum(n for p, n in counts.items() if p in ("i8", "u8"))  # noqa: E731
     # ModelOpt quantizes yolov8n's backbone/neck convolutions; OpenVINO must execute them as int8/u8 layers.
     assert integer(int8["Convolution"]) >= 40, int8["Convolution"]
@@ -62,7 +73,7 @@ def test_borrowed_output_and_shared_input_give_the_same_numbers(yolov8n_build, b
     """The served detector's fast path: OpenVINO reads the input in place and lends its output buffer. Same values
     as `run`; the input is left untouched; a borrowed output is the request's buffer, overwritten by the next call,
     while `run`'s result is the caller's own."""
-    model = open_model(artifact_path(yolov8n_build, "int8-fp32"), OPENVINO)
+    model = open_model(artifact_path(yolov8n_build, "int8-fp32"), OPENVINO, flags=VNNI)
     first, second = batch[:1], batch[1:]
     before = first.copy()
     owned = model.run(first)
@@ -82,7 +93,8 @@ def test_unpinned_threads_reach_openvino_and_change_no_number(yolov8n_build, bat
     """The served detector runs OpenVINO unpinned (it shares the cores with pre/postprocess): a scheduling
     setting only, the outputs are the same bits as pinned."""
     path = artifact_path(yolov8n_build, "int8-fp32")
-    pinned, unpinned = open_model(path, OPENVINO), open_model(path, RuntimeOptions("openvino", cpu_pinning=False))
+    pinned = open_model(path, OPENVINO, flags=VNNI)
+    unpinned = open_model(path, RuntimeOptions("openvino", cpu_pinning=False), flags=VNNI)
     assert pinned._compiled.get_property("ENABLE_CPU_PINNING") is True
     assert unpinned._compiled.get_property("ENABLE_CPU_PINNING") is False
     np.testing.assert_array_equal(unpinned.run(batch), pinned.run(batch))
@@ -96,11 +108,11 @@ def test_onnxruntime_has_no_execution_graph(yolov8n_build):
 def test_compiled_model_cache_is_written_and_reused(yolov8n_build, batch, tmp_path):
     path = artifact_path(yolov8n_build, "int8-fp32")
     cache = tmp_path / "cache"
-    first = open_model(path, RuntimeOptions("openvino", cache_dir=str(cache)))
+    first = open_model(path, RuntimeOptions("openvino", cache_dir=str(cache)), flags=VNNI)
     blobs = sorted(cache.glob("*.blob"))
     assert blobs, f"no compiled blob in {cache}: {list(cache.iterdir())}"
     stamps = [blob.stat().st_mtime_ns for blob in blobs]
-    second = open_model(path, RuntimeOptions("openvino", cache_dir=str(cache)))
+    second = open_model(path, RuntimeOptions("openvino", cache_dir=str(cache)), flags=VNNI)
     assert [blob.stat().st_mtime_ns for blob in sorted(cache.glob("*.blob"))] == stamps, "recompiled, not reused"
     np.testing.assert_array_equal(second.run(batch), first.run(batch))
 
@@ -130,8 +142,10 @@ def test_missing_instruction_set_falls_back_to_onnxruntime_with_a_message(yolov8
 def test_unsupported_extensions_are_named():
     no_vnni = resolve_runtime(RuntimeOptions("openvino", precision_hint="bf16"), AVX2_FLAGS)
     assert (no_vnni.runtime, no_vnni.precision_hint) == ("openvino", "f32")
-    assert any("neither AMX-BF16 nor AVX512-BF16" in note for note in no_vnni.notes)
-    assert any("no VNNI/AMX" in note for note in no_vnni.notes)
+    assert no_vnni.notes == ("bf16 was requested but this CPU has neither AMX-BF16 nor AVX512-BF16: running f32.",)
+    quantized = resolve_runtime(RuntimeOptions("openvino", precision_hint="bf16"), AVX2_FLAGS, quantized=True)
+    assert quantized.runtime == "onnxruntime" and quantized.notes == (*no_vnni.notes, SATURATION_NOTE)
+    assert resolve_runtime(OPENVINO, VNNI, quantized=True).runtime == "openvino"
     missing = resolve_runtime(OPENVINO, cpu_flags(XEON_CPUINFO), openvino_installed=False)
     assert missing.runtime == "onnxruntime" and "not installed" in missing.notes[0]
     assert resolve_runtime(RuntimeOptions("onnxruntime"), OLD_FLAGS).notes == ()
@@ -147,3 +161,15 @@ def test_invalid_options_are_plain_errors(tmp_path):
         RuntimeOptions("openvino", precision_hint="fp8")
     with pytest.raises(FileNotFoundError, match="model not found"):
         open_model(tmp_path / "missing.onnx")
+
+
+def test_a_quantized_model_leaves_openvino_without_vnni(yolov8n_build, batch):
+    """OpenVINO's INT8 kernels saturate on AVX2-only CPUs (wrong detections, not only slower): without VNNI/AMX a
+    Q/DQ model opens on onnxruntime, whose outputs it then is; a float model stays on OpenVINO."""
+    int8_path, fp32_path = artifact_path(yolov8n_build, "int8-fp32"), artifact_path(yolov8n_build, "fp32")
+    assert is_quantized(int8_path) and not is_quantized(fp32_path)
+    model = open_model(int8_path, OPENVINO, flags=AVX2_FLAGS)
+    assert model.runtime == "onnxruntime" and model.choice.notes == (SATURATION_NOTE,)
+    np.testing.assert_array_equal(model.run(batch), open_model(int8_path, RuntimeOptions("onnxruntime")).run(batch))
+    assert open_model(fp32_path, OPENVINO, flags=AVX2_FLAGS).runtime == "openvino"
+    assert open_model(int8_path, OPENVINO, flags=VNNI).runtime == "openvino"

@@ -53,7 +53,7 @@ from packager.evaluate.onnx_eval import (
 from packager.quantize.auto_preset import apply_auto_preset
 from packager.quantize.int8 import QuantizeOptions, QuantizeResult, convert_fp16, quantize_int8_twins
 from packager.quantize.fp8 import Fp8Result, quantize_fp8_twins
-from packager.inference.runtime import RuntimeOptions, runtime_on_this_machine
+from packager.inference.runtime import RuntimeOptions, evaluation_label
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
 BATCHNORM_IMAGES = 16
@@ -274,7 +274,7 @@ def _evaluate_and_gate(result: BuildResult, options: BuildOptions, console: Cons
     manifest = result.manifest
     manifest.evaluation = {variant: m.as_dict() for variant, m in result.metrics.items()}
     manifest.evaluation["ratios_vs_fp32"] = {v: i.as_dict() for v, i in result.intervals.items()}
-    runtime_label = runtime_on_this_machine(options.runtime).label
+    runtime_label = evaluation_label(options.runtime)
     manifest.evaluation["runtime"] = runtime_label
     console.print(metrics_table(result.metrics, runtime_label, result.intervals, evaluation.coverage))
     for variant in gated:

@@ -140,13 +140,13 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
 
     from packager.evaluate.onnx_eval import check_gate, evaluate_build_detailed
     from packager.build.pipeline import metrics_table
-    from packager.inference.runtime import RuntimeOptions, runtime_on_this_machine
+    from packager.inference.runtime import RuntimeOptions, evaluation_label
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     options = RuntimeOptions(runtime, precision_hint)
     evaluation = evaluate_build_detailed(build_dir, val_images, val_annotations, names, allow_overlap=allow_overlap,
                                          runtime=options)
-    label = runtime_on_this_machine(options).label  # what ran, fallbacks included
+    label = evaluation_label(options)  # what ran, fallbacks included
     Console().print(metrics_table(evaluation.metrics, label, evaluation.intervals, evaluation.coverage))
     if json_path is not None:
         rows = {v: {**row, "runtime": label} for v, row in evaluation.as_dict().items()}

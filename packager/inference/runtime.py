@@ -2,6 +2,10 @@
 
 Why two runtimes: onnxruntime runs ModelOpt's Q/DQ INT8 graph by emulation (quantize -> dequantize -> float math),
 so INT8 is slower than FP32 there; OpenVINO fuses the same Q/DQ pairs into integer kernels (VNNI / AMX).
+Without VNNI or AMX (AVX2-only CPUs such as AMD EPYC 7003, Intel before Cascade Lake) OpenVINO's INT8 kernels
+multiply-add pairs of u8 x s8 products into saturating 16-bit sums (OpenVINO's documented "saturation issue"):
+ModelOpt's full-range INT8 weights then give wrong outputs (measured: YOLOv8n INT8 mAP50-95 0.0002 instead of
+0.43 on an AMD EPYC 7003), so quantized models run on onnxruntime there.
 OpenVINO's CPU default precision on AMX or AVX512-BF16 CPUs is bf16, so `f32` is always requested explicitly
 (FP32 must stay FP32); `bf16` is an opt-in.
 
@@ -91,8 +95,16 @@ def int8_isa(flags: frozenset[str]) -> str | None:
     return next((name for flag, name in INT8_FLAGS.items() if flag in flags), None)
 
 
-def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_installed: bool = True) -> RuntimeChoice:
-    """Decide what runs on this CPU: fall back to onnxruntime / f32 (with a note saying why) when needed."""
+SATURATION_NOTE = (
+    "this CPU has no VNNI/AMX: OpenVINO's INT8 kernels saturate 16-bit intermediate sums there (its documented "
+    "saturation issue) and give wrong outputs for ModelOpt's full-range INT8 weights, so this quantized model runs "
+    "on onnxruntime (exact INT8 emulation, slower than FP32).")
+
+
+def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_installed: bool = True,
+                    quantized: bool = False) -> RuntimeChoice:
+    """Decide what runs on this CPU: fall back to onnxruntime / f32 (with a note saying why) when needed.
+    `quantized`: the model holds INT8 Q/DQ (see `is_quantized`)."""
     if options.runtime == "onnxruntime":
         return RuntimeChoice("onnxruntime", "f32")
     if not flags:  # not x86 Linux (e.g. ARM lists "Features"): nothing to check, OpenVINO decides itself
@@ -112,15 +124,28 @@ def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_ins
     if precision == "bf16" and not any(flag in flags for flag in BF16_FLAGS):
         precision = "f32"
         notes.append("bf16 was requested but this CPU has neither AMX-BF16 nor AVX512-BF16: running f32.")
-    if int8_isa(flags) is None:
-        notes.append("this CPU has no VNNI/AMX: OpenVINO's INT8 kernels run without integer dot-product "
-                     "instructions, expect little INT8 speed-up.")
+    if quantized and int8_isa(flags) is None:
+        return RuntimeChoice("onnxruntime", "f32", (*notes, SATURATION_NOTE))
     return RuntimeChoice("openvino", precision, tuple(notes))
 
 
-def runtime_on_this_machine(options: RuntimeOptions) -> RuntimeChoice:
-    """What `open_model` will run here for `options` (fallbacks included), without opening a model."""
-    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed())
+def runtime_on_this_machine(options: RuntimeOptions, quantized: bool = False) -> RuntimeChoice:
+    """What `open_model` will run here for `options` and a model that is (not) `quantized`, fallbacks included,
+    without opening a model."""
+    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed(), quantized)
+
+
+def evaluation_label(options: RuntimeOptions) -> str:
+    """What runs a build's variants here, for reports: one runtime, or the float one and the quantized one."""
+    plain, quantized = runtime_on_this_machine(options).label, runtime_on_this_machine(options, quantized=True).label
+    return plain if plain == quantized else f"{plain}; quantized variants on {quantized} (no VNNI/AMX)"
+
+
+def is_quantized(path: str | Path) -> bool:
+    """True when the ONNX file holds Q/DQ nodes. A scan of the serialized graph for the op type's name: the `onnx`
+    package is not in the server env, and operator names are plain strings in the protobuf."""
+    with open(path, "rb") as handle:
+        return b"DequantizeLinear" in handle.read()
 
 
 def openvino_installed() -> bool:
@@ -187,8 +212,9 @@ def open_model(path: str | Path, options: RuntimeOptions = RuntimeOptions(),
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
-    choice = (runtime_on_this_machine(options) if flags is None
-              else resolve_runtime(options, flags, options.runtime != "openvino" or openvino_installed()))
+    installed = options.runtime != "openvino" or openvino_installed()
+    quantized = options.runtime == "openvino" and is_quantized(path)
+    choice = resolve_runtime(options, read_cpu_flags() if flags is None else flags, installed, quantized)
     start = time.perf_counter()
     opener = _open_openvino if choice.runtime == "openvino" else _open_onnxruntime
     model = opener(path, options, choice)

@@ -119,10 +119,12 @@ def detector_template(target: str, precision: str) -> str:
     return DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
 
 
-def detector_runtime(template: str, options: RenderOptions) -> str:
-    """What executes the detector's math, as reports name it: the same ONNX scores differently under each."""
+def detector_runtime(template: str, options: RenderOptions, precision: Precision) -> str:
+    """What executes the detector's math, as reports name it: the same ONNX scores differently under each.
+    The local target serves on this machine, so its label is this CPU's choice (fallbacks included)."""
     if template == "local":
-        return runtime_module.RuntimeChoice(options.runtime, options.precision_hint).label
+        runtime = runtime_module.RuntimeOptions(options.runtime, options.precision_hint)
+        return runtime_module.runtime_on_this_machine(runtime, quantized=precision is Precision.INT8).label
     return DETECTOR_RUNTIME[template]
 
 
@@ -294,7 +296,7 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
     for precision in plan.precisions:
         detector = detector_name(spec.name, precision.value)
         template = detector_template(target, precision.value)
-        runtime = detector_runtime(template, options)
+        runtime = detector_runtime(template, options, precision)
         common = {**plan.common(), "precision": precision.value, "detector_runtime": runtime}
         context = {
             **common,
