@@ -211,6 +211,21 @@ def test_render_is_atomic(yolov8n_build, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
 
 
+def test_a_rerender_keeps_the_tracked_readme(yolov8n_build, tmp_path):
+    """The checkout tracks model_repository/README.md: rendering into a fresh clone's folder, and again, keeps it."""
+    repository = tmp_path / "model_repository"
+    repository.mkdir()
+    readme = Path(__file__).resolve().parent.parent / "model_repository" / "README.md"
+    shutil.copy2(readme, repository / "README.md")
+    render_repository(yolov8n_build, repository, precisions=("fp32",))
+    render_repository(yolov8n_build, repository, precisions=("int8",))
+    assert (repository / "README.md").read_bytes() == readme.read_bytes()
+    assert set(load_repository_info(repository)["ensembles"]) == {"int8"}  # the models were replaced
+    # a repository rendered where there was none gets no README
+    render_repository(yolov8n_build, tmp_path / "fresh", precisions=("fp32",))
+    assert not (tmp_path / "fresh" / "README.md").exists()
+
+
 def test_clear_errors(yolov8n_build, tmp_path):
     build = yolov8n_build
     with pytest.raises(ValueError, match="unknown target 'tpu'"):
