@@ -137,6 +137,21 @@ def test_a_mistake_on_sixteen_images_is_still_named(val128):
         assert check.verdict == "fail" and MISTAKES[mistake] in check.cause, (mistake, check.cause)
 
 
+def test_annotations_of_the_full_size_images_fail_on_resized_copies(yolov8n_build, sample_val, tmp_path):
+    """The folder holds half-size copies (the model runs on them for real); the file's boxes are full size."""
+    import cv2
+
+    images_dir, annotations = sample_val
+    data = json.loads(annotations.read_text())
+    for image in data["images"][:16]:
+        full = read_image(images_dir / image["file_name"])
+        cv2.imwrite(str(tmp_path / image["file_name"]), cv2.resize(full, (full.shape[1] // 2, full.shape[0] // 2)))
+    _, detections, sizes = _detect(yolov8n_build, tmp_path, annotations)
+    check = _judge(data, detections, sizes)
+    assert check.size_mismatches == 16
+    assert check.verdict == "fail" and "differently sized images" in check.cause, check.cause
+
+
 def test_a_permutation_of_ids_is_named_with_the_confused_classes(val128):
     """No known shift explains swapped ids (person <-> car): the confusion says which classes."""
     data, detections, sizes = val128

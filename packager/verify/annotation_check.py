@@ -136,7 +136,7 @@ def _normalised(b: np.ndarray, image: AnnotatedImage) -> np.ndarray:
 
 def _resized(b: np.ndarray, image: AnnotatedImage) -> np.ndarray:
     if not image.size_mismatch or not image.listed_width or not image.listed_height:
-        return b
+        return b  # this image's size is right (or unknown)
     sx, sy = image.width / image.listed_width, image.height / image.listed_height
     return b * np.array([sx, sy, sx, sy], np.float64)
 
@@ -178,21 +178,13 @@ def confident_rows(detections: np.ndarray) -> np.ndarray:
     return rows[kept]
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one x1,y1,x2,y2 box with many."""
+def _iou(box: np.ndarray, boxes: np.ndarray, of_box_only: bool = False) -> np.ndarray:
+    """IoU of one x1,y1,x2,y2 box with many (`of_box_only`: the share of `box` inside each)."""
     w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
     h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = w * h
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+    inter, area = w * h, (box[2] - box[0]) * (box[3] - box[1])
+    union = area if of_box_only else area + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def _ioa(box: np.ndarray, regions: np.ndarray) -> np.ndarray:
-    """Share of `box` inside each region."""
-    w = np.clip(np.minimum(box[2], regions[:, 2]) - np.maximum(box[0], regions[:, 0]), 0, None)
-    h = np.clip(np.minimum(box[3], regions[:, 3]) - np.maximum(box[1], regions[:, 1]), 0, None)
-    area = max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
-    return w * h / area
 
 
 def _xyxy(boxes: np.ndarray) -> np.ndarray:
@@ -215,7 +207,7 @@ def _match(rows: np.ndarray, image: AnnotatedImage, boxes: np.ndarray) -> tuple[
                 counted += 1
                 pairs.append((int(row[5]), int(categories[best])))
                 continue
-        if len(crowd) and _ioa(row[:4], crowd).max() >= CROWD_IOA:
+        if len(crowd) and _iou(row[:4], crowd, of_box_only=True).max() >= CROWD_IOA:
             continue
         counted += 1
     return counted, pairs

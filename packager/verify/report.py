@@ -77,8 +77,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def _gate_number(gate: str, value: float) -> str:
-    digits = {"--min-map-ratio": 4, "--max-errors": 0, "annotations": 2}.get(gate, 1)
-    return _num(value, digits)
+    digits = {"--min-map-ratio": 4, "--max-errors": 0, "--max-map-drift": 4, "--min-map": 4, "annotations": 2}
+    return _num(value, digits.get(gate, 1))
 
 
 def _interval_cell(comparison) -> str:
@@ -174,7 +174,8 @@ def _annotation_section(result: "VerifyResult") -> list[str]:
         lines += [f"## Annotation check ({check.model}): {verdict}", "",
                   f"Confident detections (score >= {CONFIDENT_SCORE:g}) of {check.model} on {check.images} images "
                   f"against the annotated boxes (class-agnostic IoU >= {MATCH_IOU:g}), as given and with each known "
-                  f"mistake undone. {check.cause}.", ""]
+                  f"mistake undone (categories: on the boxes matched once a named box mistake is undone). "
+                  f"{check.cause}.", ""]
         lines += _table(["boxes", "detections", "annotated boxes", "matched", "precision", "recall"],
                         [[b.fix, str(b.detections), str(b.boxes), str(b.matched), _num(b.precision, 3),
                           _num(b.recall, 3)] for b in check.boxes])
