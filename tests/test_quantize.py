@@ -107,7 +107,7 @@ def test_manifest_describes_the_build(yolov8n_build):
         assert entry["path"] == ARTIFACT_FILES[variant]
         assert entry["sha256"] == sha256_file(yolov8n_build / entry["path"])
     quant = manifest["quantization"]
-    assert quant["preset"] == "mixed" and quant["calibration_method"] == "max"
+    assert quant["preset"] == "mixed" and quant["calibration_method"] == "mse"
     assert quant["calibration_eps"] == ["cpu"] and quant["dq_only"] is False
     assert quant["excluded_ops"] == ["Add"]  # mixed keeps residual adds precise
     assert manifest["calibration"]["count"] == 64
@@ -156,7 +156,8 @@ def test_derived_fp16_twin_equals_modelopt_fp16_quantization(yolov8n_build, tmp_
     from packager.evaluate.onnx_eval import onnx_session
 
     calib = np.load(yolov8n_build / "calib.npy")[:8]
-    ours = quantize_int8_twins(artifact_path(yolov8n_build, "fp32"), calib, tmp_path / "ours")
+    ours = quantize_int8_twins(artifact_path(yolov8n_build, "fp32"), calib, tmp_path / "ours",
+                               QuantizeOptions(calibration_method="max"))
     shutil.copyfile(artifact_path(yolov8n_build, "fp32"), tmp_path / "model.onnx")
     quantize(
         onnx_path=str(tmp_path / "model.onnx"), quantize_mode="int8", calibration_data={"images": calib},

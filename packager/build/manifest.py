@@ -9,7 +9,7 @@ from packager.core.contracts import BuildManifest, ModelSpec, TensorSpec
 from packager.metrics.mac_coverage import ConvCoverage
 from packager.export.onnx_export import ExportResult
 from packager.build.records import artifact_entries, library_versions
-from packager.quantize.int8 import QuantizeOptions, QuantizeResult
+from packager.quantize.int8 import QuantizeOptions, QuantizeResult, modelopt_calibration_method
 from packager.quantize.fp8 import Fp8Result
 
 
@@ -41,6 +41,7 @@ def assemble_manifest(build_dir: Path, exported: ExportResult, calibration: Cali
             "tool": "nvidia-modelopt onnx PTQ",
             "quantize_mode": "int8",
             "preset": quantization.preset,
+            "stride4_precise": options.stride4_precise and quantization.preset == "mixed",
             "calibration_method": options.calibration_method,
             "calibration_eps": list(options.calibration_eps),
             "dq_only": options.dq_only,
@@ -56,6 +57,8 @@ def assemble_manifest(build_dir: Path, exported: ExportResult, calibration: Cali
             "fp16_conversion": "modelopt.onnx.autocast.convert_to_f16 (keep_io_types=True)",
             "wall_time_s": quantization.wall_time_s,
             **({"auto": quantization.auto.as_dict()} if quantization.auto else {}),
+            "activation_scales": quantization.activation_scales.as_dict() if quantization.activation_scales else None,
+            "adaround": quantization.adaround.as_dict() if quantization.adaround else None,
         },
         calibration={
             "source": calibration.source,
@@ -81,6 +84,8 @@ def record_quantization_extras(manifest: BuildManifest, coverage: dict[str, Conv
             "quantize_mode": "fp8", "format": "E4M3 (float8e4m3fn) Q/DQ",
             "high_precision_dtype": {"fp8": "fp16", "fp8-fp32": "fp32"},
             "same_calibration_and_exclusions_as_int8": True, "quantized_nodes": fp8.quantized_nodes,
+            # ModelOpt's own ranges: the MSE refinement (activation_scales.py) is for INT8's 8-bit grid only
+            "calibration_method": modelopt_calibration_method(manifest.quantization["calibration_method"]),
             "fp8_mac_coverage": round(coverage["fp8"].share("fp8"), 5), "wall_time_s": fp8.wall_time_s,
             "served_on": "gpu target only (TensorRT, compute capability >= 8.9)",
             "cpu_evaluation": "onnxruntime CPU with graph optimizations disabled",

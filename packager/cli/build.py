@@ -39,12 +39,24 @@ def _runtime_options(command):
               help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
                    "extreme: quantize everything (stress test only, never deploy); auto: keep the most sensitive "
                    "units precise until --auto-target agreement with FP32 on the tuning images.")
+@click.option("--stride4-precise/--stride4-int8", default=True, show_default=True,
+              help="mixed: keep the backbone's stride-4 stage (yolov8n: model.1 and model.2, 6.9 % of conv MACs) "
+                   "in high precision, or quantize it too.")
 @click.option("--auto-target", default=0.97, show_default=True, type=float,
               help="auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images to reach.")
 @click.option("--tune-images", type=click.Path(path_type=Path),
               help="auto: tuning images [default: --calib-images after the first --calib-size].")
 @click.option("--max-tune-images", default=64, show_default=True, type=int, help="auto: tuning images to use.")
-@click.option("--calibration-method", type=click.Choice(["max", "entropy"]), default="max", show_default=True)
+@click.option("--calibration-method", type=click.Choice(["mse", "max", "entropy"]), default="mse", show_default=True,
+              help="INT8 activation ranges. mse: ModelOpt max calibration, then each activation scale set to its "
+                   "least-rounding-error range from histograms of the same images; max / entropy: ModelOpt's own.")
+@click.option("--adaround/--no-adaround", default=False, show_default=True,
+              help="Learn each INT8 convolution's weight rounding on the calibration images (AdaRound; minutes, "
+                   "on a CUDA GPU when torch sees one).")
+@click.option("--adaround-iterations", default=1500, show_default=True, type=int,
+              help="AdaRound optimisation steps per convolution.")
+@click.option("--adaround-device", default="auto", show_default=True,
+              help="AdaRound device: auto (CUDA GPU if present, else CPU), cpu, cuda, cuda:N.")
 @click.option("--calibration-eps", default="cpu", show_default=True,
               help="Comma-separated ModelOpt calibration execution providers (cpu, cuda:0, trt).")
 @click.option("--dq-only/--no-dq-only", default=False, show_default=True,
@@ -68,8 +80,8 @@ def _runtime_options(command):
               help="Warn instead of refusing when a --val-images image is also a calibration/tuning image.")
 @_runtime_options
 def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, end2end, preset,
-          auto_target, tune_images, max_tune_images,
-          calibration_method, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
+          stride4_precise, auto_target, tune_images, max_tune_images,
+          calibration_method, adaround, adaround_iterations, adaround_device, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
           val_images, val_annotations, min_map_ratio, repository, target, fp8, allow_overlap, runtime, precision_hint) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
@@ -82,10 +94,11 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
         model=model, out=out, calib_images=calib_images, calib_data=calib_data, calib_size=calib_size, imgsz=imgsz,
         max_batch=max_batch, dynamic_batch=not static_batch, opset=opset, end2end=end2end,
         quantize=QuantizeOptions(
-            preset=preset, calibration_method=calibration_method,
+            preset=preset, stride4_precise=stride4_precise, calibration_method=calibration_method,
             calibration_eps=[ep.strip() for ep in calibration_eps.split(",") if ep.strip()], dq_only=dq_only,
             exclude_nodes=list(exclude_nodes), exclude_ops=list(exclude_ops), calibrate_per_node=calibrate_per_node,
-            trt_plugins=list(trt_plugins), auto_target=auto_target,
+            trt_plugins=list(trt_plugins), auto_target=auto_target, adaround=adaround,
+            adaround_iterations=adaround_iterations, adaround_device=adaround_device,
         ),
         tune_images=tune_images, max_tune_images=max_tune_images,
         val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
