@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from packager.core.contracts import ConfigError, MissingInputError
-from packager.metrics.intervals import PerImageResults, ground_truth_only_results, per_image_results
+from packager.metrics.weighted_ap import PerImageResults, ground_truth_only_results, per_image_results
 
 
 @dataclass
