@@ -7,10 +7,19 @@ import shutil
 import numpy as np
 import pytest
 
-from packager.metrics.intervals import paired_difference, paired_ratio, resample_weights, resampled_interval, weighted_map
+from packager.metrics.intervals import (
+    CategoryResults,
+    PerImageResults,
+    paired_difference,
+    paired_ratio,
+    resample_weights,
+    resampled_interval,
+    weighted_map,
+)
 from packager.calibration.calibration import check_no_overlap, find_overlap, image_hashes
 from packager.core.contracts import DataOverlapError
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
+from packager.metrics.weighted_ap import _padded_uniform_thresholds, _plan, _thresholds_reached
 from packager.evaluate.onnx_eval import BuildGateResult, detect_images
 
 VAL_IMAGES = 32
@@ -259,7 +268,7 @@ def test_integer_weights_equal_pycocotools_on_the_images_repeated_that_often(syn
     for row in resample_weights(results.images, 2, seed=11):
         repeated = {"images": [], "annotations": [], "categories": dataset["categories"]}
         repeated_detections = {}
-        for image_id, weight in zip(results.image_ids, row):
+        for image_id, weight in zip(map(int, results.image_ids), row):
             for copy in range(weight):  # ids image_id * 10 + copy keep copies adjacent in pycocotools' order
                 image = {**by_id[image_id], "id": image_id * 10 + copy,
                          "file_name": f"{copy}_{by_id[image_id]['file_name']}"}
