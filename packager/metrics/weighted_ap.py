@@ -182,8 +182,8 @@ def weighted_map(results: PerImageResults, weights: np.ndarray, chunk_elements: 
     weights = np.atleast_2d(np.asarray(weights))
     plan = _plan(results)
     chunk = max(1, chunk_elements // plan.longest)
-    return np.concatenate([_weighted_map_chunk(results, plan, weights[i:i + chunk])
-                           for i in range(0, len(weights), chunk)])
+    return np.concatenate([np.zeros(0)] + [_weighted_map_chunk(results, plan, weights[i:i + chunk])
+                                           for i in range(0, len(weights), chunk)])
 
 
 def _padded_uniform_thresholds(thresholds: np.ndarray) -> np.ndarray | None:
