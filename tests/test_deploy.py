@@ -372,7 +372,7 @@ def test_trt_plugin_sources_and_mistakes(tmp_path):
     (build / "manifest.json").write_text(json.dumps({
         "model_name": "m", "class_names": ["a"], "imgsz": [64, 64], "artifacts": {},
         "input": {"name": "images", "shape": [-1, 3, 64, 64]}, "output": {"name": "output0", "shape": [-1, 5, 84]},
-        "quantization": {"trt_plugins": ["/opt/x/libnms.so"]},
+        "quantization": {"preset": "mixed", "calibration_method": "max", "trt_plugins": ["/opt/x/libnms.so"]},
     }))
     assert deploy.trt_plugin_libraries(build, environ={}) == [Path("/opt/x/libnms.so")]
     assert deploy.trt_plugin_libraries(build, environ={"YQPACK_TRT_PLUGINS": "/a/l.so:/a/m.so"}) == [

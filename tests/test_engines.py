@@ -34,7 +34,6 @@ from packager.engines import gpu_probe
 from packager.core.paths import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli.main import main
 from packager.core.contracts import (
-    BuildManifest,
     HeadFormat,
     MissingInputError,
     ModelSpec,
@@ -42,6 +41,7 @@ from packager.core.contracts import (
     Role,
     TensorSpec,
 )
+from packager.core.manifest import BuildManifest
 from packager.engines.plans import TensorRTVersion
 from packager.engines.builder import EngineBuildError, GpuInfo
 from packager.core.repository_index import RepositoryIndex, ServedModel

@@ -58,7 +58,7 @@ def test_fp8_artifacts_have_float8_qdq_on_convolutions(fp8_build):
     assert manifest["quantization"]["fp8"]["fp8_mac_coverage"] == round(coverage.share("fp8"), 5)
     assert 0.5 < manifest["quantization"]["int8_mac_coverage"] < 1
     assert len(manifest["calibration"]["image_sha256"]) == 16
-    from packager.build.pipeline import summary_table
+    from packager.build.summary import summary_table
 
     caption = summary_table(fp8_build).caption
     assert "of conv MACs in INT8" in caption and "of conv MACs in FP8" in caption and "fp8-fp32 mAP50-95" in caption

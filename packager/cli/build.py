@@ -74,7 +74,8 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
 
-    from packager.build.pipeline import BuildOptions, run_build, summary_table
+    from packager.build.pipeline import BuildOptions, run_build
+    from packager.build.summary import summary_table
     from packager.quantize.int8 import QuantizeOptions
     from packager.inference.runtime import RuntimeOptions
 
@@ -139,7 +140,7 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     from rich.console import Console
 
     from packager.evaluate.onnx_eval import check_gate, evaluate_build_detailed
-    from packager.build.pipeline import metrics_table
+    from packager.build.summary import metrics_table
     from packager.inference.runtime import RuntimeOptions, evaluation_label
 
     names = [v.strip() for v in variants.split(",") if v.strip()]

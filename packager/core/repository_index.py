@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packager.core.contracts import (
-    BuildManifest,
     ConfigError,
     ManifestError,
     MissingInputError,
@@ -28,6 +27,14 @@ from packager.core.contracts import (
 
 REPOSITORY_INDEX = "yqpack_repository.json"
 REPOSITORY_SCHEMA = 2
+
+
+def _model_entry(spec: ModelSpec) -> dict:
+    """The model in the shape of a schema-2 build manifest without the build's facts: what earlier yqpack wrote and
+    reads back (its reader wants a manifest's keys, `artifacts` included)."""
+    model = spec.to_dict()
+    return {"schema": 2, "yqpack_version": None, "model_name": model.pop("model_name"), "source_model": "", **model,
+            "opset": 0, "artifacts": {}, "quantization": {}, "calibration": {}, "versions": {}}
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ class RepositoryIndex:
             "class_names": list(spec.class_names),
             "imgsz": list(spec.imgsz),
             "default_thresholds": self.default_thresholds,
-            "model": BuildManifest(spec, "", 0, {}).to_dict() | {"artifacts": {}},
+            "model": _model_entry(spec),
             "models": [m.to_dict() for m in self.models],
             "source_build": self.source_build,
         }
@@ -117,7 +124,7 @@ class RepositoryIndex:
             raise ManifestError(f"{where} was written by an older yqpack (no schema {REPOSITORY_SCHEMA}): "
                                 "render the repository again with `yqpack render`")
         try:
-            spec = BuildManifest.from_dict(data["model"], where).model
+            spec = ModelSpec.from_dict(data["model"], where)
             models = tuple(ServedModel.from_dict(m) for m in data["models"])
             return cls(spec, str(data["target"]), models, dict(data.get("default_thresholds", {})),
                        data.get("source_build"))

@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from packager.core.contracts import BuildManifest, EngineBuildError, ManifestError
+from packager.core.contracts import EngineBuildError, ManifestError
+from packager.core.manifest import BuildManifest
 from packager.core.files import sha256_file
 from packager.engines.plans import EngineSpec, TensorRTVersion, read_key, repository_engine_specs
 from packager.engines.builder import EngineResult, build_repository_engines, detect_gpu, legacy_precision_flags, tail

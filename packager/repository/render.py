@@ -21,7 +21,6 @@ from packager.inference import runtime as runtime_module
 from packager.inference import request_params as request_params_module
 from packager.core.paths import TEMPLATES_DIR
 from packager.core.contracts import (
-    BuildManifest,
     ConfigError,
     MissingInputError,
     ModelSpec,
@@ -30,6 +29,7 @@ from packager.core.contracts import (
     TensorSpec,
     check_model_name,
 )
+from packager.core.manifest import BuildManifest
 from packager.inference.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 from packager.core.repository_index import RepositoryIndex, ServedModel
 from packager.core.files import replace_directory

@@ -18,8 +18,9 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR
-from packager.core.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
+from packager.core.contracts import (ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
                                 MissingInputError, ServerError)
+from packager.core.manifest import BuildManifest
 from packager.core.repository_index import RepositoryIndex
 from packager.serve.readiness import wait_until_ready
 
@@ -115,7 +116,8 @@ def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] 
     if environ.get("YQPACK_TRT_PLUGINS"):
         return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
     if build_dir is not None:
-        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
+        quantization = BuildManifest.load(build_dir).quantization
+        return [Path(p) for p in quantization.trt_plugins] if quantization is not None else []
     return []
 
 

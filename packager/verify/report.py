@@ -117,6 +117,8 @@ def _summary_section(result: "VerifyResult") -> list[str]:
     return lines + [
         f"- server: {result.url} ({server.get('name', '?')} {server.get('version', '?')})",
         f"- models: {', '.join(m.name for m in result.models) or 'none discovered'}",
+        f"- build: {result.build or 'none (no --build, no detached yqpack serve for this URL)'}; MAC coverage and "
+        "accuracy references come from it",
         f"- images: {result.images.get('accuracy')} annotated for accuracy, {result.images.get('load_payloads')} "
         f"for load, {len(result.skipped_images)} listed below ({result.images.get('images_dir')})",
         f"- started {result.started}, wall time {result.wall_time_s:.0f} s; machine: {result.versions.get('cpu')}, "
@@ -174,7 +176,7 @@ def _comparison_section(result: "VerifyResult") -> list[str]:
     if first is not None:
         lines += [f"Interval: paired bootstrap over the {first.images} images, {first.resamples} resamples "
                   f"(seed {first.seed}) of pycocotools' per-image results. Quantized MACs: share of "
-                  "convolution multiply-accumulates whose input and weight are quantized (from --build).", ""]
+                  "convolution multiply-accumulates whose input and weight are quantized (from the build above).", ""]
     return lines
 
 
