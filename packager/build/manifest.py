@@ -77,7 +77,7 @@ def calibration_record(plan: CalibrationPlan, calibration: CalibrationResult, us
         source=calibration.source, count=calibration.count, skipped=tuple(calibration.skipped), letterbox=LETTERBOX,
         # Tuning images (preset auto): never calibration images, see split_calibration_and_tuning.
         tuning=TuningRecord(len(tuning), tuple(p.name for p in tuning), "preset auto" if used_by_auto else None),
-        image_sha256=plan.calibration_hashes(calibration.skipped), tuning_image_sha256=plan.tuning_hashes,
+        image_sha256=dict(calibration.image_sha256), tuning_image_sha256=dict(plan.tuning_hashes),
     )
 
 

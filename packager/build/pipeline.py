@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from packager.build.config import config_from_options
 from packager.build.manifest import assemble_manifest, evaluation_record
 from packager.build.result import BuildOptions, BuildResult
 from packager.build.summary import metrics_table
@@ -35,7 +36,7 @@ from packager.inference.runtime import evaluation_label
 from packager.metrics.coco_eval import CocoGroundTruth
 from packager.metrics.mac_coverage import conv_coverage
 from packager.quantize.auto_preset import apply_auto_preset
-from packager.quantize.fp8 import Fp8Result, quantize_fp8_twins
+from packager.quantize.fp8 import quantize_fp8_twins
 from packager.quantize.int8 import QuantizeResult, convert_fp16, quantize_int8_twins
 
 # Random-init models (.yaml) get their BatchNorm statistics from this many calibration images.
@@ -44,44 +45,51 @@ BATCHNORM_IMAGES = 16
 
 @dataclass(frozen=True)
 class BuildInputs:
-    """The data of a build, decided once before any heavy work: calibration/tuning images, validation images."""
+    """What a build works from, decided once before any heavy work: its resolved configuration (recorded in the
+    manifest), the calibration and tuning images, the validation images (checked against those two)."""
 
+    config: dict
     calibration: CalibrationPlan
     ground_truth: CocoGroundTruth | None = None  # with --val-images
     validation_files: tuple[Path, ...] = ()
+    overlaps: tuple[str, ...] = ()  # --allow-overlap: validation images that are calibration/tuning images too
 
 
 def validate_options(options: BuildOptions) -> BuildInputs:
-    """Every check before any heavy work, so mistakes fail in seconds with a plain message; the build's data."""
-    check_model_path(options.model)
-    options.imgsz = parse_imgsz(options.imgsz)
-    if options.max_batch < 1:
-        raise ConfigError(f"--max-batch must be at least 1, got {options.max_batch}")
+    """Every check before any heavy work, so mistakes fail in seconds with a plain message; the build's data,
+    with the one overlap check of a build (validation vs calibration/tuning images, by content)."""
+    options.quantize.validate()
+    if not 0 < options.min_map_ratio <= 1.5:
+        raise ConfigError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
     if (options.val_images is None) != (options.val_annotations is None):
         raise ConfigError("evaluation needs both --val-images and --val-annotations")
     if options.val_annotations is not None and not Path(options.val_annotations).is_file():
         raise MissingInputError(f"annotation file not found: {options.val_annotations}")
     if options.val_images is not None and not Path(options.val_images).is_dir():
         raise MissingInputError(f"validation image folder not found: {options.val_images}")
-    if not 0 < options.min_map_ratio <= 1.5:
-        raise ConfigError(f"--min-map-ratio must be in (0, 1.5], got {options.min_map_ratio}")
-    options.quantize.validate()
+    ground_truth, validation = None, []
+    if options.val_images is not None:
+        ground_truth, validation = validation_files(options.val_images, options.val_annotations)
+    check_model_path(options.model)
+    options.imgsz = parse_imgsz(options.imgsz)
+    if options.max_batch < 1:
+        raise ConfigError(f"--max-batch must be at least 1, got {options.max_batch}")
     out = Path(options.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
         raise ConfigError(f"--out {out} exists and is not a yqpack build directory: refusing to overwrite it")
     calibration = plan_calibration(options.calib_images, options.calib_data, options.calib_size,
                                    options.tune_images, options.max_tune_images,
                                    needs_tuning=options.quantize.preset == "auto")
-    if options.val_images is None:
-        return BuildInputs(calibration)
-    ground_truth, files = validation_files(options.val_images, options.val_annotations)
-    return BuildInputs(calibration, ground_truth, tuple(files))
+    overlaps = calibration.check_disjoint(validation, allow=options.allow_overlap) if validation else []
+    return BuildInputs(config_from_options(options), calibration, ground_truth, tuple(validation), tuple(overlaps))
 
 
 def run_build(options: BuildOptions, console: Console | None = None) -> BuildResult:
     console = console or Console(stderr=True)
     inputs = validate_options(options)
-    _check_disjoint(inputs, options.allow_overlap, console)
+    if inputs.overlaps:
+        console.print(f"[bold red]WARNING: {len(inputs.overlaps)} validation image(s) are calibration/tuning "
+                      "images; the accuracy gate below is measured partly on seen data[/]")
     out = Path(options.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -95,17 +103,6 @@ def run_build(options: BuildOptions, console: Console | None = None) -> BuildRes
     if options.repository is not None:
         result.repository = _render_repository(out, options, console)
     return result
-
-
-def _check_disjoint(inputs: BuildInputs, allow_overlap: bool, console: Console) -> None:
-    """Refuse validation images that are calibration or tuning images too (same bytes, whatever their names):
-    the one overlap check of a build, made before any heavy work."""
-    if not inputs.validation_files:
-        return
-    overlaps = inputs.calibration.check_disjoint(inputs.validation_files, allow=allow_overlap)
-    if overlaps:
-        console.print(f"[bold red]WARNING: {len(overlaps)} validation image(s) are calibration/tuning images; "
-                      "the accuracy gate below is measured partly on seen data[/]")
 
 
 def _build_into(build_dir: Path, options: BuildOptions, inputs: BuildInputs, console: Console) -> BuildResult:
@@ -135,8 +132,13 @@ def _build_into(build_dir: Path, options: BuildOptions, inputs: BuildInputs, con
     quantization = _quantize(build_dir, options, calibration, list(inputs.calibration.tuning_files),
                              exported.class_names, console, timings)
     coverage = {"int8": conv_coverage(quantization.int8_fp32_path)}
-    fp8 = _fp8_twins(build_dir, options, calibration, quantization, timings, console)
-    if fp8 is not None:
+    fp8 = None
+    if options.build_fp8:  # from the same export, calibration tensor and exclusions as INT8
+        started = time.perf_counter()
+        with console.status(f"ModelOpt FP8 PTQ (same calibration, {calibration.count} images)"):
+            fp8 = quantize_fp8_twins(build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx",
+                                     quantization.excluded_nodes, quantization.excluded_ops, options.quantize)
+        timings["fp8"] = time.perf_counter() - started
         coverage["fp8"] = conv_coverage(fp8.fp8_fp32_path)
 
     started = time.perf_counter()
@@ -145,7 +147,7 @@ def _build_into(build_dir: Path, options: BuildOptions, inputs: BuildInputs, con
     timings["fp16"] = time.perf_counter() - started
 
     manifest = assemble_manifest(build_dir, exported, inputs.calibration, calibration, quantization,
-                                 options.quantize, coverage, fp8, options.max_batch)
+                                 options.quantize, coverage, fp8, options.max_batch, inputs.config)
     manifest.save(build_dir)
     result = BuildResult(build_dir, manifest, exported, quantization, timings_s=timings, coverage=coverage, fp8=fp8)
     if inputs.ground_truth is not None:
@@ -178,19 +180,6 @@ def _quantize(build_dir: Path, options: BuildOptions, calibration: CalibrationRe
     if quantization.excluded_ops:
         console.print("Op types kept in high precision: " + ", ".join(quantization.excluded_ops))
     return quantization
-
-
-def _fp8_twins(build_dir: Path, options: BuildOptions, calibration: CalibrationResult, quantization: QuantizeResult,
-               timings: dict[str, float], console: Console) -> Fp8Result | None:
-    """FP8 from the same export, calibration tensor and exclusions as INT8 (when asked for or the target is gpu)."""
-    if not options.build_fp8:
-        return None
-    started = time.perf_counter()
-    with console.status(f"ModelOpt FP8 PTQ (same calibration, {calibration.count} images)"):
-        fp8 = quantize_fp8_twins(build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx",
-                                 quantization.excluded_nodes, quantization.excluded_ops, options.quantize)
-    timings["fp8"] = time.perf_counter() - started
-    return fp8
 
 
 def _evaluate_and_gate(result: BuildResult, options: BuildOptions, inputs: BuildInputs, console: Console) -> None:

@@ -32,6 +32,7 @@ class CalibrationResult:
     data: np.ndarray
     source: str
     skipped: list[str] = field(default_factory=list)
+    image_sha256: dict[str, str] = field(default_factory=dict)  # {sha256: file name} of the images in the tensor
 
     @property
     def count(self) -> int:
@@ -199,10 +200,6 @@ class CalibrationPlan:
     tuning_hashes: dict[str, str]
     from_tensor_file: bool = False  # --calib-data: a ready tensor, no images
 
-    def calibration_hashes(self, skipped=()) -> dict[str, str]:
-        """The calibration images' hashes, without the files that could not be read (not in the tensor)."""
-        return {digest: name for digest, name in self.calibration_image_hashes.items() if name not in set(skipped)}
-
     def used_images(self) -> dict[str, dict[str, str]]:
         """{role: {sha256: name}} of every image that shapes the recipe (what validation images must not be)."""
         return {"calibration": self.calibration_image_hashes, "tuning": self.tuning_hashes}
@@ -216,7 +213,10 @@ class CalibrationPlan:
         if self.from_tensor_file:
             data = load_calibration_file(self.source, imgsz)[: self.size]
             return CalibrationResult(data, str(self.source.resolve()))
-        return build_calibration(self.source, imgsz, self.size, show_progress, files=list(self.calibration_files))
+        result = build_calibration(self.source, imgsz, self.size, show_progress, files=list(self.calibration_files))
+        result.image_sha256 = {digest: name for digest, name in self.calibration_image_hashes.items()
+                               if name not in set(result.skipped)}  # an unreadable file is not in the tensor
+        return result
 
 
 def plan_calibration(calib_images: Path | None, calib_data: Path | None, calib_size: int,
