@@ -69,7 +69,8 @@ class ReferenceBuild:
         onnx = self.manifest.artifact_path(self.path, variant)
         metrics = self._evaluate_onnx(onnx, files, ground_truth, class_names, show_progress)
         return AccuracyReference(model, variant, metrics.map50_95, len(files),
-                                 f"eval-onnx of {onnx.name} of build {self.path} on the same {len(files)} images")
+                                 f"eval-onnx of {onnx.name} of build {self.path} on the same {len(files)} images",
+                                 str(ground_truth.path))
 
     def _evaluate_onnx(self, onnx: Path, files, ground_truth, class_names, show_progress) -> coco_eval.CocoMetrics:
         from packager.evaluate.onnx_eval import detect_images

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from packager.verify.annotation_check import AnnotationCheck
 from packager.verify.gates import AbsoluteGates, AccuracyReference, Comparison, GateResult, GateThresholds, ServedAccuracy
 from packager.verify.loadtest import LevelResult
 from packager.verify.inputs import SkippedImage
@@ -74,6 +75,7 @@ class VerifyResult:
     not_ready: dict[str, str] = field(default_factory=dict)  # model -> state: reason
     references: dict[str, AccuracyReference | None] = field(default_factory=dict)
     build: str | None = None  # the one build the run compared with (its path and how it was found)
+    annotation_checks: list[AnnotationCheck] = field(default_factory=list)  # one per model family
 
     @property
     def exit_code(self) -> int:

@@ -18,11 +18,13 @@ from packager.metrics import coco_eval
 from packager.core.contracts import ConfigError, MissingInputError
 from packager.verify.gates import (
     absolute_accuracy_gates,
+    annotation_gates,
     compare_precisions,
     decide_status,
     evaluate_gates,
     readiness_gates,
 )
+from packager.verify.annotation_check import check_served_annotations
 from packager.verify.report import collect_versions, write_report
 from packager.verify.inputs import ImageSet, scan_images
 from packager.verify.reference import ReferenceBuild, resolve_build
@@ -71,6 +73,9 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
                                                            ground_truth, model.class_names, options.progress)
                       for model in measured.models}
     gates += absolute_accuracy_gates(options.absolute, measured.accuracy, references)
+    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes)
+                         if measured.incomplete is None else [])
+    gates += annotation_gates(annotation_checks)
     gates += readiness_gates(measured.not_ready)
     return VerifyResult(
         status=decide_status(gates, measured.incomplete),
@@ -92,6 +97,7 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
         not_ready=measured.not_ready,
         references=references,
         build=build.describe() if build else None,
+        annotation_checks=annotation_checks,
     )
 
 
