@@ -11,10 +11,8 @@ from pathlib import Path
 
 from packager.metrics import coco_eval
 from packager.core.contracts import MissingInputError, StateFileError, VerifyError
-from packager.core.manifest import MANIFEST_NAME
 from packager.inference.letterbox import decode_image
 from packager.core.repository_index import RepositoryIndex
-from packager.verify.reference import ReferenceBuild
 
 
 @dataclass
@@ -93,20 +91,20 @@ def config_parameter(config: dict, key: str) -> str | None:
     return config.get("parameters", {}).get(key, {}).get("string_value")
 
 
-def served_class_names(name: str, configs: dict[str, dict], build: ReferenceBuild | None,
+def served_class_names(name: str, configs: dict[str, dict], build_names: tuple[list[str], str] | None,
                        url: str) -> tuple[list[str], str]:
     """Class names of ensemble `name` and where they come from: a `class_names` parameter in its config or a step's
-    (`configs`, the ensemble's first), else the run's build's manifest (--build, or the detached server's build),
-    else a detached yqpack serve's index."""
+    (`configs`, the ensemble's first), else the run's build's (`build_names`: its manifest's names and path), else
+    a detached yqpack serve's index."""
     for holder, config in configs.items():
         value = config_parameter(config, "class_names")
         if value:
             return parse_class_names(value), f"config parameter class_names of {holder}"
-    if build is not None:
-        names = list(build.manifest.model.class_names)
+    if build_names is not None:
+        names, source = build_names
         if not names:
-            raise VerifyError(f"{build.path / MANIFEST_NAME} has no class_names")
-        return names, str(build.path / MANIFEST_NAME)
+            raise VerifyError(f"{source} has no class_names")
+        return list(names), source
     names, source = detached_server_class_names(url)
     if names is None:
         raise VerifyError(

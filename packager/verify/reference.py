@@ -38,6 +38,10 @@ class ReferenceBuild:
     def describe(self) -> str:
         return f"{self.path} ({self.origin})"
 
+    def class_names(self) -> tuple[list[str], str]:
+        """The model's class names and where they are written."""
+        return list(self.manifest.model.class_names), str(self.path / MANIFEST_NAME)
+
     def coverage(self) -> dict[str, float]:
         """precision -> share of conv MACs it runs quantized: as the build recorded it, else read from its graphs."""
         from packager.metrics.mac_coverage import conv_coverage

@@ -182,7 +182,8 @@ class VerifySession:
         steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
         step_configs = {step: await self.config(step) for step in steps}
         family, precision = served_identity(config)
-        class_names, source = served_class_names(name, {name: config, **step_configs}, self.build, self.options.url)
+        class_names, source = served_class_names(name, {name: config, **step_configs},
+                                                 self.build.class_names() if self.build else None, self.options.url)
         detector = next((step for step in steps if config_parameter(step_configs[step], "yqpack_role") == "detector"),
                         None)
         model = ServedEnsemble(name, family, precision, steps, class_names, source, detector,
