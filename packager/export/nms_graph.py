@@ -82,6 +82,14 @@ class NmsSpec:
         return {"profiles": [p.to_dict() for p in self.profiles], "conf_floor": self.conf_floor,
                 "max_det": self.max_det, "max_candidates": self.max_candidates, "output_name": self.output_name}
 
+    def rows(self, classes: int, anchors: int) -> int:
+        """Detections per profile in the output: max_det, or fewer where the input has fewer candidates."""
+        return min(self.max_det, _candidates(self, None, classes, anchors))
+
+    def served(self, classes: int, anchors: int) -> dict:
+        """What the served models check requests against (request_params.compiled_nms_profile)."""
+        return {**self.to_dict(), "rows": self.rows(classes, anchors)}
+
     @classmethod
     def from_dict(cls, data: dict) -> "NmsSpec":
         return cls(tuple(NmsProfile(float(p["iou"]), bool(p["multi_label"])) for p in data["profiles"]),
@@ -151,7 +159,7 @@ def append_nms(model: onnx.ModelProto, spec: NmsSpec = NmsSpec()) -> onnx.ModelP
     b.nodes.append(helper.make_node("Identity", [detections], [spec.output_name], name=f"{PREFIX}output"))
     graph.node.extend(b.nodes)
     graph.initializer.extend(b.initializers)
-    rows = min(spec.max_det, _candidates(spec, profile=None, classes=classes, anchors=anchors))
+    rows = spec.rows(classes, anchors)
     batch_dim = head.type.tensor_type.shape.dim[0]
     output = helper.make_tensor_value_info(spec.output_name, TensorProto.FLOAT,
                                            [batch_dim.dim_param or batch_dim.dim_value or "batch",
@@ -174,7 +182,7 @@ def _profile_rows(b: _Builder, profile: NmsProfile, spec: NmsSpec, scores: str, 
                   classes: int, anchors: int, opset: int) -> str:
     """One profile's detections, (B, 1, rows, 6)."""
     k = _candidates(spec, profile, classes, anchors)
-    rows = min(spec.max_det, _candidates(spec, None, classes, anchors))
+    rows = spec.rows(classes, anchors)
     int64 = np.int64
     if profile.multi_label:
         # Anchor-major (a * C + c), the order of np.nonzero over (anchors, classes): ties fall as in Python.

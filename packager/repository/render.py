@@ -25,6 +25,7 @@ from packager.core.contracts import (
     ConfigError,
     MissingInputError,
     ModelSpec,
+    HeadFormat,
     Precision,
     Role,
     TensorSpec,
@@ -33,6 +34,7 @@ from packager.core.contracts import (
 from packager.inference.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 from packager.core.repository_index import RepositoryIndex, ServedModel
 from packager.core.files import replace_directory
+from packager.export.nms_graph import NmsSpec, write_nms_graph
 
 TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -69,11 +71,19 @@ DETECTOR_RUNTIME = {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "open
 # the same bits. The float input stays first, for clients of the bare detector (Ultralytics' Triton client casts
 # to the first input's type).
 PIXEL_INPUT_TARGETS = {"local"}
+# Where the host CPU's work moves off it (docs/gpu-prepost.md): the DALI preprocess (nvJPEG) behind a Python gate
+# that only checks, and the NMS compiled into the TensorRT graph. Per target: allowed choices, the first the default.
+PREPROCESS_CHOICES = {"gpu": ("dali", "python")}
+NMS_CHOICES = {"gpu": ("graph", "python")}
+# The DALI pipeline's CPU threads (header parsing, the host side of nvJPEG, argument arithmetic).
+DALI_THREADS = 4
 TRITON_DTYPE = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8"}
 LABELS_FILE = "labels.txt"
 # The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
 IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
 DETECTIONS_TENSOR = TensorSpec("DETECTIONS", (-1, -1, 6))
+# The gate's output, the DALI preprocess's input: the encoded bytes as UINT8 (the dali backend takes no BYTES).
+ENCODED_TENSOR = TensorSpec("encoded", (-1, -1), "uint8")
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ class RenderOptions:
     reject_corrupt: bool = True  # refuse JPEG data libjpeg reports as corrupt
     runtime: str = runtime_module.DEFAULT_RUNTIME  # the local target's Python-backend detector: openvino|onnxruntime
     precision_hint: str = "f32"  # its OpenVINO precision: f32 keeps FP32 exact, bf16 is opt-in
+    preprocess: str | None = None  # python | dali (gpu target only; default dali there, python elsewhere)
+    nms: str | None = None  # python | graph (gpu target only, raw heads; default graph there)
+    nms_spec: NmsSpec = NmsSpec()  # what an in-graph NMS compiles in (profiles, conf floor, rows)
 
 
 def ensemble_name(model_name: str, precision: str) -> str:
@@ -193,6 +206,15 @@ class _Plan:
     max_queue_delay_us: int
     sources: dict[Precision, Path]
     plans: dict[Precision, Path]
+    preprocess: str = "python"
+    nms: dict | None = None  # NmsSpec.served(...) when the detector's graph ends in NMS
+
+    @property
+    def head_output(self) -> TensorSpec:
+        """The detector output the postprocess reads: the head's, or the in-graph NMS rows."""
+        if self.nms is None:
+            return self.spec.output
+        return TensorSpec(self.nms["output_name"], (-1, len(self.nms["profiles"]), self.nms["rows"], 6))
 
     @property
     def letterboxed(self) -> TensorSpec:
@@ -209,8 +231,8 @@ class _Plan:
             "input_dims": list(spec.input.dims),
             "letterboxed_name": self.letterboxed.name,
             "letterboxed_data_type": TRITON_DTYPE[self.letterboxed.dtype],
-            "output_name": spec.output.name,
-            "output_dims": list(spec.output.dims),
+            "output_name": self.head_output.name,
+            "output_dims": list(self.head_output.dims),
             "head_format": spec.head.value,
             "target": self.options.target,
             "model_name": spec.name,
@@ -260,7 +282,21 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
         if not plan.is_file():
             raise MissingInputError(f"TensorRT engine for {precision.value} not found: {plan}")
     delay = MAX_QUEUE_DELAY_US[target] if options.max_queue_delay_us is None else int(options.max_queue_delay_us)
-    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans)
+    preprocess = _choice("preprocess", options.preprocess, PREPROCESS_CHOICES, target)
+    nms_choice = _choice("nms", options.nms, NMS_CHOICES, target)
+    nms = None
+    if nms_choice == "graph" and spec.head is HeadFormat.RAW:  # an end2end head has no NMS to move
+        nms = options.nms_spec.served(spec.output.dims[0] - 4, spec.output.dims[1])
+    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans, preprocess, nms)
+
+
+def _choice(option: str, value: str | None, choices: dict[str, tuple[str, ...]], target: str) -> str:
+    allowed = choices.get(target, ("python",))
+    if value is None:
+        return allowed[0]
+    if value not in allowed:
+        raise ConfigError(f"--{option} {value} is not served on the {target} target: choose {', '.join(allowed)}")
+    return value
 
 
 def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
@@ -268,25 +304,65 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
     pre, post = f"{spec.name}_preprocess", f"{spec.name}_postprocess"
     instances = PRE_POST_INSTANCES[options.target]
     common = plan.common()
-    _python_model(env, staging / pre, "preprocess",
-                  [letterbox_module.__file__, image_header_module.__file__, request_params_module.__file__],
-                  {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
-                   "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
-                   "reject_corrupt": bool(options.reject_corrupt)})
+    nms_json = _pbtxt_string(json.dumps(plan.nms, sort_keys=True)) if plan.nms else ""
+    letterboxed = TensorSpec("images", plan.letterboxed.shape, plan.letterboxed.dtype)
+    info = TensorSpec("letterbox_info", (-1, 5))
+    models = []
+    if plan.preprocess == "dali":
+        gate = gate_name(spec.name)
+        _python_model(env, staging / gate, "gate", [image_header_module.__file__, request_params_module.__file__],
+                      {**common, "name": gate, "instance_count": options.preprocess_instances or instances[1],
+                       "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
+                       "nms_json": nms_json, "thresholds": options.thresholds})
+        _dali_model(env, staging / pre, plan, {**common, "name": pre, "role": Role.PREPROCESS.value,
+                                               "precision": ""})
+        models += [
+            ServedModel(gate, Role.PREPROCESS, None, (IMAGE_TENSOR,), (ENCODED_TENSOR,), plan.max_batch,
+                        platform="python"),
+            ServedModel(pre, Role.PREPROCESS, None, (ENCODED_TENSOR,), (letterboxed, info), plan.max_batch,
+                        plan.preferred, platform="dali"),
+        ]
+    else:
+        _python_model(env, staging / pre, "preprocess",
+                      [letterbox_module.__file__, image_header_module.__file__, request_params_module.__file__],
+                      {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
+                       "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
+                       "reject_corrupt": bool(options.reject_corrupt)})
+        models.append(ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
+                                  platform="python"))
     _python_model(env, staging / post, "postprocess",
                   [letterbox_module.__file__, image_header_module.__file__, postprocess_module.__file__,
                    request_params_module.__file__],
                   {**common, "name": post, "instance_count": options.postprocess_instances or instances[1],
-                   "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": ""})
+                   "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": "",
+                   "nms_json": nms_json})
     (staging / post / LABELS_FILE).write_text(_labels(spec))
-    letterboxed = TensorSpec("images", plan.letterboxed.shape, plan.letterboxed.dtype)
-    info = TensorSpec("letterbox_info", (-1, 5))
-    return [
-        ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
-                    platform="python"),
-        ServedModel(post, Role.POSTPROCESS, None, (spec.output, info), (DETECTIONS_TENSOR,), plan.max_batch,
-                    platform="python"),
-    ]
+    models.append(ServedModel(post, Role.POSTPROCESS, None, (plan.head_output, info), (DETECTIONS_TENSOR,),
+                              plan.max_batch, platform="python"))
+    return models
+
+
+def gate_name(model_name: str) -> str:
+    return f"{model_name}_gate"
+
+
+def _dali_model(env: jinja2.Environment, model_dir: Path, plan: _Plan, context: dict) -> None:
+    """The DALI preprocess: its config and 1/model.dali, the GPU pipeline serialized here (no GPU needed)."""
+    try:
+        import nvidia.dali
+    except ImportError:
+        raise MissingInputError("--preprocess dali needs NVIDIA DALI in yqpack's environment (pyproject.toml pins "
+                                "nvidia-dali-cuda130): reinstall with scripts/install.sh, or render with "
+                                "--preprocess python") from None
+    from packager.inference.dali_letterbox import serialize_pipeline
+
+    (model_dir / "1").mkdir(parents=True)
+    height, width = plan.spec.input.dims[1], plan.spec.input.dims[2]
+    serialize_pipeline(model_dir / "1" / "model.dali", height, width, device="gpu", max_batch=plan.max_batch,
+                       num_threads=DALI_THREADS)
+    _render(env, "preprocess-dali/config.pbtxt.j2",
+            {**context, "preferred_batch_sizes": list(plan.preferred), "max_queue_delay_us": plan.max_queue_delay_us,
+             "dali_threads": DALI_THREADS, "dali_version": nvidia.dali.__version__}, model_dir / "config.pbtxt")
 
 
 def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
@@ -319,7 +395,10 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
         version_dir = staging / detector / "1"
         # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
-        shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
+        if plan.nms is not None:
+            write_nms_graph(plan.sources[precision], version_dir / "model.onnx", NmsSpec.from_dict(plan.nms))
+        else:
+            shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
         if precision in plan.plans:
             shutil.copy2(plan.plans[precision], version_dir / "model.plan")
         ensemble = ensemble_name(spec.name, precision.value)
@@ -328,20 +407,42 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             env,
             "ensemble/config.pbtxt.j2",
             {**common, "name": ensemble, "role": Role.ENSEMBLE.value, "preprocess_name": f"{spec.name}_preprocess",
-             "detector_name": detector, "postprocess_name": f"{spec.name}_postprocess",
+             "steps": _ensemble_steps(plan, detector),
              "class_names_pbtxt": _pbtxt_string(json.dumps(list(spec.class_names)))},
             staging / ensemble / "config.pbtxt",
         )
         (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
         detector_inputs = (spec.input,) if plan.letterboxed == spec.input else (spec.input, plan.letterboxed)
         models += [
-            ServedModel(detector, Role.DETECTOR, precision, detector_inputs, (spec.output,), plan.max_batch,
+            ServedModel(detector, Role.DETECTOR, precision, detector_inputs, (plan.head_output,), plan.max_batch,
                         plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template],
-                        runtime),
+                        runtime, in_graph_nms=plan.nms),
             ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,
                         platform="ensemble", runtime=runtime),
         ]
     return models
+
+
+def _ensemble_steps(plan: _Plan, detector: str) -> list[dict]:
+    """The ensemble's steps, each {model_name, input_map, output_map} (model tensor -> ensemble tensor)."""
+    spec = plan.spec
+    steps = []
+    if plan.preprocess == "dali":
+        steps.append({"model_name": gate_name(spec.name), "input_map": [("IMAGE", "IMAGE")],
+                      "output_map": [("encoded", "encoded")]})
+        pre_input = [("encoded", "encoded")]
+    else:
+        pre_input = [("IMAGE", "IMAGE")]
+    output = plan.head_output.name
+    return steps + [
+        {"model_name": f"{spec.name}_preprocess", "input_map": pre_input,
+         "output_map": [("images", "letterboxed"), ("letterbox_info", "letterbox_info")]},
+        {"model_name": detector, "input_map": [(plan.letterboxed.name, "letterboxed")],
+         "output_map": [(output, "raw_output")]},
+        {"model_name": f"{spec.name}_postprocess",
+         "input_map": [(output, "raw_output"), ("letterbox_info", "letterbox_info")],
+         "output_map": [("DETECTIONS", "DETECTIONS")]},
+    ]
 
 
 def _labels(spec: ModelSpec) -> str:
