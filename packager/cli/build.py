@@ -105,14 +105,21 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
               show_default=True)
 @click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
 @click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
+@click.option("--preprocess", type=click.Choice(["dali", "python"]), default=None,
+              help="gpu target: dali = nvJPEG decode + letterbox on the GPU behind a checking Python gate (default); "
+                   "python = decode + letterbox on host cores. Other targets: python only. See docs/gpu-prepost.md.")
+@click.option("--nms", type=click.Choice(["graph", "python"]), default=None,
+              help="gpu target: graph = box decode + NMS inside the TensorRT engine, iou/multi_label compiled in "
+                   "(default); python = NMS on host cores, any iou per request. Other targets: python only.")
 @_runtime_options
-def render(build_dir, repository, target, precisions, max_batch, runtime, precision_hint) -> None:
+def render(build_dir, repository, target, precisions, max_batch, preprocess, nms, runtime, precision_hint) -> None:
     """Render a Triton model repository for a serving target from a finished build."""
     from packager.repository.render import RenderOptions, render as render_stage
 
     names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
     result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch,
-                                                               runtime=runtime, precision_hint=precision_hint))
+                                                               runtime=runtime, precision_hint=precision_hint,
+                                                               preprocess=preprocess, nms=nms))
     click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
                + ", ".join(result.ensembles.values()))
 

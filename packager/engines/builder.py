@@ -286,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EngineBuildError, FileNotFoundError, ValueError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
+    from packager.engines.host_sizing import host_cores, size_python_steps
+
+    sized = size_python_steps(args.repository)  # this host's cores: render could not know them
+    if sized:
+        print(f"python steps sized for {host_cores()} cores: " + ", ".join(f"{m} x{n}" for m, n in sized.items()))
     built = sum(r.status == "built" for r in results)
     cached = sum(r.status == "cached" for r in results)
     print(f"engines: {built} built, {cached} reused, {len(results) - built - cached} failed")

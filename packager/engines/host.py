@@ -132,15 +132,27 @@ def record_engines(build_dir: Path, repository: Path) -> dict[str, dict]:
 
 
 def stage_engine_sources(build_dir: Path, repository: Path) -> list[Path]:
-    """Copy each gpu detector's source ONNX (the artifact its index entry names) to <detector>/1/model.onnx."""
+    """Copy each gpu detector's source ONNX (the artifact its index entry names) to <detector>/1/model.onnx; a
+    detector with an in-graph NMS (its index entry's in_graph_nms) gets the artifact with that NMS appended."""
+    from packager.core.repository_index import RepositoryIndex
+    from packager.export.nms_graph import NmsSpec, write_nms_graph
+
     manifest = BuildManifest.load(build_dir)
+    index = RepositoryIndex.load(repository)
     staged = []
     for spec in repository_engine_specs(repository):
         if spec.artifact is None:
             raise ManifestError(f"the repository index names no build artifact for {spec.name}: render it again")
         source = manifest.artifact_path(build_dir, spec.artifact)
+        nms = index.get(spec.name).in_graph_nms
+        if nms is not None:
+            derived = spec.onnx_path.with_name(spec.onnx_path.name + ".staging")
+            write_nms_graph(source, derived, NmsSpec.from_dict(nms))
+            source = derived
         if not spec.onnx_path.is_file() or sha256_file(spec.onnx_path) != sha256_file(source):
             spec.onnx_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, spec.onnx_path)
+        if nms is not None:
+            source.unlink()
         staged.append(spec.onnx_path)
     return staged

@@ -53,6 +53,9 @@ FP8_TARGETS = ("gpu",)
 # Python pre/post instances per target: on a CPU target the detector needs the cores (one of each keeps up
 # with it); a GPU detector is fast enough that decoding JPEGs on several host cores becomes the bottleneck.
 PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "cpu-openvino": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
+# GPU targets: the engines step re-sizes these from the serving host's cores (packager/engines/host_sizing.py)
+# unless render was given the counts; the counts above are what a repository gets before that step.
+HOST_SIZED_TARGETS = ("gpu", "gpu-ort")
 # How long the detector's batcher waits for more requests. A CPU detector runs ~100 ms per batch, so requests
 # pile up behind it anyway and a wait only adds latency (2 ms per request at concurrency 1, measured); a GPU
 # detector is done in a few ms, and a short wait is what lets batches form at all.
@@ -305,6 +308,11 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
     instances = PRE_POST_INSTANCES[options.target]
     common = plan.common()
     nms_json = _pbtxt_string(json.dumps(plan.nms, sort_keys=True)) if plan.nms else ""
+    sized = options.target in HOST_SIZED_TARGETS
+
+    def host_sized(kind: str, explicit: int | None) -> str:
+        return kind if sized and explicit is None else ""
+
     letterboxed = TensorSpec("images", plan.letterboxed.shape, plan.letterboxed.dtype)
     info = TensorSpec("letterbox_info", (-1, 5))
     models = []
@@ -313,7 +321,8 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
         _python_model(env, staging / gate, "gate", [image_header_module.__file__, request_params_module.__file__],
                       {**common, "name": gate, "instance_count": options.preprocess_instances or instances[1],
                        "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
-                       "nms_json": nms_json, "thresholds": options.thresholds})
+                       "nms_json": nms_json, "thresholds": options.thresholds,
+                       "host_sized": host_sized("light", options.preprocess_instances)})
         _dali_model(env, staging / pre, plan, {**common, "name": pre, "role": Role.PREPROCESS.value,
                                                "precision": ""})
         models += [
@@ -327,7 +336,8 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
                       [letterbox_module.__file__, image_header_module.__file__, request_params_module.__file__],
                       {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
                        "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
-                       "reject_corrupt": bool(options.reject_corrupt)})
+                       "reject_corrupt": bool(options.reject_corrupt),
+                       "host_sized": host_sized("decode", options.preprocess_instances)})
         models.append(ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
                                   platform="python"))
     _python_model(env, staging / post, "postprocess",
@@ -335,7 +345,8 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
                    request_params_module.__file__],
                   {**common, "name": post, "instance_count": options.postprocess_instances or instances[1],
                    "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": "",
-                   "nms_json": nms_json})
+                   "nms_json": nms_json,
+                   "host_sized": host_sized("light" if plan.nms else "nms", options.postprocess_instances)})
     (staging / post / LABELS_FILE).write_text(_labels(spec))
     models.append(ServedModel(post, Role.POSTPROCESS, None, (plan.head_output, info), (DETECTIONS_TENSOR,),
                               plan.max_batch, platform="python"))
