@@ -184,6 +184,7 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
         index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict(),
                                 str(Path(build_dir).resolve()))
         index.save(staging)
+        _keep_notes(repository_dir, staging)
         replace_directory(staging, repository_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -300,6 +301,16 @@ def _choice(option: str, value: str | None, choices: dict[str, tuple[str, ...]],
     if value not in allowed:
         raise ConfigError(f"--{option} {value} is not served on the {target} target: choose {', '.join(allowed)}")
     return value
+
+
+# A checkout tracks model_repository/README.md (it says the folder is generated output); a re-render keeps it.
+KEPT_NOTES = ("README.md",)
+
+
+def _keep_notes(previous: Path, staging: Path) -> None:
+    for name in KEPT_NOTES:
+        if (previous / name).is_file():
+            shutil.copy2(previous / name, staging / name)
 
 
 def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
