@@ -509,6 +509,7 @@ def test_engines_on_a_missing_repository_is_a_plain_error(tmp_path):
 @pytest.mark.parametrize("target", ["gpu", "gpu-ort"])
 def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target):
     """repository.py renders these templates from a real build; every detector config matches its ONNX."""
+    from packager.export.nms_graph import NmsSpec, write_nms_graph
     from packager.repository.render import ONNX_VARIANT, render_repository
 
     build_dir = yolov8n_build
@@ -520,7 +521,11 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
         io = onnx_io(build_dir / manifest["artifacts"][ONNX_VARIANT[target][precision]]["path"])
         assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
         assert (config.input[0].name, list(config.input[0].dims)) == (io["input_name"], io["input_dims"])
-        assert (config.output[0].name, list(config.output[0].dims)) == (io["output_name"], io["output_dims"])
+        # gpu: the engine source ends in the in-graph NMS's rows (docs/gpu-prepost.md), gpu-ort in the raw head.
+        nms = NmsSpec()
+        head = ((nms.output_name, [len(nms.profiles), nms.rows(80, 8400), 6]) if target == "gpu"
+                else (io["output_name"], io["output_dims"]))
+        assert (config.output[0].name, list(config.output[0].dims)) == head
         if target == "gpu":
             (spec,) = [s for s in engine_plans.repository_engine_specs(result.path) if s.name == config.name]
             assert spec.max_batch >= config.max_batch_size
@@ -528,12 +533,15 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
             assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
 
     if target == "gpu":
+        rendered = {path: engine_plans.sha256_file(path) for path in result.path.glob("*_detector/1/model.onnx")}
         staged = engine_host.stage_engine_sources(build_dir, result.path)
         assert len(staged) == 3
         for path in staged:
             precision = path.parent.parent.name.split("_")[-2]
             artifact = manifest["artifacts"][ONNX_VARIANT["gpu"][precision]]
-            assert engine_plans.sha256_file(path) == artifact["sha256"]
+            # The build's artifact with the NMS appended, derived again to the same bytes as render wrote.
+            derived = write_nms_graph(build_dir / artifact["path"], tmp_path / f"{precision}.onnx")
+            assert engine_plans.sha256_file(path) == engine_plans.sha256_file(derived) == rendered[path]
 
 
 # ------------------------------------------------------------- GPU detection without compute_cap (issue 13)

@@ -35,6 +35,15 @@ from packager.inference.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 from packager.core.repository_index import RepositoryIndex, ServedModel
 from packager.core.files import replace_directory
 from packager.export.nms_graph import NmsSpec, write_nms_graph
+from packager.repository.gpu_steps import (
+    ENCODED_TENSOR,
+    NMS_CHOICES,
+    PREPROCESS_CHOICES,
+    choose,
+    ensemble_steps,
+    gate_name,
+    write_dali_model,
+)
 
 TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
@@ -74,19 +83,12 @@ DETECTOR_RUNTIME = {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "open
 # the same bits. The float input stays first, for clients of the bare detector (Ultralytics' Triton client casts
 # to the first input's type).
 PIXEL_INPUT_TARGETS = {"local"}
-# Where the host CPU's work moves off it (docs/gpu-prepost.md): the DALI preprocess (nvJPEG) behind a Python gate
-# that only checks, and the NMS compiled into the TensorRT graph. Per target: allowed choices, the first the default.
-PREPROCESS_CHOICES = {"gpu": ("dali", "python")}
-NMS_CHOICES = {"gpu": ("graph", "python")}
-# The DALI pipeline's CPU threads (header parsing, the host side of nvJPEG, argument arithmetic).
-DALI_THREADS = 4
 TRITON_DTYPE = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8"}
 LABELS_FILE = "labels.txt"
 # The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
 IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
 DETECTIONS_TENSOR = TensorSpec("DETECTIONS", (-1, -1, 6))
-# The gate's output, the DALI preprocess's input: the encoded bytes as UINT8 (the dali backend takes no BYTES).
-ENCODED_TENSOR = TensorSpec("encoded", (-1, -1), "uint8")
+
 
 
 @dataclass(frozen=True)
@@ -286,21 +288,12 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
         if not plan.is_file():
             raise MissingInputError(f"TensorRT engine for {precision.value} not found: {plan}")
     delay = MAX_QUEUE_DELAY_US[target] if options.max_queue_delay_us is None else int(options.max_queue_delay_us)
-    preprocess = _choice("preprocess", options.preprocess, PREPROCESS_CHOICES, target)
-    nms_choice = _choice("nms", options.nms, NMS_CHOICES, target)
+    preprocess = choose("preprocess", options.preprocess, PREPROCESS_CHOICES, target)
+    nms_choice = choose("nms", options.nms, NMS_CHOICES, target)
     nms = None
     if nms_choice == "graph" and spec.head is HeadFormat.RAW:  # an end2end head has no NMS to move
         nms = options.nms_spec.served(spec.output.dims[0] - 4, spec.output.dims[1])
     return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans, preprocess, nms)
-
-
-def _choice(option: str, value: str | None, choices: dict[str, tuple[str, ...]], target: str) -> str:
-    allowed = choices.get(target, ("python",))
-    if value is None:
-        return allowed[0]
-    if value not in allowed:
-        raise ConfigError(f"--{option} {value} is not served on the {target} target: choose {', '.join(allowed)}")
-    return value
 
 
 # A checkout tracks model_repository/README.md (it says the folder is generated output); a re-render keeps it.
@@ -334,8 +327,11 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
                        "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
                        "nms_json": nms_json, "thresholds": options.thresholds,
                        "host_sized": host_sized("light", options.preprocess_instances)})
-        _dali_model(env, staging / pre, plan, {**common, "name": pre, "role": Role.PREPROCESS.value,
-                                               "precision": ""})
+        height, width = spec.input.dims[1], spec.input.dims[2]
+        dali_context = {**common, "name": pre, "role": Role.PREPROCESS.value, "precision": "",
+                        "preferred_batch_sizes": list(plan.preferred), "max_queue_delay_us": plan.max_queue_delay_us}
+        write_dali_model(staging / pre, height, width, plan.max_batch, dali_context,
+                         lambda template, context, out: _render(env, template, context, out))
         models += [
             ServedModel(gate, Role.PREPROCESS, None, (IMAGE_TENSOR,), (ENCODED_TENSOR,), plan.max_batch,
                         platform="python"),
@@ -362,29 +358,6 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
     models.append(ServedModel(post, Role.POSTPROCESS, None, (plan.head_output, info), (DETECTIONS_TENSOR,),
                               plan.max_batch, platform="python"))
     return models
-
-
-def gate_name(model_name: str) -> str:
-    return f"{model_name}_gate"
-
-
-def _dali_model(env: jinja2.Environment, model_dir: Path, plan: _Plan, context: dict) -> None:
-    """The DALI preprocess: its config and 1/model.dali, the GPU pipeline serialized here (no GPU needed)."""
-    try:
-        import nvidia.dali
-    except ImportError:
-        raise MissingInputError("--preprocess dali needs NVIDIA DALI in yqpack's environment (pyproject.toml pins "
-                                "nvidia-dali-cuda130): reinstall with scripts/install.sh, or render with "
-                                "--preprocess python") from None
-    from packager.inference.dali_letterbox import serialize_pipeline
-
-    (model_dir / "1").mkdir(parents=True)
-    height, width = plan.spec.input.dims[1], plan.spec.input.dims[2]
-    serialize_pipeline(model_dir / "1" / "model.dali", height, width, device="gpu", max_batch=plan.max_batch,
-                       num_threads=DALI_THREADS)
-    _render(env, "preprocess-dali/config.pbtxt.j2",
-            {**context, "preferred_batch_sizes": list(plan.preferred), "max_queue_delay_us": plan.max_queue_delay_us,
-             "dali_threads": DALI_THREADS, "dali_version": nvidia.dali.__version__}, model_dir / "config.pbtxt")
 
 
 def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
@@ -429,7 +402,8 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             env,
             "ensemble/config.pbtxt.j2",
             {**common, "name": ensemble, "role": Role.ENSEMBLE.value, "preprocess_name": f"{spec.name}_preprocess",
-             "steps": _ensemble_steps(plan, detector),
+             "steps": ensemble_steps(spec.name, plan.preprocess, plan.letterboxed.name, plan.head_output.name,
+                                     detector),
              "class_names_pbtxt": _pbtxt_string(json.dumps(list(spec.class_names)))},
             staging / ensemble / "config.pbtxt",
         )
@@ -443,28 +417,6 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
                         platform="ensemble", runtime=runtime),
         ]
     return models
-
-
-def _ensemble_steps(plan: _Plan, detector: str) -> list[dict]:
-    """The ensemble's steps, each {model_name, input_map, output_map} (model tensor -> ensemble tensor)."""
-    spec = plan.spec
-    steps = []
-    if plan.preprocess == "dali":
-        steps.append({"model_name": gate_name(spec.name), "input_map": [("IMAGE", "IMAGE")],
-                      "output_map": [("encoded", "encoded")]})
-        pre_input = [("encoded", "encoded")]
-    else:
-        pre_input = [("IMAGE", "IMAGE")]
-    output = plan.head_output.name
-    return steps + [
-        {"model_name": f"{spec.name}_preprocess", "input_map": pre_input,
-         "output_map": [("images", "letterboxed"), ("letterbox_info", "letterbox_info")]},
-        {"model_name": detector, "input_map": [(plan.letterboxed.name, "letterboxed")],
-         "output_map": [(output, "raw_output")]},
-        {"model_name": f"{spec.name}_postprocess",
-         "input_map": [(output, "raw_output"), ("letterbox_info", "letterbox_info")],
-         "output_map": [("DETECTIONS", "DETECTIONS")]},
-    ]
 
 
 def _labels(spec: ModelSpec) -> str:
