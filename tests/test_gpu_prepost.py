@@ -266,6 +266,22 @@ def test_host_sizing_rewrites_only_the_models_render_left_to_the_host(yolov8n_bu
     assert [instances_for(kind, 64) for kind in ("decode", "nms", "light")] == [62, 16, 4]
 
 
+def test_the_engines_step_sizes_the_python_steps_in_the_serving_images_bare_python(yolov8n_build, tmp_path):
+    """deploy/build_engines.py (what compose and k8s run) with a bare interpreter: the standard library only."""
+    import os
+    import subprocess
+
+    from packager.core.paths import DEPLOY_DIR
+
+    repo = render_repository(yolov8n_build, tmp_path / "repo", target="gpu-ort", precisions=("fp16",)).path
+    env = {**os.environ, "YQPACK_HOST_CORES": "32"}
+    result = subprocess.run(["/usr/bin/python3", "-I", str(DEPLOY_DIR / "build_engines.py"), str(repo)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "python steps sized for 32 cores: yolov8n_postprocess x8, yolov8n_preprocess x30" in result.stdout
+    assert "count: 30 kind: KIND_CPU" in (repo / "yolov8n_preprocess" / "config.pbtxt").read_text()
+
+
 # -- the gate and the postprocess, served by tritonserver ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def host_steps_server(yolov8n_build, server_env, tmp_path_factory):

@@ -36,8 +36,8 @@ MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb
 KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
 # What deploy/build_engines.py imports from packager/ (standard library only).
 # The engine kit (standard library only), as paths under packager/; each file name is also its ConfigMap key.
-ENGINE_MODULES = ("engines/builder.py", "engines/plans.py", "engines/gpu_probe.py", "core/contracts.py",
-                  "core/repository_index.py", "core/files.py")
+ENGINE_MODULES = ("engines/builder.py", "engines/plans.py", "engines/gpu_probe.py", "engines/host_sizing.py",
+                  "core/contracts.py", "core/repository_index.py", "core/files.py")
 MARKER = ".yqpack-k8s"  # marks a folder yqpack k8s may replace
 
 
