@@ -358,7 +358,7 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
         if variant.endswith("gpu") and folder == rendered[variant]:
             (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
             assert set(config_map["data"]) == {"build_engines.py", "builder.py", "plans.py", "gpu_probe.py",
-                                               "contracts.py", "repository_index.py", "files.py"}
+                                               "host_sizing.py", "contracts.py", "repository_index.py", "files.py"}
             deployment = next(o for o in objects if o["kind"] == "Deployment")
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \
