@@ -11,6 +11,8 @@ functions that need them. What a plan is and its cache key live in engine_plans.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -26,6 +28,7 @@ from packager.core.contracts import EngineBuildError, MissingInputError
 from packager.engines.plans import (
     BUILDING_SUFFIX,
     ENGINES_OUTCOME,
+    PLAN_FILENAME,
     EngineKey,
     EngineSpec,
     TensorRTVersion,
@@ -42,6 +45,7 @@ from packager.engines.plans import (
 from packager.engines.gpu_probe import GpuInfo
 
 LOG_SUFFIX = ".log"
+PLAN_CACHE_DIRNAME = ".yqpack-plans"  # the plan cache's folder on a shared (Kubernetes) volume
 TRTEXEC_CANDIDATES = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec")
 LOG_TAIL_LINES = 30
 
@@ -170,6 +174,41 @@ def building_path(plan_path: Path) -> Path:
     return plan_path.with_name(f"{plan_path.name}{BUILDING_SUFFIX}.{tag}")
 
 
+def cache_entry(plan_cache: Path, key: EngineKey) -> Path:
+    """One folder per key: plans of two GPU models (or TensorRT builds) never meet."""
+    digest = hashlib.sha256(json.dumps(key.to_dict(), sort_keys=True).encode()).hexdigest()[:32]
+    return Path(plan_cache) / digest
+
+
+def fetch_cached_plan(plan_cache: Path, key: EngineKey, plan_path: Path) -> bool:
+    entry = cache_entry(plan_cache, key)
+    if not cached_plan_is_valid(entry / PLAN_FILENAME, key):
+        return False
+    building = building_path(plan_path)
+    shutil.copyfile(entry / PLAN_FILENAME, building)
+    os.replace(building, plan_path)
+    write_key(plan_path, key)
+    return True
+
+
+def publish_plan(plan_cache: Path, key: EngineKey, plan_path: Path) -> None:
+    """Copy a new plan into the shared cache; replicas racing on the same key each replace it whole."""
+    entry = cache_entry(plan_cache, key)
+    entry.mkdir(parents=True, exist_ok=True)
+    building = building_path(entry / PLAN_FILENAME)
+    shutil.copyfile(plan_path, building)
+    os.replace(building, entry / PLAN_FILENAME)
+    write_key(entry / PLAN_FILENAME, key)
+
+
+def copy_repository(source: Path, target: Path) -> Path:
+    """A pod's own copy of a shared repository, without plans or their records: each pod serves plans made for
+    its own GPU (built, or taken from the plan cache by their key), never another replica's."""
+    shutil.copytree(source, target, dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns(f"{PLAN_FILENAME}*", PLAN_CACHE_DIRNAME, ENGINES_OUTCOME))
+    return Path(target)
+
+
 def fp8_supported(compute_capability: str) -> bool:
     """FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell (10.x, 12.x)."""
     try:
@@ -189,8 +228,10 @@ def build_engine(
     plugins: Sequence[str | os.PathLike] = (),
     runner: Runner = run_logged,
     image: str = "",
+    plan_cache: Path | None = None,
 ) -> EngineResult:
-    """Build one plan unless a plan with the same key is already there. Never raises for a builder failure."""
+    """Build one plan unless a plan with the same key is already there (beside the ONNX, or in `plan_cache`, a
+    folder shared by the replicas of a Kubernetes Deployment). Never raises for a builder failure."""
     if spec.precision == "fp8" and not fp8_supported(gpu.compute_capability):
         remove_plan(spec.plan_path)  # Triton is never asked to load it (packager/engines/serving.py)
         return EngineResult(spec.name, spec.precision, "skipped", spec.plan_path,
@@ -209,6 +250,9 @@ def build_engine(
                             message="plan matches (ONNX sha256, TensorRT build, image, GPU, plugins, profile, "
                                     "trtexec command line)")
     remove_plan(spec.plan_path)
+    if plan_cache is not None and fetch_cached_plan(plan_cache, key, spec.plan_path):
+        return EngineResult(spec.name, spec.precision, "cached", spec.plan_path, key=key,
+                            message=f"plan of the same key from {plan_cache}")
     log_path = spec.plan_path.with_name(spec.plan_path.name + LOG_SUFFIX)
     started = time.monotonic()
     try:
@@ -226,6 +270,8 @@ def build_engine(
                             log_tail=tail(log_text))
     os.replace(building, spec.plan_path)  # atomic: Triton sees either no plan or a whole one
     write_key(spec.plan_path, key)
+    if plan_cache is not None:
+        publish_plan(plan_cache, key, spec.plan_path)
     mode = "strongly typed" if version.strongly_typed else "legacy " + " ".join(legacy_precision_flags(spec.precision))
     return EngineResult(spec.name, spec.precision, "built", spec.plan_path, key=key, seconds=seconds,
                         message=f"TensorRT {version.full} ({mode}), {gpu.name} sm {gpu.compute_capability}")
@@ -243,6 +289,7 @@ def build_repository_engines(
     runner: Runner = run_logged,
     report: Callable[[str], None] = print,
     image: str | None = None,
+    plan_cache: Path | None = None,
 ) -> list[EngineResult]:
     """Build (or reuse) the plan of every tensorrt_plan detector in `repository`.
 
@@ -260,7 +307,12 @@ def build_repository_engines(
     trtexec = find_trtexec(trtexec) if runner is run_logged else Path(trtexec or "trtexec")
     version = version or detect_tensorrt_version(Path(trtexec))
     gpu = gpu or detect_gpu()
-    report(f"GPU: {gpu.name}, compute capability {gpu.compute_capability} (from {gpu.source})")
+    report(f"GPU: {gpu.name}, compute capability {gpu.compute_capability} (from {gpu.source}); "
+           f"TensorRT {version.full}" + (f", image {image}" if image else ""))
+    declared = os.environ.get("YQPACK_DECLARED_TENSORRT", "").strip()
+    if declared and not f"{version.full}.".startswith(f"{declared}."):
+        report(f"note: deploy/.env declares TensorRT {declared} for this image; it has {version.full} (the plans "
+               "follow the image; correct TRITON_TENSORRT_VERSION in deploy/.env)")
     missing = [str(p) for p in plugins if not Path(p).is_file()]
     if missing:
         raise EngineBuildError(f"TensorRT plugin librar{'y' if len(missing) == 1 else 'ies'} not found: "
@@ -273,7 +325,7 @@ def build_repository_engines(
         cache = timing_cache_path(timing_cache_dir or spec.plan_path.parent, version, gpu.compute_capability)
         report(f"{spec.name}: {spec.precision} plan, profile {spec.profile['min']} .. {spec.profile['max']}")
         result = build_engine(spec, trtexec, version, gpu, timing_cache=cache, plugins=plugins, runner=runner,
-                              image=image)
+                              image=image, plan_cache=plan_cache)
         results.append(result)
         report(f"{spec.name}: {result.status} ({result.message}{', %.0f s' % result.seconds if result.seconds else ''})")
         if not result.ok and result.log_tail:
@@ -316,11 +368,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timing-cache-dir", type=Path, default=None, help="where timing caches are kept")
     parser.add_argument("--plugins", default="",
                         help="TensorRT plugin libraries separated by ';' (as Triton's tensorrt plugins= setting)")
+    parser.add_argument("--copy-from", type=Path, default=None,
+                        help="a shared repository to copy into REPOSITORY first, without its plans (Kubernetes)")
+    parser.add_argument("--plan-cache", type=Path, default=None,
+                        help="a folder shared by replicas: plans by their key, reused by pods of the same GPU model")
     args = parser.parse_args(argv)
     try:
+        if args.copy_from is not None:
+            copy_repository(args.copy_from, args.repository)
         results = build_repository_engines(
             args.repository, allow_missing=args.allow_missing, trtexec=args.trtexec,
             timing_cache_dir=args.timing_cache_dir, plugins=[p for p in args.plugins.split(";") if p.strip()],
+            plan_cache=args.plan_cache,
         )
     except (EngineBuildError, FileNotFoundError, ValueError) as error:
         print(f"Error: {error}", file=sys.stderr)
