@@ -43,10 +43,10 @@ def build_engine_with_tensorrt_api(spec: EngineSpec, timing_cache: Path | None =
     version = TensorRTVersion.parse(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if version.strongly_typed:
+    flags = 0  # TensorRT 11: strongly typed is the only mode (its STRONGLY_TYPED flag is deprecated, a no-op)
+    if version.strongly_typed and not version.strongly_typed_by_default:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    else:
+    elif not version.strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
