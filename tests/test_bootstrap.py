@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from packager.metrics.intervals import paired_difference, paired_ratio, resample_weights, resampled_interval, weighted_map
-from packager.calibration.calibration import DataOverlapError, check_no_overlap, find_overlap, image_hashes
+from packager.calibration.calibration import check_no_overlap, find_overlap, image_hashes
+from packager.core.contracts import DataOverlapError
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
-from packager.evaluate.onnx_eval import GateResult, detect_images
+from packager.evaluate.onnx_eval import BuildGateResult, detect_images
 
 VAL_IMAGES = 32
 
@@ -70,11 +71,11 @@ def test_gate_message_says_when_the_set_is_too_small(fp32_detections):
     victim = sorted(detections)[0]
     candidate = evaluate_images({**detections, victim: detections[victim][:1]}, ground_truth, names).per_image
     interval = paired_ratio(candidate, reference, "int8-fp32", "fp32")
-    gate = GateResult("int8-fp32", 0.43, 0.43 * interval.ratio, 0.99, interval)
+    gate = BuildGateResult("int8-fp32", 0.43, 0.43 * interval.ratio, 0.99, interval)
     assert f"{interval.low:.4f}-{interval.high:.4f}" in gate.message()
     if interval.width > 0.01:
         assert gate.decidable is False and "TOO FEW IMAGES TO DECIDE" in gate.message()
-    wide_margin = GateResult("int8-fp32", 0.43, 0.43 * interval.ratio, 0.5, interval)
+    wide_margin = BuildGateResult("int8-fp32", 0.43, 0.43 * interval.ratio, 0.5, interval)
     assert wide_margin.decidable and "TOO FEW" not in wide_margin.message()
 
 

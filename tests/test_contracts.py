@@ -191,3 +191,21 @@ def test_packager_has_no_import_cycles_and_contracts_is_the_ground_floor():
         folders.setdefault(name.split(".")[0], set()).update(dep.split(".")[0] for dep in deps)
     folder_cycles = _cycles(folders)
     assert not folder_cycles, f"import cycles between stage folders: {folder_cycles}"
+
+
+def test_every_error_class_lives_in_the_contract():
+    """One error hierarchy: exception classes are defined in core/contracts.py only. The code copied into served
+    models (inference/) may not import it and keeps plain ValueError subclasses the models turn into
+    INVALID_ARGUMENT; the CLI's click exception is its own."""
+    defined = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(base, "id", getattr(base, "attr", "")).endswith(("Error", "Exception")) for base in node.bases):
+                defined.setdefault(_module_name(path).split(".")[0], []).append(node.name)
+    assert set(defined) == {"core", "inference", "cli"}, defined
+    assert defined["cli"] == ["_UserError"], defined["cli"]
+    from packager.core import contracts
+
+    assert all(issubclass(getattr(contracts, name), contracts.YqpackError) or name == "YqpackError"
+               for name in defined["core"]), defined["core"]

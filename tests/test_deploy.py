@@ -20,7 +20,8 @@ import yaml
 
 from packager.serve import compose as deploy
 from packager.core.contracts import Endpoints
-from packager.serve.readiness import NotReadyError, ServerGoneError, wait_until_ready
+from packager.core.contracts import NotReadyError, ServerGoneError
+from packager.serve.readiness import wait_until_ready
 from packager.core.paths import DEPLOY_DIR, PROJECT_ROOT
 from packager.serve.server_env import MALLOC_ENV
 
@@ -242,7 +243,7 @@ def test_compose_up_checks_the_repository_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="model repository not found"):
         deploy.compose_up(tmp_path / "nope", echo=lambda _: None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no Triton model"):
+    with pytest.raises(FileNotFoundError, match="is not a yqpack model repository"):
         deploy.compose_up(tmp_path / "empty", echo=lambda _: None)
 
 

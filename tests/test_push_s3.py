@@ -17,10 +17,9 @@ import tritonclient.grpc as grpcclient
 from click.testing import CliRunner
 
 from packager.cli.main import main
-from packager.core.contracts import ConfigError, ServerError
+from packager.core.contracts import ConfigError, S3Error, ServerError
 from packager.serve.s3_push import (
     PLACEHOLDER_NAME,
-    S3Error,
     S3Location,
     local_objects,
     push_repository,

@@ -13,7 +13,7 @@ from packager.verify.gates import GateThresholds, ServedAccuracy, compare_precis
 from packager.verify.loadtest import RequestOutcome, StepTiming, summarize_level
 from packager.verify.report import render_markdown, write_report
 from packager.verify.inputs import SkippedImage
-from packager.verify.result import ServedModel, VerifyResult
+from packager.verify.result import ServedEnsemble, VerifyResult
 
 
 def _detections_from_ground_truth(ground_truth, class_names, jitter_px: float, seed: int) -> dict:
@@ -51,7 +51,7 @@ def make_result(coco_ground_truth, coco_class_names, incomplete_reason=None, thr
     comparisons = compare_precisions(accuracy, load)
     thresholds = thresholds or GateThresholds(min_map_ratio=0.5, max_p99_ms=300.0)
     gates = evaluate_gates(thresholds, accuracy, comparisons, load)
-    models = [ServedModel(f"yolov8n_{p}", "yolov8n", p, [], coco_class_names, "test") for p in ("fp32", "int8")]
+    models = [ServedEnsemble(f"yolov8n_{p}", "yolov8n", p, [], coco_class_names, "test") for p in ("fp32", "int8")]
     return VerifyResult(
         status=decide_status(gates, incomplete_reason), incomplete_reason=incomplete_reason, url="127.0.0.1:18501",
         server={"name": "triton", "version": "2.51.0", "extensions": []}, models=models, accuracy=accuracy,

@@ -18,7 +18,8 @@ import pytest
 from packager.metrics import coco_eval
 from packager.verify.gates import GateThresholds, ServedAccuracy, compare_precisions, decide_status, evaluate_gates
 from packager.verify.loadtest import RequestOutcome, latency_stats, step_timings, summarize_level
-from packager.verify.inputs import VerifyError, parse_class_names, scan_images, served_identity
+from packager.core.contracts import VerifyError
+from packager.verify.inputs import parse_class_names, scan_images, served_identity
 from packager.verify.session import _real_rows
 
 

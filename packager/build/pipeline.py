@@ -45,7 +45,7 @@ from packager.evaluate.onnx_eval import (
     DEFAULT_MIN_MAP_RATIO,
     DEFAULT_VARIANTS,
     GATED_VARIANT,
-    GateResult,
+    BuildGateResult,
     check_gate,
     evaluate_build_detailed,
     validation_files,
@@ -98,13 +98,13 @@ class BuildResult:
     export: ExportResult
     quantization: QuantizeResult
     metrics: dict[str, CocoMetrics] = field(default_factory=dict)
-    gate: GateResult | None = None
+    gate: BuildGateResult | None = None
     repository: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
     coverage: dict[str, ConvCoverage] = field(default_factory=dict)  # int8 / fp8 artifact -> MAC coverage
     fp8: Fp8Result | None = None
     intervals: dict[str, RatioInterval] = field(default_factory=dict)  # variant -> ratio vs fp32 with interval
-    gates: list[GateResult] = field(default_factory=list)
+    gates: list[BuildGateResult] = field(default_factory=list)
 
 
 def validate_options(options: BuildOptions) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from packager.core.contracts import ConfigError
+from packager.core.contracts import DataOverlapError
 from packager.inference.letterbox import preprocess, read_image
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,6 @@ def load_calibration_file(path: str | Path, imgsz: tuple[int, int] | None = None
     if not np.isfinite(data).all():
         raise ValueError(f"calibration data in {path.name} contains NaN or infinite values")
     return data
-
-
-class DataOverlapError(ConfigError):
-    """A validation image is also a calibration (or tuning) image: the accuracy gate would be measured on
-    images the recipe has seen."""
 
 
 def image_hashes(files) -> dict[str, str]:

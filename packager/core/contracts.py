@@ -57,8 +57,41 @@ class DockerUnavailableError(YqpackError, RuntimeError):
     """No Docker engine or compose plugin where one is needed."""
 
 
+class GpuProbeError(EngineBuildError):
+    """No source could tell the GPU's compute capability (the message says what to set)."""
+
+
 class QuantizationError(YqpackError, RuntimeError):
     """ModelOpt failed to produce a quantized model; its own log above says why."""
+
+
+class DataOverlapError(ConfigError):
+    """A validation image is also a calibration (or tuning) image: the accuracy gate would be measured on
+    images the recipe has seen."""
+
+
+class NotReadyError(ServerError):
+    """The server did not report ready in time; `waited_s` says how long we tried."""
+
+    def __init__(self, message: str, waited_s: float):
+        super().__init__(message)
+        self.waited_s = waited_s
+
+
+class ServerGoneError(ServerError):
+    """The server's process ended, or it stopped answering / unloaded a model while requests were running."""
+
+
+class StateFileError(YqpackError):
+    """A server record exists but cannot be read (truncated, edited, another version's schema)."""
+
+
+class S3Error(YqpackError):
+    """A user-facing S3 failure (bad URL, credentials, unreachable endpoint, verification mismatch)."""
+
+
+class VerifyError(YqpackError, RuntimeError):
+    """A plain-language reason why verify cannot start."""
 
 
 # --- vocabulary ---------------------------------------------------------------------------------------------

@@ -134,5 +134,22 @@ class RepositoryIndex:
                                     "render one with `yqpack render` or `yqpack build --repository`")
         return cls.from_dict(read_json(path), str(path))
 
+    @classmethod
+    def load_servable(cls, repository: str | Path) -> "RepositoryIndex":
+        """The index of a repository that has something to serve: the folder exists, is a yqpack repository with
+        ensembles, and every ensemble's folder holds its config (what serve, push and k8s check before starting)."""
+        repository = Path(repository)
+        if not repository.is_dir():
+            raise MissingInputError(f"model repository not found: {repository} (render one with `yqpack render` or "
+                                    "`yqpack build --repository`)")
+        index = cls.load(repository)
+        ensembles = index.ensembles()
+        if not ensembles:
+            raise ConfigError(f"{repository} has no ensembles in {REPOSITORY_INDEX}: nothing to serve, re-render it")
+        missing = [name for name in ensembles.values() if not (repository / name / "config.pbtxt").is_file()]
+        if missing:
+            raise ConfigError(f"{repository} lacks the ensemble folder(s) {', '.join(missing)}: re-render it")
+        return index
+
     def save(self, repository: str | Path) -> Path:
         return write_json_atomic(Path(repository) / REPOSITORY_INDEX, self.to_dict())

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from packager.core.contracts import EngineBuildError
+from packager.core.contracts import GpuProbeError
 
 # CUdevice_attribute values from cuda.h (CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR).
 CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
@@ -31,10 +31,6 @@ LIBCUDA = "libcuda.so.1"
 # Architectures with exactly one compute capability among data-center and desktop parts. Ampere (8.0 / 8.6 /
 # 8.7) and Blackwell (10.x / 12.x) are ambiguous and deliberately absent: a wrong guess would key plans wrongly.
 ARCHITECTURE_CAPABILITY = {"Turing": "7.5", "Ada Lovelace": "8.9", "Hopper": "9.0"}
-
-
-class GpuProbeError(EngineBuildError):
-    """No source could tell the GPU's compute capability (the message says what to set)."""
 
 
 @dataclass(frozen=True)

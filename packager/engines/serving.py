@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from packager.core.contracts import Role, YqpackError
+from packager.core.contracts import ConfigError, Role, YqpackError
 from packager.core.files import sha256_file
 from packager.core.repository_index import REPOSITORY_INDEX, RepositoryIndex
 from packager.engines.plans import ENGINES_OUTCOME, PLAN_FILENAME, TENSORRT_PLATFORM, check_path
@@ -87,7 +87,7 @@ def served_models(repository: Path, environ: dict[str, str] | None = None) -> Se
             excluded[ensemble.name] = f"its detector is not served ({ensemble.precision.value})"
     kept = tuple(m.name for m in index.models if m.name not in excluded)
     if not any(index.get(name).role is Role.ENSEMBLE for name in kept):
-        raise YqpackError("no ensemble of this repository can be served: "
+        raise ConfigError("no ensemble of this repository can be served: "
                           + "; ".join(f"{name}: {why}" for name, why in excluded.items()))
     return ServedSet(repository, kept, excluded, tuple(unchecked))
 
@@ -128,7 +128,7 @@ def repository_argument(argv: Sequence[str]) -> Path:
     for argument in argv:
         if argument.startswith("--model-repository="):
             return Path(argument.split("=", 1)[1])
-    raise YqpackError("no --model-repository=... among the tritonserver arguments")
+    raise ConfigError("no --model-repository=... among the tritonserver arguments")
 
 
 def main(argv: Sequence[str] | None = None, *, execute: bool = True) -> list[str]:

@@ -34,7 +34,7 @@ DEFAULT_MIN_MAP_RATIO = 0.99
 
 
 @dataclass
-class GateResult:
+class BuildGateResult:
     variant: str
     reference_map: float
     variant_map: float
@@ -206,12 +206,12 @@ def check_gate(
     min_ratio: float = DEFAULT_MIN_MAP_RATIO,
     variant: str = GATED_VARIANT,
     interval: RatioInterval | None = None,
-) -> GateResult:
+) -> BuildGateResult:
     """Raise AccuracyGateError unless `variant` mAP50-95 >= min_ratio x fp32 mAP50-95 (on the point estimate;
     the interval, when given, is reported with a plain warning when it is wider than the margin tested)."""
     if "fp32" not in metrics or variant not in metrics:
         raise ConfigError(f"the accuracy gate needs fp32 and {variant} results, got {', '.join(metrics)}")
-    gate = GateResult(variant, metrics["fp32"].map50_95, metrics[variant].map50_95, min_ratio, interval)
+    gate = BuildGateResult(variant, metrics["fp32"].map50_95, metrics[variant].map50_95, min_ratio, interval)
     if not gate.passed:
         kind = "FP8" if variant.startswith("fp8") else "INT8"
         raise AccuracyGateError(f"{kind} accuracy gate failed: {gate.message()}")

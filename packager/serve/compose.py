@@ -19,8 +19,9 @@ from urllib.parse import urlparse
 
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR
 from packager.core.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
-                                MissingInputError, ServerError)
-from packager.serve.readiness import ServerGoneError, wait_until_ready
+                                MissingInputError, ServerError, ServerGoneError)
+from packager.core.repository_index import RepositoryIndex
+from packager.serve.readiness import wait_until_ready
 
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
 ENV_FILE = DEPLOY_DIR / ".env"
@@ -181,11 +182,9 @@ def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: b
 
 
 def check_repository(repository: Path) -> None:
-    repository = Path(repository)
-    if not repository.is_dir():
-        raise MissingInputError(f"model repository not found: {repository} (render it with `yqpack build`)")
-    if not any(repository.glob("*/config.pbtxt")):
-        raise ConfigError(f"{repository} holds no Triton model (no */config.pbtxt): render it with `yqpack build`")
+    """Something to serve (`RepositoryIndex.load_servable`), and every TensorRT detector has a plan or the ONNX to
+    build one from."""
+    RepositoryIndex.load_servable(repository)
     from packager.engines.plans import repository_engine_specs
 
     unbuildable = [s.name for s in repository_engine_specs(repository)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packager.serve import procinfo
-from packager.core.contracts import Endpoints, MissingInputError, ServerError
-from packager.serve.readiness import NotReadyError, ServerGoneError, wait_until_ready
+from packager.core.contracts import Endpoints, MissingInputError, NotReadyError, ServerError, ServerGoneError
+from packager.serve.readiness import wait_until_ready
 from packager.serve.server_args import (
     DEFAULT_PORTS,
     busy_ports,

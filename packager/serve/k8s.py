@@ -19,7 +19,7 @@ import yaml
 
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR, TEMPLATES_DIR
 from packager.core.contracts import ConfigError, Role
-from packager.serve.s3_push import S3Location, check_repository, read_remote_index, triton_endpoint_url
+from packager.serve.s3_push import S3Location, read_remote_index, triton_endpoint_url
 from packager.repository.render import PRE_POST_INSTANCES
 from packager.core.repository_index import RepositoryIndex
 from packager.core.files import replace_directory
@@ -84,7 +84,7 @@ def load_served_repository(options: K8sOptions) -> ServedRepository:
         location = S3Location.parse(options.repository)
         index: RepositoryIndex = read_remote_index(options.repository, options.endpoint_url)
     else:
-        location, index = None, check_repository(Path(options.repository))
+        location, index = None, RepositoryIndex.load_servable(Path(options.repository))
     ensembles = {precision.value: name for precision, name in index.ensembles().items()}
     python_detectors = sum(m.platform == "python" for m in index.by_role(Role.DETECTOR))
     return ServedRepository(index.model.name, index.target, ensembles, python_detectors, location)

@@ -11,19 +11,7 @@ import urllib.error
 import urllib.request
 from typing import Callable
 
-from packager.core.contracts import Endpoints, ServerError
-
-
-class NotReadyError(ServerError):
-    """The server did not report ready in time; `waited_s` says how long we tried."""
-
-    def __init__(self, message: str, waited_s: float):
-        super().__init__(message)
-        self.waited_s = waited_s
-
-
-class ServerGoneError(ServerError):
-    """The server's process ended while we waited for it."""
+from packager.core.contracts import Endpoints, NotReadyError, ServerGoneError
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

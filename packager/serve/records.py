@@ -18,7 +18,7 @@ from pathlib import Path
 
 from packager.serve import procinfo
 from packager.core.paths import yqpack_home
-from packager.core.contracts import Endpoints, YqpackError
+from packager.core.contracts import Endpoints, StateFileError
 
 HOST = "127.0.0.1"
 STATE_FILE = "server.json"
@@ -58,10 +58,6 @@ class StopResult:
     killed: bool  # SIGTERM was not enough
     leftover_processes: list[int] = field(default_factory=list)  # stubs that had to be killed
     leftover_shm: list[str] = field(default_factory=list)  # regions that had to be removed
-
-
-class StateFileError(YqpackError):
-    """The server record exists but cannot be read (truncated, edited, another version's schema)."""
 
 
 def serve_dir(home: Path | None = None) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 from urllib.parse import urlparse
 
-from packager.core.contracts import ConfigError, MissingInputError, YqpackError
+from packager.core.contracts import ConfigError, S3Error, YqpackError
 from packager.core.repository_index import REPOSITORY_INDEX, RepositoryIndex
 
 PLACEHOLDER_NAME = ".yqpack-keep"
@@ -30,10 +30,6 @@ MAX_OBJECT_BYTES = 5 * 1024**3  # one PUT (a single-part upload keeps the ETag a
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
 MAX_ATTEMPTS = 2  # an unreachable endpoint fails in seconds, not after botocore's default minutes
-
-
-class S3Error(YqpackError):
-    """A user-facing S3 failure (bad URL, credentials, unreachable endpoint, verification mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -133,21 +129,6 @@ def file_digests(path: Path, chunk: int = 1 << 20) -> tuple[str, str]:
     return sha256.hexdigest(), md5.hexdigest()
 
 
-def check_repository(repository: Path) -> RepositoryIndex:
-    """The repository's index; a folder that is not a yqpack repository with ensembles is refused."""
-    repository = Path(repository)
-    if not repository.is_dir():
-        raise MissingInputError(f"model repository not found: {repository} (run yqpack build with --repository)")
-    index = RepositoryIndex.load(repository)
-    ensembles = index.ensembles()
-    if not ensembles:
-        raise ConfigError(f"{repository} has no ensembles in {REPOSITORY_INDEX}: nothing to serve, re-render it")
-    missing = [name for name in ensembles.values() if not (repository / name / "config.pbtxt").is_file()]
-    if missing:
-        raise ConfigError(f"{repository} lacks the ensemble folder(s) {', '.join(missing)}: re-render it")
-    return index
-
-
 def s3_client(endpoint_url: str | None = None):
     """A boto3 S3 client that fails fast; region/credentials from the environment as boto3 reads them."""
     try:
@@ -179,7 +160,7 @@ def push_repository(
     """
     location = S3Location.parse(destination)
     repository = Path(repository)
-    check_repository(repository)
+    RepositoryIndex.load_servable(repository)
     items = local_objects(repository)
     total = sum(item.size for item in items)
     client = client or s3_client(endpoint_url)

@@ -9,13 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packager.metrics import coco_eval
-from packager.core.contracts import MANIFEST_NAME, BuildManifest, MissingInputError, YqpackError
+from packager.core.contracts import MANIFEST_NAME, BuildManifest, MissingInputError, StateFileError, VerifyError
 from packager.inference.letterbox import decode_image
 from packager.core.repository_index import RepositoryIndex
-
-
-class VerifyError(YqpackError, RuntimeError):
-    """A plain-language reason why verify cannot start (turned into `Error: ...` by the CLI)."""
 
 
 @dataclass
@@ -136,7 +132,7 @@ def served_class_names(name: str, configs: dict[str, dict], build_dir: Path | No
 
 def detached_server_class_names(url: str) -> tuple[list[str] | None, str]:
     """Class names of the repository a detached `yqpack serve` on this machine serves at `url`, if any."""
-    from packager.serve.records import StateFileError, read_state
+    from packager.serve.records import read_state
 
     try:
         state = read_state()

@@ -2,7 +2,7 @@
 
 A fixed number of requests (or a duration) is spread over `concurrency` in-flight requests. Per-request errors
 are counted with their first messages; when the server or the model disappears mid-run the level is aborted
-with `ServerGone`, so callers can mark the run incomplete instead of reporting numbers from a dead server.
+with the contract's `ServerGoneError`, so callers can mark the run incomplete instead of reporting numbers from a dead server.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from packager.core.contracts import ConfigError
+from packager.core.contracts import ConfigError, ServerGoneError
 
 # How many distinct error messages are kept per level (the count is always complete).
 MAX_ERROR_MESSAGES = 5
@@ -24,10 +24,6 @@ MAX_ERROR_MESSAGES = 5
 STATS_SETTLE_S = 2.0
 # gRPC status codes after which the server/model is probed: they mean "gone", not "this request was bad".
 _SUSPICIOUS_STATUSES = ("UNAVAILABLE", "NOT_FOUND", "CANCELLED", "UNKNOWN", "INTERNAL", "DEADLINE_EXCEEDED")
-
-
-class ServerGone(RuntimeError):
-    """The server stopped answering or the model was unloaded while requests were running."""
 
 
 @dataclass
@@ -211,7 +207,7 @@ class TritonLoad:
     ) -> tuple[list[RequestOutcome], float]:
         """Run `requests` requests (or for `duration_s`) with `concurrency` in flight; returns outcomes, wall time.
 
-        Raises ServerGone when a failure turns out to be the server or model disappearing.
+        Raises ServerGoneError when a failure turns out to be the server or model disappearing.
         """
         if (requests is None) == (duration_s is None):
             raise ConfigError("give either a request count or a duration")
@@ -241,7 +237,7 @@ class TritonLoad:
                     async with probe_lock:
                         reason = await self.server_gone_reason(model)
                     if reason is not None:
-                        raise ServerGone(f"{reason} (last request error: {outcome.error})")
+                        raise ServerGoneError(f"{reason} (last request error: {outcome.error})")
 
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
         try:
@@ -270,7 +266,7 @@ class TritonLoad:
         try:
             return await self.client.get_inference_statistics(as_json=True, client_timeout=10)
         except InferenceServerException as error:
-            raise ServerGone(f"server at {self.url} stopped answering: {_message(error)}") from error
+            raise ServerGoneError(f"server at {self.url} stopped answering: {_message(error)}") from error
 
     async def run_level(
         self,

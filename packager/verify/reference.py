@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from packager.metrics import coco_eval
-from packager.core.contracts import BuildManifest, YqpackError
+from packager.core.contracts import BuildManifest, StateFileError, YqpackError
 from packager.verify.gates import AccuracyReference
 from packager.core.repository_index import RepositoryIndex
 
@@ -24,7 +24,7 @@ def find_build_dir(build_dir: Path | None, url: str) -> Path | None:
     """--build, else the build behind the repository a detached `yqpack serve` serves at `url`."""
     if build_dir is not None:
         return Path(build_dir)
-    from packager.serve.records import StateFileError, read_state
+    from packager.serve.records import read_state
 
     try:
         state = read_state()

@@ -1,4 +1,4 @@
-"""What `yqpack verify` is asked (`VerifyOptions`), the ensembles it finds on the server (`ServedModel`) and what
+"""What `yqpack verify` is asked (`VerifyOptions`), the ensembles it finds on the server (`ServedEnsemble`) and what
 it answers (`VerifyResult`: the measured numbers, gates and status that report.py writes out)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class VerifyOptions:
 
 
 @dataclass
-class ServedModel:
+class ServedEnsemble:
     """An ensemble on the server and what verify needs to know about it."""
 
     name: str
@@ -58,7 +58,7 @@ class VerifyResult:
     incomplete_reason: str | None
     url: str
     server: dict
-    models: list[ServedModel]
+    models: list[ServedEnsemble]
     accuracy: list[ServedAccuracy]
     load: dict[str, list[LevelResult]]
     detector_load: dict[str, list[LevelResult]]

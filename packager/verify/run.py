@@ -26,7 +26,7 @@ from packager.verify.gates import (
 )
 from packager.verify.report import collect_versions, write_report
 from packager.verify.inputs import ImageSet, build_coverage, scan_images
-from packager.verify.result import ServedModel, VerifyOptions, VerifyResult
+from packager.verify.result import ServedEnsemble, VerifyOptions, VerifyResult
 from packager.verify.session import EVAL_PARAMETERS, Measurements, VerifySession
 
 
@@ -95,7 +95,7 @@ def _image_counts(options: VerifyOptions, images: ImageSet) -> dict:
     }
 
 
-def _references(options: VerifyOptions, models: list[ServedModel], images: ImageSet,
+def _references(options: VerifyOptions, models: list[ServedEnsemble], images: ImageSet,
                 ground_truth: coco_eval.CocoGroundTruth) -> dict[str, AccuracyReference | None]:
     """The build's own mAP of each served ONNX on the images scored here (None: no build to compare with)."""
     from packager.verify.reference import accuracy_reference, find_build_dir

@@ -15,13 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tritonclient.utils import InferenceServerException
 
 from packager.metrics import coco_eval
-from packager.core.contracts import Precision
+from packager.core.contracts import Precision, ServerGoneError, VerifyError
 from packager.verify.gates import ServedAccuracy
 from packager.inference.letterbox import preprocess_bytes
-from packager.verify.loadtest import LevelResult, ServerGone, TritonLoad, first_distinct, image_inputs, tensor_inputs
+from packager.verify.loadtest import LevelResult, TritonLoad, first_distinct, image_inputs, tensor_inputs
 from packager.inference.postprocess import EVAL_THRESHOLDS
-from packager.verify.inputs import ImageSet, VerifyError, config_parameter, served_class_names, served_identity
-from packager.verify.result import ServedModel, VerifyOptions
+from packager.verify.inputs import ImageSet, config_parameter, served_class_names, served_identity
+from packager.verify.result import ServedEnsemble, VerifyOptions
 
 PRECISIONS = tuple(p.value for p in Precision)
 # Request parameters of the accuracy pass (see docs/architecture.md): Ultralytics' validation settings.
@@ -38,7 +38,7 @@ class Measurements:
     """What one session measured; partial when the run was interrupted (`incomplete` says why)."""
 
     server: dict = field(default_factory=dict)  # name, version, extensions; empty: never reached a ready server
-    models: list[ServedModel] = field(default_factory=list)
+    models: list[ServedEnsemble] = field(default_factory=list)
     accuracy: list[ServedAccuracy] = field(default_factory=list)
     load: dict[str, list[LevelResult]] = field(default_factory=dict)
     detector_load: dict[str, list[LevelResult]] = field(default_factory=dict)
@@ -47,7 +47,7 @@ class Measurements:
     incomplete: str | None = None
 
 
-def _precision_order(model: ServedModel) -> tuple[str, int]:
+def _precision_order(model: ServedEnsemble) -> tuple[str, int]:
     order = PRECISIONS.index(model.precision) if model.precision in PRECISIONS else len(PRECISIONS)
     return model.family, order
 
@@ -76,7 +76,7 @@ class VerifySession:
                                f"({measured.server.get('name')} {measured.server.get('version')})")
             with self.progress() as progress:
                 await self.measure_models(measured, images, ground_truth, progress)
-        except ServerGone as gone:
+        except ServerGoneError as gone:
             measured.incomplete = str(gone)
         except InferenceServerException as error:
             if not measured.server:  # never reached a ready server: a setup problem, not an interrupted run
@@ -142,7 +142,7 @@ class VerifySession:
     async def config(self, model: str) -> dict:
         return (await self.client.get_model_config(model, as_json=True, client_timeout=10))["config"]
 
-    async def discover(self) -> list[ServedModel]:
+    async def discover(self) -> list[ServedEnsemble]:
         index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
         states = {entry["name"]: entry.get("state", "") for entry in index.get("models", [])}
         self.not_ready = {
@@ -174,7 +174,7 @@ class VerifySession:
             raise VerifyError(f"no ensemble model is ready on {self.options.url} (models: {listed})")
         return served if self.options.models else sorted(served, key=_precision_order)
 
-    async def describe(self, name: str, config: dict) -> ServedModel:
+    async def describe(self, name: str, config: dict) -> ServedEnsemble:
         steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
         step_configs = {step: await self.config(step) for step in steps}
         family, precision = served_identity(config)
@@ -182,7 +182,7 @@ class VerifySession:
                                                  self.options.url)
         detector = next((step for step in steps if config_parameter(step_configs[step], "yqpack_role") == "detector"),
                         None)
-        model = ServedModel(name, family, precision, steps, class_names, source, detector,
+        model = ServedEnsemble(name, family, precision, steps, class_names, source, detector,
                             runtime=config_parameter(config, "yqpack_runtime"))
         if detector:
             tensor_input = step_configs[detector].get("input", [{}])[0]
@@ -200,7 +200,7 @@ class VerifySession:
         return model
 
     async def accuracy(
-        self, model: ServedModel, images: ImageSet, ground_truth: coco_eval.CocoGroundTruth, progress: Progress
+        self, model: ServedEnsemble, images: ImageSet, ground_truth: coco_eval.CocoGroundTruth, progress: Progress
     ) -> ServedAccuracy:
         files = images.accuracy_files
         task = progress.add_task(f"accuracy {model.name}", total=len(files), status="")
@@ -238,7 +238,7 @@ class VerifySession:
         options = self.options
         gone = await self.load.server_gone_reason(target)
         if gone:
-            raise ServerGone(gone)
+            raise ServerGoneError(gone)
         if options.warmup_requests:  # a level whose numbers are dropped: it also lets the statistics settle
             await self.load.run_level(
                 target, make_inputs, max(options.concurrency), requests=options.warmup_requests, step_models=step_models
