@@ -252,9 +252,10 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, max_ma
 def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> None:
     """Build the TensorRT plans of a gpu repository where they will run (cached by ONNX, TensorRT, GPU)."""
     from packager.engines.modes import run_engines
+    from packager.serve.compose import compose_engines
 
     run_engines(repository, build_dir, mode, allow_missing=allow_missing, tensorrt_version=tensorrt_version,
-                echo=click.echo)
+                compose_engines=compose_engines, echo=click.echo)
 
 
 if __name__ == "__main__":

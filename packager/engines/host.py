@@ -113,6 +113,18 @@ def build_repository_engines_local(repository: Path, *, allow_missing: bool = Fa
 # ------------------------------------------------------------------------------- build-env side: manifest
 
 
+def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
+    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
+    environ = os.environ if environ is None else environ
+    if environ.get("YQPACK_TRT_PLUGINS"):
+        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
+    if build_dir is not None:
+        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
+    return []
+
+
+
 def collect_engine_keys(repository: Path) -> dict[str, dict]:
     """Detector name -> key record of every plan present in the repository."""
     keys = {}

@@ -22,17 +22,23 @@ def print_commands(repository: Path, tensorrt_version: str | None, plugins: list
         echo(" ".join(builder.trtexec_command("trtexec", spec, version, spec.plan_path, plugins=plugins)))
 
 
-def run_engines(repository: Path, build_dir: Path | None, mode: str, *, allow_missing: bool = False,
-                tensorrt_version: str | None = None, echo: Callable[[str], None] = print) -> None:
-    from packager.serve.compose import compose_engines, trt_plugin_libraries
+# `compose` mode: docker compose's `engines` and `engine-check` services (packager/serve/compose.py), handed in by
+# the CLI so that this stage does not import the serving one (the serving side imports the engine kit).
+ComposeEngines = Callable[..., None]
 
+
+def run_engines(repository: Path, build_dir: Path | None, mode: str, *, allow_missing: bool = False,
+                tensorrt_version: str | None = None, compose_engines: ComposeEngines | None = None,
+                echo: Callable[[str], None] = print) -> None:
     if build_dir is not None:
         host.stage_engine_sources(build_dir, repository)
-    plugins = trt_plugin_libraries(build_dir)  # $YQPACK_TRT_PLUGINS, else the build's --trt-plugins
+    plugins = host.trt_plugin_libraries(build_dir)  # $YQPACK_TRT_PLUGINS, else the build's --trt-plugins
     if mode == "print":
         print_commands(repository, tensorrt_version, plugins, echo)
         return
     if mode == "compose":
+        if compose_engines is None:
+            raise ValueError("the compose mode needs packager.serve.compose.compose_engines")
         compose_engines(repository, allow_missing=allow_missing, trt_plugins=plugins)
     elif mode == "local":
         host.build_repository_engines_local(repository, allow_missing=allow_missing, plugins=plugins, report=echo)

@@ -21,6 +21,7 @@ from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR
 from packager.core.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
                                 MissingInputError, ServerError, ServerGoneError)
 from packager.core.repository_index import RepositoryIndex
+from packager.engines.host import trt_plugin_libraries
 from packager.serve.readiness import wait_until_ready
 
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
@@ -139,17 +140,6 @@ class TrtPlugins:
             raise ConfigError("the TensorRT plugin libraries must share one folder (it is mounted at /plugins): "
                              + ", ".join(map(str, libraries)))
         return cls(folders.pop(), tuple(Path(p).name for p in libraries))
-
-
-def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
-    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
-    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
-    environ = os.environ if environ is None else environ
-    if environ.get("YQPACK_TRT_PLUGINS"):
-        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
-    if build_dir is not None:
-        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
-    return []
 
 
 def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: bool,
