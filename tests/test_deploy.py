@@ -536,6 +536,6 @@ def test_a_server_whose_model_fails_to_load_is_reported_at_once(model_repository
         server.server_close()
     message = str(failure.value)
     assert not isinstance(failure.value, NotReadyError)  # reported as failed, not as "not ready after 1800 s"
-    assert re.search(r"Triton failed to start \(exited, exit code [1-9]", message), message
+    assert re.search(r"Triton failed to start \(exited, exit code -?[1-9]", message), message  # 2.51 may segfault on its way out
     assert "broken on purpose by the test" in message  # Triton's own log lines
     assert (state / "stopped").is_file()  # stopped, so restart: on-failure does not bring it back
