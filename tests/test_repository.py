@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2
 
 from packager.inference import letterbox
 
-from packager.inference import postprocess
+from packager.inference import postprocess, runtime
 from packager.core.paths import TEMPLATES_DIR
 from packager.repository.render import (
     LABELS_FILE,
@@ -211,6 +211,21 @@ def test_render_is_atomic(yolov8n_build, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
 
 
+def test_a_rerender_keeps_the_tracked_readme(yolov8n_build, tmp_path):
+    """The checkout tracks model_repository/README.md: rendering into a fresh clone's folder, and again, keeps it."""
+    repository = tmp_path / "model_repository"
+    repository.mkdir()
+    readme = Path(__file__).resolve().parent.parent / "model_repository" / "README.md"
+    shutil.copy2(readme, repository / "README.md")
+    render_repository(yolov8n_build, repository, precisions=("fp32",))
+    render_repository(yolov8n_build, repository, precisions=("int8",))
+    assert (repository / "README.md").read_bytes() == readme.read_bytes()
+    assert set(load_repository_info(repository)["ensembles"]) == {"int8"}  # the models were replaced
+    # a repository rendered where there was none gets no README
+    render_repository(yolov8n_build, tmp_path / "fresh", precisions=("fp32",))
+    assert not (tmp_path / "fresh" / "README.md").exists()
+
+
 def test_clear_errors(yolov8n_build, tmp_path):
     build = yolov8n_build
     with pytest.raises(ValueError, match="unknown target 'tpu'"):
@@ -311,8 +326,12 @@ def test_local_detector_runtime_is_a_config_parameter(yolov8n_build, tmp_path, r
         render_repository(yolov8n_build, tmp_path / "other", runtime="tvm")
 
 
+# The local detector serves on this machine: its INT8 label is this CPU's choice (onnxruntime without VNNI/AMX).
+LOCAL_INT8 = runtime.runtime_on_this_machine(runtime.RuntimeOptions("openvino"), quantized=True).label
+
+
 @pytest.mark.parametrize("target, runtime, expected", [
-    ("local", "openvino", {"fp32": "openvino (f32 hint)", "int8": "openvino (f32 hint)"}),
+    ("local", "openvino", {"fp32": "openvino (f32 hint)", "int8": LOCAL_INT8}),
     ("local", "onnxruntime", {"fp32": "onnxruntime", "int8": "onnxruntime"}),
     ("cpu-openvino", "openvino", {"fp32": "onnxruntime (Triton backend)", "int8": "openvino (Triton backend)"}),
 ])

@@ -173,6 +173,7 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
             from packager.engines.reference import write_check_references
 
             write_check_references(build_dir, staging)
+        _keep_notes(repository_dir, staging)
         replace_directory(staging, repository_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -266,6 +267,16 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
             raise MissingInputError(f"TensorRT engine for {precision.value} not found: {plan}")
     delay = MAX_QUEUE_DELAY_US[target] if options.max_queue_delay_us is None else int(options.max_queue_delay_us)
     return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans)
+
+
+# A checkout tracks model_repository/README.md (it says the folder is generated output); a re-render keeps it.
+KEPT_NOTES = ("README.md",)
+
+
+def _keep_notes(previous: Path, staging: Path) -> None:
+    for name in KEPT_NOTES:
+        if (previous / name).is_file():
+            shutil.copy2(previous / name, staging / name)
 
 
 def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
