@@ -140,7 +140,7 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
 
     from packager.evaluate.onnx_eval import check_gate, evaluate_build_detailed
     from packager.build.pipeline import metrics_table
-    from packager.inference.runtime import RuntimeOptions, evaluation_label
+    from packager.inference.runtime import RuntimeOptions, evaluation_label, variant_label
 
     names = [v.strip() for v in variants.split(",") if v.strip()]
     options = RuntimeOptions(runtime, precision_hint)
@@ -149,7 +149,7 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     label = evaluation_label(options)  # what ran, fallbacks included
     Console().print(metrics_table(evaluation.metrics, label, evaluation.intervals, evaluation.coverage))
     if json_path is not None:
-        rows = {v: {**row, "runtime": label} for v, row in evaluation.as_dict().items()}
+        rows = {v: {**row, "runtime": variant_label(v, options)} for v, row in evaluation.as_dict().items()}
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
     for variant in ("int8-fp32", "fp8-fp32"):
         if min_map_ratio > 0 and "fp32" in evaluation.metrics and variant in evaluation.metrics:
