@@ -267,6 +267,20 @@ def test_report_written_for_the_served_run(served_verify):
 
 
 @pytest.mark.slow
+def test_the_official_annotations_pass_the_annotation_check(served_verify):
+    """Judged by the served fp32 ensemble's detections; the report says what each mAP was held to."""
+    (check,) = served_verify.annotation_checks
+    assert check.model == "yolov8n_fp32" and check.verdict == "pass" and check.images == 128, check.cause
+    assert check.as_given.precision > 0.8 and check.class_agreement.agreement > 0.9
+    gate = next(g for g in served_verify.gates if g.gate == "annotations")
+    assert gate.passed and gate.model == "yolov8n_fp32"
+    markdown = open(served_verify.report_files["markdown"]).read()
+    assert "## Accuracy reference" in markdown and "## Annotation check (yolov8n_fp32): pass" in markdown
+    data = json.loads(open(served_verify.report_files["json"]).read())
+    assert data["annotation_checks"][0]["boxes"][0]["fix"] == "as given"
+
+
+@pytest.mark.slow
 def test_impossible_map_ratio_fails_and_names_the_gate(local_server, yolov8n_build, sample_val, tmp_path):
     images, annotations = sample_val
     completed = _run_cli(

@@ -62,8 +62,8 @@ def _runtime_options(command):
 @click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
               show_default=True, help="Serving target of the rendered repository (with --repository).")
 @click.option("--fp8/--no-fp8", default=None,
-              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 [default: only with "
-                   "--target gpu, the one target that serves FP8].")
+              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 (--target gpu serves them "
+                   "where the GPU has FP8; the engines step skips them below 8.9) [default: no].")
 @click.option("--allow-overlap", is_flag=True,
               help="Warn instead of refusing when a --val-images image is also a calibration/tuning image.")
 @_runtime_options

@@ -43,10 +43,10 @@ def build_engine_with_tensorrt_api(spec: EngineSpec, timing_cache: Path | None =
     version = TensorRTVersion.parse(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if version.strongly_typed:
+    flags = 0  # TensorRT 11: strongly typed is the only mode (its STRONGLY_TYPED flag is deprecated, a no-op)
+    if version.strongly_typed and not version.strongly_typed_by_default:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    else:
+    elif not version.strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -111,6 +111,18 @@ def build_repository_engines_local(repository: Path, *, allow_missing: bool = Fa
 
 
 # ------------------------------------------------------------------------------- build-env side: manifest
+
+
+def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
+    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
+    environ = os.environ if environ is None else environ
+    if environ.get("YQPACK_TRT_PLUGINS"):
+        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
+    if build_dir is not None:
+        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
+    return []
+
 
 
 def collect_engine_keys(repository: Path) -> dict[str, dict]:

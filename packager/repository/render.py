@@ -34,6 +34,7 @@ from packager.core.contracts import (
 from packager.inference.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 from packager.core.repository_index import RepositoryIndex, ServedModel
 from packager.core.files import replace_directory
+from packager.engines.images import image_facts
 from packager.export.nms_graph import NmsSpec, write_nms_graph
 from packager.repository.gpu_steps import (
     ENCODED_TENSOR,
@@ -52,8 +53,8 @@ ONNX_VARIANT = {
     "local": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     "cpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     "cpu-openvino": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
-    # gpu-ort: TensorRT picks FP16 layers itself (precision_mode FP16) from the FP32 graph, see docs/architecture.md.
-    "gpu-ort": {"fp32": "fp32", "fp16": "fp32", "int8": "int8"},
+    # gpu-ort: the FP16 graph itself, so FP16 needs no builder flag (TensorRT 11 removed them; docs/gpu.md).
+    "gpu-ort": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},
     "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8"},
 }
 # FP8 is served by TensorRT only: onnxruntime CPU runs ModelOpt's float8 Q/DQ only with graph optimizations off
@@ -186,6 +187,10 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
         index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict(),
                                 str(Path(build_dir).resolve()))
         index.save(staging)
+        if options.target == "gpu":  # the engine check's onnxruntime side (packager/engines/check.py)
+            from packager.engines.reference import write_check_references
+
+            write_check_references(build_dir, staging)
         _keep_notes(repository_dir, staging)
         replace_directory(staging, repository_dir)
     except BaseException:
@@ -381,6 +386,7 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             "runtime": options.runtime,
             "precision_hint": options.precision_hint,
             "ultralytics_metadata": ultralytics_metadata_pbtxt(spec),
+            "tensorrt_builder_flags": target == "gpu-ort" and image_facts().tensorrt_major < 11,
         }
         if DETECTOR_PLATFORM[template] == "python":  # the local target: opens the model with yqpack's runtime.py
             _python_model(env, staging / detector, f"detector/{template}",

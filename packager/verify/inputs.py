@@ -5,7 +5,7 @@ the facts the server's configs, the build manifest or a detached server's reposi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packager.metrics import coco_eval
@@ -27,6 +27,7 @@ class ImageSet:
     accuracy_payloads: list[bytes]
     folder_files: int
     skipped: list[SkippedImage]
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # accuracy file name -> decoded (width, height)
 
 
 def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_images: int | None) -> ImageSet:
@@ -36,14 +37,16 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
     files = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
     skipped: list[SkippedImage] = []
     readable: dict[str, bytes] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for path in files:
         try:
             data = path.read_bytes()
-            decode_image(data)  # the server's decoder: what fails here fails there
+            height, width = decode_image(data).shape[:2]  # the server's decoder: what fails here fails there
         except (OSError, ValueError) as error:
             skipped.append(SkippedImage(path.name, f"unreadable, excluded: {error}"))
             continue
         readable[path.name] = data
+        sizes[path.name] = (int(width), int(height))
         if path.name not in ground_truth.image_ids:
             skipped.append(SkippedImage(path.name, "not in the annotation file: load test only"))
     annotated = [name for name in ground_truth.image_ids if name in readable]
@@ -60,6 +63,7 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
         accuracy_payloads=[readable[name] for name in annotated],
         folder_files=len(files),
         skipped=skipped,
+        sizes={name: sizes[name] for name in annotated},
     )
 
 

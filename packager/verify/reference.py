@@ -59,7 +59,7 @@ def accuracy_reference(
     onnx = manifest.artifact_path(build_dir, variant)
     metrics = _evaluate_onnx(onnx, manifest, files, ground_truth, class_names, show_progress)
     return AccuracyReference(model, variant, metrics.map50_95, len(files),
-                             f"eval-onnx of {onnx.name} on the same {len(files)} images")
+                             f"eval-onnx of {onnx.name} on the same {len(files)} images", str(ground_truth.path))
 
 
 def _evaluate_onnx(onnx: Path, manifest: BuildManifest, files, ground_truth, class_names,

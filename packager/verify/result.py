@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from packager.verify.annotation_check import AnnotationCheck
 from packager.verify.gates import AbsoluteGates, AccuracyReference, Comparison, GateResult, GateThresholds, ServedAccuracy
 from packager.verify.loadtest import LevelResult
 from packager.verify.inputs import SkippedImage
@@ -73,6 +74,7 @@ class VerifyResult:
     report_files: dict[str, str] = field(default_factory=dict)
     not_ready: dict[str, str] = field(default_factory=dict)  # model -> state: reason
     references: dict[str, AccuracyReference | None] = field(default_factory=dict)
+    annotation_checks: list[AnnotationCheck] = field(default_factory=list)  # one per model family
 
     @property
     def exit_code(self) -> int:

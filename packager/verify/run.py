@@ -19,11 +19,13 @@ from packager.core.contracts import ConfigError, MissingInputError
 from packager.verify.gates import (
     AccuracyReference,
     absolute_accuracy_gates,
+    annotation_gates,
     compare_precisions,
     decide_status,
     evaluate_gates,
     readiness_gates,
 )
+from packager.verify.annotation_check import check_served_annotations
 from packager.verify.report import collect_versions, write_report
 from packager.verify.inputs import ImageSet, build_coverage, scan_images
 from packager.verify.result import ServedEnsemble, VerifyOptions, VerifyResult
@@ -62,6 +64,9 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
     gates = evaluate_gates(options.gates, measured.accuracy, comparisons, measured.load, measured.detector_load)
     references = _references(options, measured.models, images, ground_truth) if measured.incomplete is None else {}
     gates += absolute_accuracy_gates(options.absolute, measured.accuracy, references)
+    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes)
+                         if measured.incomplete is None else [])
+    gates += annotation_gates(annotation_checks)
     gates += readiness_gates(measured.not_ready)
     return VerifyResult(
         status=decide_status(gates, measured.incomplete),
@@ -82,6 +87,7 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
         wall_time_s=time.perf_counter() - began,
         not_ready=measured.not_ready,
         references=references,
+        annotation_checks=annotation_checks,
     )
 
 

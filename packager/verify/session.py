@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from packager.metrics import coco_eval
 from packager.core.contracts import Precision, ServerGoneError, VerifyError
+from packager.verify.annotation_check import confident_rows
 from packager.verify.gates import ServedAccuracy
 from packager.inference.letterbox import preprocess_bytes
 from packager.verify.loadtest import LevelResult, TritonLoad, first_distinct, image_inputs, tensor_inputs
@@ -45,6 +46,7 @@ class Measurements:
     per_image: dict[str, object] = field(default_factory=dict)  # ensemble -> pycocotools per-image results
     not_ready: dict[str, str] = field(default_factory=dict)  # model -> state: reason
     incomplete: str | None = None
+    confident: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # ensemble -> image -> rows (check)
 
 
 def _precision_order(model: ServedEnsemble) -> tuple[str, int]:
@@ -62,7 +64,7 @@ class VerifySession:
         self.client = self.load.client
         self.per_image: dict[str, object] = {}  # ensemble -> pycocotools per-image results (bootstrap intervals)
         self.not_ready: dict[str, str] = {}
-
+        self.confident: dict[str, dict[str, np.ndarray]] = {}  # for the annotation check
 
     async def measure(self, images: ImageSet, ground_truth: coco_eval.CocoGroundTruth) -> Measurements:
         """Everything verify measures, in order; closes the client. Raises VerifyError only when no ready server
@@ -84,7 +86,7 @@ class VerifySession:
             measured.incomplete = f"server error mid-run: {error.message() or error}"
         finally:
             await self.load.close()
-        measured.per_image, measured.not_ready = self.per_image, self.not_ready
+        measured.per_image, measured.not_ready, measured.confident = self.per_image, self.not_ready, self.confident
         return measured
 
     async def measure_models(self, measured: Measurements, images: ImageSet,
@@ -231,6 +233,7 @@ class VerifySession:
         evaluation = coco_eval.evaluate_images(detections, ground_truth, model.class_names) if answered else None
         if evaluation is not None:
             self.per_image[model.name] = evaluation.per_image
+            self.confident[model.name] = {name: confident_rows(rows) for name, rows in detections.items()}
         return ServedAccuracy(model.name, model.family, model.precision, evaluation and evaluation.metrics,
                               len(files), errors, messages, failed)
 
