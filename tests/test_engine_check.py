@@ -97,10 +97,29 @@ def test_polygraphy_refuses_outputs_beyond_the_tolerance(yolov8n_build, check_in
     assert check.abs_error(run.stdout + run.stderr) > check.TOLERANCES["fp16"].atol
 
 
-def _gpu_repository(yolov8n_build, root: Path, precisions=("fp16", "int8")) -> Path:
+def _gpu_repository(yolov8n_build, root: Path, precisions=("fp16", "int8"), nms: str = "python") -> Path:
+    """A gpu repository; its detectors end in the raw head (--nms python) unless `nms` is "graph": element-wise
+    statistics tell a broken raw head from a good one, not the rows of an in-graph NMS (docs/gpu-prepost.md)."""
     from packager.repository.render import render_repository
 
-    return render_repository(yolov8n_build, root / "repo", target="gpu", precisions=precisions).path
+    return render_repository(yolov8n_build, root / "repo", target="gpu", precisions=precisions, nms=nms).path
+
+
+@pytest.mark.slow
+def test_an_in_graph_nms_plan_is_checked_against_the_same_graph_on_onnxruntime(yolov8n_build, tmp_path):
+    """The reference of a detector ending in the in-graph NMS comes from its reference twin with that NMS appended
+    (same output name and shape as the plan's), compared by the median as an end-to-end head's rows."""
+    from polygraphy.comparator import RunResults
+
+    repository = _gpu_repository(yolov8n_build, tmp_path, precisions=("int8",), nms="graph")
+    (spec,) = repository_engine_specs(repository)
+    ((_, iterations),) = RunResults.load(str(spec.plan_path.parent / check.REFERENCE_FILENAME)).items()
+    assert {name: output.shape for name, output in iterations[0].items()} == {"detections": (1, 2, 1000, 6)}
+    spec.plan_path.write_bytes(b"stand-in plan")
+    commands = []
+    check.check_repository_plans(repository, runner=lambda command, log: commands.append(command) or 0,
+                                 report=lambda _: None)
+    assert commands and commands[0][commands[0].index("--check-error-stat") + 1] == "median"
 
 
 @pytest.mark.slow

@@ -94,8 +94,9 @@ def test_installed_wheel_renders_gpu_repository_and_prints_engines(installed, yo
     rendered = run_installed(installed, tmp_path, render)  # relative --repository: lands in the temp folder
     assert rendered.returncode == 0, rendered.stderr
     configs = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
-    assert configs == ["yolov8n_fp16", "yolov8n_fp16_detector", "yolov8n_int8", "yolov8n_int8_detector",
-                       "yolov8n_postprocess", "yolov8n_preprocess"]
+    assert configs == ["yolov8n_fp16", "yolov8n_fp16_detector", "yolov8n_gate", "yolov8n_int8",
+                       "yolov8n_int8_detector", "yolov8n_postprocess", "yolov8n_preprocess"]
+    assert (repository / "yolov8n_preprocess" / "1" / "model.dali").is_file()  # DALI came with the wheel's deps
     assert 'platform: "tensorrt_plan"' in (repository / "yolov8n_int8_detector" / "config.pbtxt").read_text()
 
     cli = ("import sys; from packager.cli.main import main; sys.exit(main(['engines', '--build', "

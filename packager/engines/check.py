@@ -192,11 +192,13 @@ def check_repository_plans(repository: Path, *, allow_missing: bool = False, ten
                            report: Callable[[str], None] = print) -> dict[str, CheckRecord]:
     """Check every plan present; detectors without a plan (skipped or failed builds) are not served anyway."""
     records, problems = {}, []
-    head_format = RepositoryIndex.load(repository).model.head.value
+    index = RepositoryIndex.load(repository)
     for spec in repository_engine_specs(repository):
         if not spec.plan_path.is_file():
             report(f"{spec.name}: no plan, nothing to check")
             continue
+        # Rows of an in-graph NMS (docs/gpu-prepost.md) reorder near ties as an end-to-end head's do.
+        head_format = "end2end" if index.get(spec.name).in_graph_nms is not None else index.model.head.value
         try:
             record = check_plan(spec, repository, tensorrt_version, runner=runner, plugins=plugins,
                                 head_format=head_format)

@@ -45,7 +45,11 @@ def write_check_references(build_dir: Path, repository: Path, images: int = CHEC
     specs = repository_engine_specs(repository)
     if not specs:
         return []
+    from packager.core.repository_index import RepositoryIndex
+    from packager.export.nms_graph import NmsSpec, write_nms_graph
+
     manifest = BuildManifest.load(build_dir)
+    index = RepositoryIndex.load(repository)
     inputs = write_check_inputs(build_dir, repository, images)
     polygraphy = polygraphy_executable()
     written = []
@@ -55,9 +59,15 @@ def write_check_references(build_dir: Path, repository: Path, images: int = CHEC
             raise EngineBuildError(f"the build in {build_dir} has no {variant!r} model, the onnxruntime reference "
                                    f"of the {spec.precision} plan's engine check")
         out = spec.plan_path.parent / REFERENCE_FILENAME
-        command = reference_command(manifest.artifact_path(build_dir, variant), inputs, out, spec.precision,
-                                    polygraphy)
+        source = manifest.artifact_path(build_dir, variant)
+        nms = index.get(spec.name).in_graph_nms
+        if nms is not None:  # the plan ends in the in-graph NMS (docs/gpu-prepost.md): so does its reference
+            source = write_nms_graph(source, spec.plan_path.parent / f"check-reference.{variant}.nms.onnx",
+                                     NmsSpec.from_dict(nms))
+        command = reference_command(source, inputs, out, spec.precision, polygraphy)
         run = subprocess.run(command, capture_output=True, text=True)
+        if nms is not None:
+            source.unlink()
         if run.returncode != 0 or not out.is_file():
             raise EngineBuildError(f"polygraphy could not write the onnxruntime reference of {spec.name} (exit "
                                    f"{run.returncode}):\n" + "\n".join((run.stdout + run.stderr).splitlines()[-15:]))
