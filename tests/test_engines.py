@@ -516,7 +516,8 @@ def test_engines_on_a_missing_repository_is_a_plain_error(tmp_path):
 def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target):
     """repository.py renders these templates from a real build; every detector config matches its ONNX."""
     from packager.export.nms_graph import NmsSpec, write_nms_graph
-    from packager.repository.render import ONNX_VARIANT, render_repository
+    from packager.repository.render import render_repository
+    from packager.repository.targets import ONNX_VARIANT
 
     build_dir = yolov8n_build
     manifest = json.loads((build_dir / "manifest.json").read_text())

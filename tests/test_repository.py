@@ -16,14 +16,8 @@ from packager.inference import letterbox
 
 from packager.inference import postprocess, runtime
 from packager.core.paths import TEMPLATES_DIR
-from packager.repository.render import (
-    LABELS_FILE,
-    TARGETS,
-    TRITON_DTYPE,
-    detector_name,
-    ensemble_name,
-    render_repository,
-)
+from packager.repository.render import render_repository
+from packager.repository.targets import LABELS_FILE, TARGETS, TRITON_DTYPE, detector_name, ensemble_name
 from packager.core.contracts import Role
 from packager.core.repository_index import RepositoryIndex
 

@@ -20,7 +20,7 @@ import yaml
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR, TEMPLATES_DIR
 from packager.core.contracts import ConfigError, Role
 from packager.serve.s3_push import S3Location, read_remote_index, triton_endpoint_url
-from packager.repository.render import PRE_POST_INSTANCES
+from packager.repository.targets import PRE_POST_INSTANCES
 from packager.core.repository_index import RepositoryIndex
 from packager.core.files import replace_directory
 from packager.serve.embedded import SHM_DEFAULT_BYTES
