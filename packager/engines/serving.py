@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from packager.core.contracts import ConfigError, Role, YqpackError
+from packager.core.contracts import ConfigError, Role
 from packager.core.files import sha256_file
 from packager.core.repository_index import REPOSITORY_INDEX, RepositoryIndex
 from packager.engines.plans import ENGINES_OUTCOME, PLAN_FILENAME, TENSORRT_PLATFORM, check_path

@@ -18,7 +18,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR
-from packager.core.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
+from packager.core.contracts import (ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
                                 MissingInputError, ServerError, ServerGoneError)
 from packager.core.repository_index import RepositoryIndex
 from packager.engines.host import trt_plugin_libraries
