@@ -25,7 +25,8 @@ from packager.build.manifest import artifact_path
 from packager.evaluate.onnx_eval import onnx_session
 from packager.inference.postprocess import Thresholds, postprocess
 from packager.inference.runtime import RuntimeOptions
-from packager.repository.render import detector_name, ensemble_name, render_repository
+from packager.repository.render import render_repository
+from packager.repository.targets import detector_name, ensemble_name
 
 pytestmark = pytest.mark.slow
 IMGSZ = (320, 320)

@@ -22,7 +22,7 @@ from packager.core.manifest import MANIFEST_NAME, BuildManifest
 from packager.export.onnx_export import DEFAULT_OPSET, parse_imgsz
 from packager.inference.runtime import DEFAULT_RUNTIME, RUNTIMES, RuntimeOptions
 from packager.quantize.int8 import CALIBRATION_METHODS, PRESETS, QuantizeOptions
-from packager.repository.render import TARGETS
+from packager.repository.targets import TARGETS
 
 PRECISION_HINTS = ("f32", "bf16")
 
@@ -77,6 +77,8 @@ RENDER_KEYS = {
     "target": ConfigKey("text", "local", choices=TARGETS),
     "precisions": ConfigKey("texts", None, optional=True),
     "max_batch": ConfigKey("int", None, optional=True),
+    "preprocess": ConfigKey("text", None, optional=True, choices=("dali", "python")),
+    "nms": ConfigKey("text", None, optional=True, choices=("graph", "python")),
     "runtime": ConfigKey("text", DEFAULT_RUNTIME, choices=RUNTIMES),
     "precision_hint": ConfigKey("text", "f32", choices=PRECISION_HINTS),
 }

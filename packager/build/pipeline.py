@@ -204,7 +204,8 @@ def _evaluate_and_gate(result: BuildResult, options: BuildOptions, inputs: Build
 
 
 def _render_repository(build_dir: Path, options: BuildOptions, console: Console) -> Path:
-    from packager.repository.render import RenderOptions, default_precisions, render
+    from packager.repository.render import RenderOptions, render
+    from packager.repository.targets import default_precisions
 
     with console.status(f"Rendering the Triton model repository into {options.repository}"):
         target = options.repository_target

@@ -38,12 +38,14 @@ class BuildOptions:
     repository_target: str = "local"
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # runs the eval gate and the local detector
     show_progress: bool = True
-    fp8: bool | None = None  # None: only when the repository target is gpu (the one target that serves FP8)
+    # FP8 twins only when asked for: FP8 plans need compute capability >= 8.9, and a default gpu repository must
+    # come up on a T4 (the engines step skips an FP8 plan below 8.9 and Triton then serves the other precisions).
+    fp8: bool | None = None
     allow_overlap: bool = False  # validation images shared with calibration/tuning: warn instead of refusing
 
     @property
     def build_fp8(self) -> bool:
-        return self.fp8 if self.fp8 is not None else (self.repository is not None and self.repository_target == "gpu")
+        return bool(self.fp8)
 
 
 @dataclass

@@ -97,8 +97,8 @@ def _from_command_line(ctx: click.Context, name: str) -> bool:
 @click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
               show_default=True, help="Serving target of the rendered repository (with --repository).")
 @click.option("--fp8/--no-fp8", default=None,
-              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 [default: only with "
-                   "--target gpu, the one target that serves FP8].")
+              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 (--target gpu serves them "
+                   "where the GPU has FP8; the engines step skips them below 8.9) [default: no].")
 @click.option("--allow-overlap", is_flag=True,
               help="Warn instead of refusing when a --val-images image is also a calibration/tuning image.")
 @_runtime_options
@@ -141,16 +141,24 @@ def build(config_file, print_config, **values) -> None:
               show_default=True)
 @click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
 @click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
+@click.option("--preprocess", type=click.Choice(["dali", "python"]), default=None,
+              help="gpu target: dali = nvJPEG decode + letterbox on the GPU behind a checking Python gate (default); "
+                   "python = decode + letterbox on host cores. Other targets: python only. See docs/gpu-prepost.md.")
+@click.option("--nms", type=click.Choice(["graph", "python"]), default=None,
+              help="gpu target: graph = box decode + NMS inside the TensorRT engine, iou/multi_label compiled in "
+                   "(default); python = NMS on host cores, any iou per request. Other targets: python only.")
 @_runtime_options
 @_config_option("render", "YAML (or JSON) file of these options (build: DIR, target: gpu, ...), or a build's "
                 "manifest.json: that build, rendered as it was; options given here win.")
-def render(config_file, build_dir, repository, target, precisions, max_batch, runtime, precision_hint) -> None:
+def render(config_file, build_dir, repository, target, precisions, max_batch, preprocess, nms, runtime,
+           precision_hint) -> None:
     """Render a Triton model repository for a serving target from a finished build."""
     from packager.repository.render import RenderOptions, render as render_stage
 
     names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
     result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch,
-                                                               runtime=runtime, precision_hint=precision_hint))
+                                                               runtime=runtime, precision_hint=precision_hint,
+                                                               preprocess=preprocess, nms=nms))
     click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
                + ", ".join(result.ensembles.values()))
 

@@ -52,9 +52,12 @@ class ServedModel:
     artifact: str | None = None  # build artifact variant a detector serves (or builds its engine from)
     platform: str = ""  # Triton backend/platform: python, onnxruntime, tensorrt_plan, openvino, ensemble
     runtime: str = ""  # what executes a detector's math, e.g. "openvino (f32 hint)": reports name it beside numbers
+    # The NMS compiled into a detector's served graph (export/nms_graph.NmsSpec.served()), None for the raw head.
+    in_graph_nms: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
+        extra = {"in_graph_nms": self.in_graph_nms} if self.in_graph_nms is not None else {}
+        return extra | {
             "name": self.name, "role": self.role.value, "precision": self.precision.value if self.precision else None,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
             "max_batch_size": self.max_batch_size, "preferred_batch_sizes": list(self.preferred_batch_sizes),
@@ -72,7 +75,7 @@ class ServedModel:
             max_batch_size=int(data.get("max_batch_size", 0)),
             preferred_batch_sizes=tuple(int(b) for b in data.get("preferred_batch_sizes", [])),
             artifact=data.get("artifact"), platform=str(data.get("platform", "")),
-            runtime=str(data.get("runtime", "")),
+            runtime=str(data.get("runtime", "")), in_graph_nms=data.get("in_graph_nms"),
         )
 
 

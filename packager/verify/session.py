@@ -194,8 +194,10 @@ class VerifySession:
             model.detector_dims = [int(d) for d in tensor_input.get("dims", [])]
             head_dims = step_configs[detector].get("output", [{}])[0].get("dims", [])
             # A raw head's output is (4 + classes, anchors): a name list of another model would map ids to wrong
-            # categories. (An end-to-end head's (max_det, 6) says nothing about the class count.)
-            raw_head = config_parameter(step_configs[detector], "yqpack_head_format") in (None, "raw")
+            # categories. (An end-to-end head's (max_det, 6) says nothing about the class count, nor do the
+            # (profiles, rows, 6) of a detector ending in NMS, docs/gpu-prepost.md.)
+            raw_head = (config_parameter(step_configs[detector], "yqpack_head_format") in (None, "raw")
+                        and len(head_dims) == 2)
             if raw_head and head_dims and int(head_dims[0]) - 4 != len(class_names):
                 raise VerifyError(
                     f"{name}: the detector predicts {int(head_dims[0]) - 4} classes but {source} lists "
