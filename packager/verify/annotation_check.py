@@ -15,13 +15,22 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from packager.metrics.coco_eval import CocoGroundTruth
-    from packager.verify.result import ServedEnsemble
+
+
+class Ensemble(Protocol):
+    """What the check needs of a served ensemble (verify's ServedEnsemble has it; gates and the report import
+    this module, so it names no class of verify's)."""
+
+    name: str
+    family: str
+    precision: str
+    class_names: list[str]
 
 CONFIDENT_SCORE = 0.5  # detections the check trusts
 MATCH_IOU = 0.5
@@ -378,7 +387,7 @@ def annotated_images(dataset: Mapping, sizes: Mapping[str, tuple[int, int]]) -> 
 PREFERRED_PRECISIONS = ("fp32", "fp16")
 
 
-def check_served_annotations(models: Sequence["ServedEnsemble"], confident: Mapping[str, Mapping[str, np.ndarray]],
+def check_served_annotations(models: Sequence[Ensemble], confident: Mapping[str, Mapping[str, np.ndarray]],
                              ground_truth: "CocoGroundTruth", sizes: Mapping[str, tuple[int, int]]
                              ) -> list[AnnotationCheck]:
     """One check per model family on the detections of its most precise served ensemble (`confident`: ensemble ->
