@@ -233,6 +233,8 @@ def test_eval_and_verify_unchanged_for_an_end2end_build(server, builds, sample_v
                             report_dir=tmp_path / "report", build_dir=builds["yolo26n"])  # the absolute gate's reference
     result = run_verify(options)
     assert result.status == "pass", (result.incomplete_reason, [g.detail for g in result.failed_gates])
+    # Random weights detect noise: the annotation check names that instead of failing right annotations.
+    assert [check.verdict for check in result.annotation_checks] == ["unfit judge"]
     served = result.accuracy[0]
     assert served.errors == 0 and served.images == local.images == 32
     assert served.metrics.detections == local.detections > 0

@@ -49,6 +49,9 @@ MIN_CLASS_PAIRS = 10
 # A class whose matched boxes mostly carry one other category: ids swapped or permuted (healthy sets: none).
 MIN_SWAP_PAIRS = 10
 MIN_SWAP_SHARE = 0.75
+# Verdicts that neither pass nor fail the annotations: too few images or detections, or a judge that cannot
+# detect (random weights: its confident detections land anywhere, on right and wrong annotations alike).
+NOT_JUDGED = ("too few", "unfit judge")
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class ClassAgreement:
 
 @dataclass
 class AnnotationCheck:
-    """The verdict ("pass", "fail" or "too few"), its plain-words cause, and the numbers behind it."""
+    """The verdict ("pass", "fail", or one of NOT_JUDGED), its plain-words cause, and the numbers behind it."""
 
     model: str  # whose detections were used
     verdict: str
@@ -388,10 +391,12 @@ PREFERRED_PRECISIONS = ("fp32", "fp16")
 
 
 def check_served_annotations(models: Sequence[Ensemble], confident: Mapping[str, Mapping[str, np.ndarray]],
-                             ground_truth: "CocoGroundTruth", sizes: Mapping[str, tuple[int, int]]
-                             ) -> list[AnnotationCheck]:
+                             ground_truth: "CocoGroundTruth", sizes: Mapping[str, tuple[int, int]],
+                             unfit_judge: str | None = None) -> list[AnnotationCheck]:
     """One check per model family on the detections of its most precise served ensemble (`confident`: ensemble ->
-    image name -> rows, from the accuracy pass; `sizes`: the scored images' decoded (width, height))."""
+    image name -> rows, from the accuracy pass; `sizes`: the scored images' decoded (width, height)).
+    `unfit_judge`, why the served model cannot judge (its build has random weights): the numbers are still
+    measured and shown, the verdict is "unfit judge"."""
     dataset = ground_truth.coco.dataset
     images = annotated_images(dataset, sizes)
     names = {int(category["id"]): str(category["name"]) for category in dataset.get("categories", [])}
@@ -401,6 +406,9 @@ def check_served_annotations(models: Sequence[Ensemble], confident: Mapping[str,
         members = [model for model in models if model.family == family and model.name in confident]
         if members:
             judge = min(members, key=lambda model: order.get(model.precision, len(order)))
-            checks.append(check_annotations(judge.name, confident[judge.name], images,
-                                            ground_truth.category_ids_for(judge.class_names), names))
+            check = check_annotations(judge.name, confident[judge.name], images,
+                                      ground_truth.category_ids_for(judge.class_names), names)
+            if unfit_judge is not None:
+                check.verdict, check.cause = "unfit judge", unfit_judge
+            checks.append(check)
     return checks

@@ -42,6 +42,14 @@ class ReferenceBuild:
         """The model's class names and where they are written."""
         return list(self.manifest.model.class_names), str(self.path / MANIFEST_NAME)
 
+    def random_weights(self) -> str | None:
+        """Why this build's model cannot judge annotations, if it was exported from a model YAML (random init)."""
+        source = self.manifest.source_model
+        if Path(source).suffix.lower() in (".yaml", ".yml"):
+            return (f"the build's model has random weights (exported from {Path(source).name}): its detections "
+                    "cannot tell right annotations from wrong ones")
+        return None
+
     def coverage(self) -> dict[str, float]:
         """precision -> share of conv MACs it runs quantized: as the build recorded it, else read from its graphs."""
         from packager.metrics.mac_coverage import conv_coverage

@@ -172,7 +172,7 @@ def _annotation_section(result: "VerifyResult") -> list[str]:
 
     lines = []
     for check in result.annotation_checks:
-        verdict = {"pass": "pass", "fail": "**FAIL**", "too few": "not judged"}[check.verdict]
+        verdict = {"pass": "pass", "fail": "**FAIL**"}.get(check.verdict, "not judged")
         lines += [f"## Annotation check ({check.model}): {verdict}", "",
                   f"Confident detections (score >= {CONFIDENT_SCORE:g}) of {check.model} on {check.images} images "
                   f"against the annotated boxes (class-agnostic IoU >= {MATCH_IOU:g}), as given and with each known "

@@ -73,7 +73,8 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
                                                            ground_truth, model.class_names, options.progress)
                       for model in measured.models}
     gates += absolute_accuracy_gates(options.absolute, measured.accuracy, references)
-    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes)
+    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes,
+                                                  build.random_weights() if build else None)
                          if measured.incomplete is None else [])
     gates += annotation_gates(annotation_checks)
     gates += readiness_gates(measured.not_ready)
