@@ -206,16 +206,20 @@ def test_served_map_equals_local_onnx_eval(served_verify, onnx_eval_metrics):
 @pytest.mark.slow
 def test_the_report_names_the_runtime_behind_each_served_number(served_verify, model_repository):
     """The runtime comes from the server (config parameter yqpack_runtime), as the repository index records it."""
-    from packager.verify.report import render_markdown
     from packager.core.repository_index import RepositoryIndex
+    from packager.inference.runtime import RuntimeOptions, runtime_on_this_machine
+    from packager.verify.report import render_markdown
 
     index = RepositoryIndex.load(model_repository.path)
     runtimes = {model.name: model.runtime for model in served_verify.models}
     assert runtimes == {name: index.get(name).runtime for name in runtimes}
-    assert set(runtimes.values()) == {"openvino (f32 hint)"}  # the local target's default runtime
+    # the local target's default runtime; INT8 leaves OpenVINO on CPUs without VNNI/AMX (its kernels saturate)
+    int8 = runtime_on_this_machine(RuntimeOptions("openvino"), quantized=True).label
+    expected = {p: int8 if p == "int8" else "openvino (f32 hint)" for p in ("fp32", "fp16", "int8")}
+    assert {model.precision: model.runtime for model in served_verify.models} == expected
     markdown = render_markdown(served_verify)
     for item in served_verify.accuracy:
-        assert f"| {item.model} | {item.precision} | openvino (f32 hint) |" in markdown
+        assert f"| {item.model} | {item.precision} | {expected[item.precision]} |" in markdown
 
 
 def test_served_fp32_map_matches_ultralytics_reference(served_verify, ultralytics_reference_metrics):
@@ -264,6 +268,20 @@ def test_report_written_for_the_served_run(served_verify):
     assert "yolov8n_int8" in markdown and "Ensemble vs bare detector" in markdown
     for kind in ("throughput_latency", "map"):
         assert os.path.getsize(files[kind]) > 10_000
+
+
+@pytest.mark.slow
+def test_the_official_annotations_pass_the_annotation_check(served_verify):
+    """Judged by the served fp32 ensemble's detections; the report says what each mAP was held to."""
+    (check,) = served_verify.annotation_checks
+    assert check.model == "yolov8n_fp32" and check.verdict == "pass" and check.images == 128, check.cause
+    assert check.as_given.precision > 0.8 and check.class_agreement.agreement > 0.9
+    gate = next(g for g in served_verify.gates if g.gate == "annotations")
+    assert gate.passed and gate.model == "yolov8n_fp32"
+    markdown = open(served_verify.report_files["markdown"]).read()
+    assert "## Accuracy reference" in markdown and "## Annotation check (yolov8n_fp32): pass" in markdown
+    data = json.loads(open(served_verify.report_files["json"]).read())
+    assert data["annotation_checks"][0]["boxes"][0]["fix"] == "as given"
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_absolute_gates_hold_a_single_precision():
     assert not readiness_gates({"m_int8": "UNAVAILABLE: unloaded"})[0].passed
 
 
-def _subset_annotations(source, names, destination, mirror: bool):
+def _subset_annotations(source, names, destination, mirror: bool, id_shift: int = 0):
     data = json.loads(source.read_text())
     images = [image for image in data["images"] if image["file_name"] in names]
     ids = {image["id"]: image for image in images}
@@ -45,6 +45,8 @@ def _subset_annotations(source, names, destination, mirror: bool):
         for annotation in annotations:
             x, y, w, h = annotation["bbox"]
             annotation["bbox"] = [ids[annotation["image_id"]]["width"] - x - w, y, w, h]
+    for annotation in annotations:  # a converter off by one: every category id one too high
+        annotation["category_id"] += id_shift
     destination.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
     return destination
 
@@ -104,6 +106,27 @@ def test_mirrored_annotations_fail_a_single_precision(local_server, val_subset, 
     assert completed.returncode == 0, completed.stderr
     drift = next(g for g in report["gates"] if g["gate"] == "--max-map-drift")
     assert drift["passed"] and drift["value"] < 1e-3 and "manifest's evaluation" in drift["detail"]
+    assert next(g for g in report["gates"] if g["gate"] == "annotations")["passed"]
+
+
+@pytest.mark.slow
+def test_wrong_annotations_fail_without_an_independent_reference(local_server, val_subset, yolov8n_build, tmp_path):
+    """Issue 19: the build evaluated other images, so the drift gate's reference is eval-onnx on these 16 images
+    with the same wrong annotations - it holds; the annotation check fails, naming the mistake."""
+    folder, true, mirrored = val_subset
+    completed, report = _verify(local_server, folder, mirrored, tmp_path / "mirrored", "--build", str(yolov8n_build))
+    assert completed.returncode == 1, completed.stderr
+    failed = {g["gate"]: g for g in report["gates"] if not g["passed"]}
+    assert set(failed) == {"annotations"}, failed  # the drift gate alone compares two runs on the same labels
+    assert "gate failed: annotations on yolov8n_fp32: annotated boxes are mirrored horizontally" in completed.stderr
+    markdown = (tmp_path / "mirrored" / "report.md").read_text()
+    assert "evaluated here on the same images and annotation file" in markdown
+    assert "## Annotation check (yolov8n_fp32): **FAIL**" in markdown
+    shifted = _subset_annotations(true, [p.name for p in sorted(folder.iterdir())], tmp_path / "shifted16.json",
+                                  mirror=False, id_shift=1)
+    completed, report = _verify(local_server, folder, shifted, tmp_path / "shifted", "--build", str(yolov8n_build))
+    assert completed.returncode == 1, completed.stderr
+    assert "gate failed: annotations on yolov8n_fp32: category ids are shifted by +1" in completed.stderr
 
 
 @pytest.mark.slow

@@ -141,6 +141,13 @@ def evaluation_label(options: RuntimeOptions) -> str:
     return plain if plain == quantized else f"{plain}; quantized variants on {quantized} (no VNNI/AMX)"
 
 
+def variant_label(variant: str, options: RuntimeOptions) -> str:
+    """What runs one build variant here ('fp32', 'int8-fp32', 'fp8-fp32', ...), for a number's report line."""
+    if variant.startswith("fp8"):  # ModelOpt's FP8 Q/DQ runs on onnxruntime CPU only unoptimized
+        return "onnxruntime (graph optimizations off)"
+    return runtime_on_this_machine(options, quantized=variant.startswith("int8")).label
+
+
 def is_quantized(path: str | Path) -> bool:
     """True when the ONNX file holds Q/DQ nodes. A scan of the serialized graph for the op type's name: the `onnx`
     package is not in the server env, and operator names are plain strings in the protobuf."""

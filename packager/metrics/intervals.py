@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from packager.core.build_records import RatioInterval  # noqa: F401  (the record the build keeps; re-exported)
 # Re-exported: the per-image results are made and scored there, the intervals here.
 from packager.metrics.weighted_ap import (  # noqa: F401
     CategoryResults,
@@ -26,41 +27,6 @@ from packager.metrics.weighted_ap import (  # noqa: F401
 DEFAULT_RESAMPLES = 1000
 DEFAULT_SEED = 0
 DEFAULT_CONFIDENCE = 0.95
-
-
-@dataclass
-class RatioInterval:
-    """candidate / reference mAP50-95 on the full set, with a paired percentile bootstrap interval."""
-
-    candidate: str
-    reference: str
-    ratio: float
-    low: float
-    high: float
-    confidence: float
-    resamples: int
-    seed: int
-    images: int
-
-    @property
-    def width(self) -> float:
-        return self.high - self.low
-
-    def too_small_to_decide(self, margin: float) -> bool:
-        """The interval is wider than the margin being tested (e.g. 0.01 for a 0.99 gate)."""
-        return self.width > margin
-
-    def images_needed(self, half_width: float) -> int:
-        """Images for an interval of +-half_width, extrapolated with the 1/sqrt(n) scaling of the width."""
-        if self.width <= 0:
-            return self.images
-        return int(np.ceil(self.images * (self.width / (2 * half_width)) ** 2))
-
-    def text(self) -> str:
-        return f"{self.ratio:.4f} ({self.confidence:.0%} CI {self.low:.4f}-{self.high:.4f}, n={self.images})"
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "width": self.width}
 
 
 def resample_weights(images: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> np.ndarray:

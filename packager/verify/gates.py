@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from packager.verify.annotation_check import MIN_BOX_PRECISION, NOT_JUDGED, AnnotationCheck
 from packager.metrics.intervals import PerImageResults, RatioInterval, paired_ratio
 from packager.metrics.coco_eval import CocoMetrics
 from packager.verify.loadtest import LevelResult
@@ -243,6 +244,7 @@ class AccuracyReference:
     map50_95: float
     images: int
     source: str
+    annotations: str | None = None  # the annotation file it was scored with here; None: recorded by the build
 
 
 def absolute_accuracy_gates(
@@ -273,6 +275,17 @@ def absolute_accuracy_gates(
             results.append(GateResult(
                 "--min-map", item.model, passed, served, gates.min_map,
                 f"served mAP50-95 {served:.4f}" + ("" if passed else f", below the minimum {gates.min_map:g}")))
+    return results
+
+
+def annotation_gates(checks: Sequence[AnnotationCheck]) -> list[GateResult]:
+    """The annotation check of each model family: fails on annotations that do not describe the images (named
+    cause); a check that could not judge (too few images, a model with random weights) passes, saying so."""
+    results = []
+    for check in checks:
+        precision = check.as_given.precision if check.as_given else float("nan")
+        detail = f"not judged: {check.cause}" if check.verdict in NOT_JUDGED else check.cause
+        results.append(GateResult("annotations", check.model, check.passed, precision, MIN_BOX_PRECISION, detail))
     return results
 
 

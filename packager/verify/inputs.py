@@ -1,15 +1,16 @@
 """What `yqpack verify` reads before it sends a request: the image folder (decoded with the server's decoder) and
-the facts the server's configs, the build manifest or a detached server's repository index state about the models.
+the facts the server's configs, the run's build (reference.py) or a detached server's repository index state about
+the models.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from packager.metrics import coco_eval
-from packager.core.contracts import MANIFEST_NAME, BuildManifest, MissingInputError, StateFileError, VerifyError
+from packager.core.contracts import MissingInputError, StateFileError, VerifyError
 from packager.inference.letterbox import decode_image
 from packager.core.repository_index import RepositoryIndex
 
@@ -27,6 +28,7 @@ class ImageSet:
     accuracy_payloads: list[bytes]
     folder_files: int
     skipped: list[SkippedImage]
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # accuracy file name -> decoded (width, height)
 
 
 def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_images: int | None) -> ImageSet:
@@ -36,14 +38,16 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
     files = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
     skipped: list[SkippedImage] = []
     readable: dict[str, bytes] = {}
+    sizes: dict[str, tuple[int, int]] = {}
     for path in files:
         try:
             data = path.read_bytes()
-            decode_image(data)  # the server's decoder: what fails here fails there
+            height, width = decode_image(data).shape[:2]  # the server's decoder: what fails here fails there
         except (OSError, ValueError) as error:
             skipped.append(SkippedImage(path.name, f"unreadable, excluded: {error}"))
             continue
         readable[path.name] = data
+        sizes[path.name] = (int(width), int(height))
         if path.name not in ground_truth.image_ids:
             skipped.append(SkippedImage(path.name, "not in the annotation file: load test only"))
     annotated = [name for name in ground_truth.image_ids if name in readable]
@@ -60,6 +64,7 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
         accuracy_payloads=[readable[name] for name in annotated],
         folder_files=len(files),
         skipped=skipped,
+        sizes={name: sizes[name] for name in annotated},
     )
 
 
@@ -86,41 +91,20 @@ def config_parameter(config: dict, key: str) -> str | None:
     return config.get("parameters", {}).get(key, {}).get("string_value")
 
 
-def manifest_class_names(build_dir: Path) -> list[str]:
-    names = list(BuildManifest.load(build_dir).model.class_names)
-    if not names:
-        raise VerifyError(f"{build_dir / MANIFEST_NAME} has no class_names")
-    return names
-
-
-def build_coverage(build_dir: Path | None) -> dict[str, float]:
-    """precision -> share of conv MACs it runs quantized, from the build's manifest (or its graphs, for builds
-    made before the manifest recorded it); empty without --build."""
-    if build_dir is None or not (Path(build_dir) / "manifest.json").is_file():
-        return {}
-    from packager.core.contracts import BuildManifest
-    from packager.metrics.mac_coverage import conv_coverage
-
-    manifest, coverage = BuildManifest.load(build_dir), {}
-    recorded = manifest.quantization.get("conv_coverage", {})
-    for precision, variant in (("int8", "int8-fp32"), ("fp8", "fp8-fp32")):
-        if precision in recorded:
-            coverage[precision] = recorded[precision][f"{precision}_mac_coverage"]
-        elif variant in manifest.artifacts:
-            coverage[precision] = conv_coverage(manifest.artifact_path(build_dir, variant)).share(precision)
-    return coverage
-
-
-def served_class_names(name: str, configs: dict[str, dict], build_dir: Path | None,
+def served_class_names(name: str, configs: dict[str, dict], build_names: tuple[list[str], str] | None,
                        url: str) -> tuple[list[str], str]:
     """Class names of ensemble `name` and where they come from: a `class_names` parameter in its config or a step's
-    (`configs`, the ensemble's first), else the build's manifest (--build), else a detached yqpack serve's index."""
+    (`configs`, the ensemble's first), else the run's build's (`build_names`: its manifest's names and path), else
+    a detached yqpack serve's index."""
     for holder, config in configs.items():
         value = config_parameter(config, "class_names")
         if value:
             return parse_class_names(value), f"config parameter class_names of {holder}"
-    if build_dir is not None:
-        return manifest_class_names(Path(build_dir)), f"{Path(build_dir) / 'manifest.json'}"
+    if build_names is not None:
+        names, source = build_names
+        if not names:
+            raise VerifyError(f"{source} has no class_names")
+        return list(names), source
     names, source = detached_server_class_names(url)
     if names is None:
         raise VerifyError(

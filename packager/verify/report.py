@@ -77,8 +77,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def _gate_number(gate: str, value: float) -> str:
-    digits = {"--min-map-ratio": 4, "--max-errors": 0}.get(gate, 1)
-    return _num(value, digits)
+    digits = {"--min-map-ratio": 4, "--max-errors": 0, "--max-map-drift": 4, "--min-map": 4, "annotations": 2}
+    return _num(value, digits.get(gate, 1))
 
 
 def _interval_cell(comparison) -> str:
@@ -98,6 +98,8 @@ def render_markdown(result: "VerifyResult", plots: dict[str, str] | None = None)
     sections = [
         _summary_section(result),
         _gates_section(result),
+        _reference_section(result),
+        _annotation_section(result),
         _accuracy_section(result, plots),
         _comparison_section(result),
         _load_section(result, plots),
@@ -117,6 +119,8 @@ def _summary_section(result: "VerifyResult") -> list[str]:
     return lines + [
         f"- server: {result.url} ({server.get('name', '?')} {server.get('version', '?')})",
         f"- models: {', '.join(m.name for m in result.models) or 'none discovered'}",
+        f"- build: {result.build or 'none (no --build, no detached yqpack serve for this URL)'}; MAC coverage and "
+        "accuracy references come from it",
         f"- images: {result.images.get('accuracy')} annotated for accuracy, {result.images.get('load_payloads')} "
         f"for load, {len(result.skipped_images)} listed below ({result.images.get('images_dir')})",
         f"- started {result.started}, wall time {result.wall_time_s:.0f} s; machine: {result.versions.get('cpu')}, "
@@ -139,6 +143,57 @@ def _gates_section(result: "VerifyResult") -> list[str]:
           g.detail]
          for g in result.gates],
     )
+
+
+def _reference_section(result: "VerifyResult") -> list[str]:
+    """What each served mAP was held to: a wrong annotation file fools a reference scored with the same file."""
+    if not result.accuracy:
+        return []
+    min_map = (result.settings.get("absolute_gates") or {}).get("min_map")
+    floor = f"; --min-map floor {min_map:g}" if min_map is not None else ""
+    rows = []
+    for item in result.accuracy:
+        reference = result.references.get(item.model)
+        if reference is not None and reference.annotations is None:
+            kind = "the build's own evaluation, recorded in its manifest (scored with the build's annotations)"
+        elif reference is not None:
+            kind = ("the build's ONNX evaluated here on the same images and annotation file: it shows serving "
+                    "matches the build, not that the annotations are right")
+        else:
+            kind = "none from the build" + ("" if min_map is not None else " (--max-map-drift fails)")
+        rows.append([item.model, kind + floor, _num(reference.map50_95, 4) if reference else "-",
+                     reference.source if reference else "-"])
+    return ["## Accuracy reference", ""] + _table(["model", "reference", "mAP50-95", "source"], rows) + [
+        "The annotation file itself is judged by the annotation check, which needs no reference.", ""]
+
+
+def _annotation_section(result: "VerifyResult") -> list[str]:
+    from packager.verify.annotation_check import CONFIDENT_SCORE, MATCH_IOU
+
+    lines = []
+    for check in result.annotation_checks:
+        verdict = {"pass": "pass", "fail": "**FAIL**"}.get(check.verdict, "not judged")
+        lines += [f"## Annotation check ({check.model}): {verdict}", "",
+                  f"Confident detections (score >= {CONFIDENT_SCORE:g}) of {check.model} on {check.images} images "
+                  f"against the annotated boxes (class-agnostic IoU >= {MATCH_IOU:g}), as given and with each known "
+                  f"mistake undone (categories: on the boxes matched once a named box mistake is undone). "
+                  f"{check.cause}.", ""]
+        lines += _table(["boxes", "detections", "annotated boxes", "matched", "precision", "recall"],
+                        [[b.fix, str(b.detections), str(b.boxes), str(b.matched), _num(b.precision, 3),
+                          _num(b.recall, 3)] for b in check.boxes])
+        lines += _table(["category ids", "matched pairs", "same category", "agreement"],
+                        [[c.fix, str(c.pairs), str(c.agreeing), _num(c.agreement, 3)] for c in check.classes])
+        notes = []
+        if check.size_mismatches:
+            notes.append(f"- {check.size_mismatches} of {check.images} images have another size in the annotation "
+                         "file than the image file")
+        if check.unknown_category_annotations:
+            notes.append(f"- {check.unknown_category_annotations} annotations have a category id the file's "
+                         "categories do not list")
+        if check.confusions:
+            notes.append(f"- most frequent disagreements: {', '.join(check.confusions)}")
+        lines += notes + ([""] if notes else [])
+    return lines
 
 
 def _accuracy_section(result: "VerifyResult", plots: dict[str, str]) -> list[str]:
@@ -174,7 +229,7 @@ def _comparison_section(result: "VerifyResult") -> list[str]:
     if first is not None:
         lines += [f"Interval: paired bootstrap over the {first.images} images, {first.resamples} resamples "
                   f"(seed {first.seed}) of pycocotools' per-image results. Quantized MACs: share of "
-                  "convolution multiply-accumulates whose input and weight are quantized (from --build).", ""]
+                  "convolution multiply-accumulates whose input and weight are quantized (from the build above).", ""]
     return lines
 
 
