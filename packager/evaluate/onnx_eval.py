@@ -194,10 +194,13 @@ def evaluate_variants(build_dir: str | Path, manifest: BuildManifest, ground_tru
     imgsz = manifest.model.imgsz
     metrics, per_image = {}, {}
     for variant in variants:
-        detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress, runtime=runtime, head_format=manifest.model.head,
-                                   optimize=variant not in UNOPTIMIZED_VARIANTS)
-        evaluation = evaluate_images(detections, ground_truth, list(manifest.model.class_names))
+        # One variant's detections and pycocotools evaluator alive at a time; what stays is the compact per-image
+        # results (a few bytes per detection) the intervals need.
+        evaluation = evaluate_images(
+            detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
+                          show_progress=show_progress, runtime=runtime, head_format=manifest.model.head,
+                          optimize=variant not in UNOPTIMIZED_VARIANTS),
+            ground_truth, list(manifest.model.class_names))
         metrics[variant], per_image[variant] = evaluation.metrics, evaluation.per_image
     result = BuildEvaluation(metrics, per_image)
     result.intervals = result.ratios()

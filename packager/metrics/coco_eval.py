@@ -16,7 +16,7 @@ import numpy as np
 
 from packager.core.build_records import CocoMetrics  # noqa: F401  (the record the build keeps; re-exported)
 from packager.core.contracts import ConfigError, MissingInputError
-from packager.metrics.intervals import PerImageResults, ground_truth_only_results, per_image_results
+from packager.metrics.weighted_ap import PerImageResults, ground_truth_only_results, per_image_results
 
 
 class CocoGroundTruth:
