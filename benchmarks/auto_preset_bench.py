@@ -27,8 +27,8 @@ from packager.core.paths import assets_dir
 from packager.quantize.auto_preset import AUTO_MAX_TRIALS
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate
-from packager.core.contracts import BuildManifest
-from packager.build.records import artifact_path
+from packager.core.manifest import BuildManifest
+from packager.build.manifest import artifact_path
 from packager.evaluate.onnx_eval import detect_images
 from packager.quantize.qdq_graph import int8_conv_mac_share, keep_precise
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins
@@ -106,7 +106,7 @@ def main() -> None:
     calib = np.load(args.build / "calib.npy")
     fp32_path = artifact_path(args.build, "fp32")
     files = list_images(assets / "coco" / "calib2017")
-    _, tuning = split_calibration_and_tuning(files, manifest.calibration["count"], max_tune=args.tune_images)
+    _, tuning = split_calibration_and_tuning(files, manifest.calibration.count, max_tune=args.tune_images)
     scorer = AgreementScorer(onnx.load(str(fp32_path)), tuning, imgsz, names)
     ground_truth = CocoGroundTruth(assets / "coco" / "annotations" / "instances_val2017_128.json")
     val_images = ground_truth.image_files(assets / "coco" / "val2017")

@@ -20,7 +20,7 @@ import numpy as np
 
 from packager.metrics.intervals import paired_ratio
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
-from packager.core.contracts import BuildManifest
+from packager.core.manifest import BuildManifest
 from packager.evaluate.onnx_eval import UNOPTIMIZED_VARIANTS, detect_images
 
 

@@ -46,7 +46,7 @@ from packager.core.paths import assets_dir
 from packager.metrics.intervals import paired_difference, paired_ratio, resampled_interval
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
-from packager.core.contracts import BuildManifest
+from packager.core.manifest import BuildManifest
 from packager.metrics.mac_coverage import conv_coverage
 from packager.inference.letterbox import preprocess, read_image
 from packager.inference.postprocess import EVAL_THRESHOLDS, postprocess
@@ -88,10 +88,10 @@ class Recipe:
 def data_split(build: Path, manifest: BuildManifest, assets: Path, val: list[Path]) -> Split:
     """The build's own split of calib2017, checked against what its manifest recorded."""
     files = list_images(assets / "coco" / "calib2017")
-    count = manifest.calibration["count"]
-    max_tune = manifest.calibration.get("tuning", {}).get("count") or 64
+    count = manifest.calibration.count
+    max_tune = manifest.calibration.tuning.count or 64
     calibration, tuning = split_calibration_and_tuning(files, count, max_tune=max_tune)
-    recorded = set((manifest.calibration.get("image_sha256") or {}).values())
+    recorded = set(manifest.calibration.image_sha256.values())
     if recorded and recorded != {p.name for p in calibration}:
         raise SystemExit(f"{build}: its calibration images are not the first {count} of calib2017")
     used = {p.name for p in calibration + tuning}

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from packager.core.paths import assets_dir
-from packager.core.contracts import BuildManifest
-from packager.build.records import artifact_path
+from packager.core.manifest import BuildManifest
+from packager.build.manifest import artifact_path
 from packager.evaluate.onnx_eval import evaluate_build, onnx_session
 
 
@@ -44,7 +44,7 @@ def build(model: Path, calib: Path, out: Path, calib_size: int, preset: str) -> 
         "preset": preset,
         "calib_images": calib_size,
         "build_wall_s": round(wall, 1),
-        "quantize_wall_s": manifest.quantization["wall_time_s"],
+        "quantize_wall_s": manifest.quantization.wall_time_s,
         "peak_rss_mb": round(usage.ru_maxrss / 1024),  # Linux reports KiB
     }
 

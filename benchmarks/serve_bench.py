@@ -35,7 +35,8 @@ from packager.inference.letterbox import preprocess_bytes
 from packager.verify.loadtest import TritonLoad, latency_stats, step_timings
 from packager.inference.postprocess import PRODUCTION_THRESHOLDS, postprocess
 from packager.verify.report import cpu_name
-from packager.repository.render import detector_name, render_repository
+from packager.repository.render import render_repository
+from packager.repository.targets import detector_name
 from packager.inference.runtime import DEFAULT_RUNTIME, RUNTIMES, CompiledModel, RuntimeOptions, open_model
 from packager.serve.embedded import LocalTritonServer, find_free_ports
 from packager.serve.server_env import MALLOC_ENV, ensure_server_env

@@ -22,7 +22,7 @@ DEV_IMAGES = 48
 
 def _detect(build, images_dir, annotations, limit=None):
     """(parsed annotation file, {name: detections}, {name: (width, height)}) of the build's fp32 ONNX."""
-    from packager.core.contracts import BuildManifest
+    from packager.core.manifest import BuildManifest
     from packager.evaluate.onnx_eval import detect_images
     from packager.metrics.coco_eval import CocoGroundTruth
 

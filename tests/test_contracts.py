@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from packager.cli.main import main
 from packager.core.contracts import (
-    BuildManifest,
     ConfigError,
     HeadFormat,
     ManifestError,
@@ -20,7 +19,8 @@ from packager.core.contracts import (
     YqpackError,
     check_model_name,
 )
-from packager.build.records import sha256_file
+from packager.core.manifest import BuildManifest
+from packager.build.manifest import sha256_file
 from packager.core.repository_index import RepositoryIndex
 
 PACKAGE = Path(__file__).resolve().parent.parent / "packager"

@@ -37,8 +37,7 @@ def compose_v1() -> str:
 
 def compose_config(compose_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`docker-compose config`: parses, interpolates .env and validates against the compose schema; no engine."""
-    env = {**(os.environ if env is None else env)}
-    env.setdefault("TRITON_ADMIN_KEY", "test-admin-key")  # compose refuses to start without one
+    env = {**(os.environ if env is None else env)}  # nothing injected: what a user's shell gives (issue 20)
     return subprocess.run([compose_v1(), "-f", str(compose_dir / "docker-compose.yml"), "config"],
                           cwd=compose_dir, capture_output=True, text=True, env=env)
 
@@ -97,16 +96,26 @@ def test_compose_environment_reaches_the_services(tmp_path):
 
 def test_compose_structure(compose):
     services = compose["services"]
-    assert set(services) == {"engines", "triton"}
-    engines, triton = services["engines"], services["triton"]
-    # engines first, with the very image the server is built from; the server only after it succeeded.
-    assert triton["depends_on"] == {"engines": {"condition": "service_completed_successfully"}}
+    assert set(services) == {"engines", "engine-check", "triton"}
+    engines, check, triton = services["engines"], services["engine-check"], services["triton"]
+    # engines first, with the very image the server is built from; then the check; the server only after both.
+    assert check["depends_on"] == {"engines": {"condition": "service_completed_successfully"}}
+    assert triton["depends_on"] == {"engine-check": {"condition": "service_completed_successfully"}}
     assert engines["image"].startswith("${TRITON_IMAGE_NAME")
     assert triton["build"]["args"]["TRITON_IMAGE"] == engines["image"]
     assert engines["command"][:3] == ["python3", "/yqpack/deploy/build_engines.py", "/models"]
-    for service in (engines, triton):
+    assert check["command"][:3] == ["python3", "/yqpack/deploy/check_engines.py", "/models"]
+    assert check["build"]["dockerfile"] == "Dockerfile.check"
+    assert triton["command"][:4] == ["python3", "/yqpack/deploy/start_triton.py", "tritonserver",
+                                     "--model-repository=/models"]
+    for service in (engines, check, triton):
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        # one selected GPU (index, UUID or MIG UUID), never "count: 1" = whichever GPU 0 is (issue 20)
+        assert device["device_ids"] == ["${TRITON_GPU_DEVICE:-0}"] and "count" not in device
+    # A server that fails at start is not restarted forever (issue 20: crash loop with --exit-on-error).
+    assert triton["restart"] == "on-failure:3"
+    assert "--backend-config=python,shm-default-byte-size=${TRITON_PYTHON_SHM_BYTES:-67108864}" in triton["command"]
     assert any(v.endswith(":/models:ro") for v in triton["volumes"])
     assert any(v.endswith(":/models") for v in engines["volumes"])  # writes model.plan
     assert any(v.startswith("trt-cache:/trt_cache") for v in triton["volumes"])
@@ -116,21 +125,33 @@ def test_compose_structure(compose):
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
     assert "--model-repository=/models" in triton["command"]
     # The same allocator settings as the embedded server (the Python steps page-fault without them).
-    assert {name: str(value) for name, value in triton["environment"].items()} == MALLOC_ENV
+    assert {name: str(value) for name, value in triton["environment"].items()
+            if name.startswith("MALLOC_")} == MALLOC_ENV
+    assert set(triton["environment"]) - set(MALLOC_ENV) == {"TRITON_ADMIN_KEY", "YQPACK_ENGINE_CHECK"}
 
 
 def test_image_tag_is_set_in_one_place():
     tag = f"{env_file()['TRITON_IMAGE_NAME']}:{env_file()['TRITON_TAG']}"
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", tag)
-    mentions = [p.name for p in DEPLOY.iterdir() if p.is_file() and "nvcr.io/nvidia/tritonserver" in p.read_text()]
-    assert mentions == [".env"], mentions
-    assert "TensorRT 10.8" in (DEPLOY / ".env").read_text()  # the documented default's TensorRT version
+    for image in ("nvcr.io/nvidia/tritonserver", "nvcr.io/nvidia/tensorrt"):
+        mentions = [p.name for p in DEPLOY.iterdir() if p.is_file() and image in p.read_text()]
+        assert mentions == [".env"], mentions
+    from packager.engines.images import image_facts
+
+    facts = image_facts(DEPLOY / ".env", environ={})
+    assert facts.tag == "26.08-py3" and facts.tensorrt_major == 11 and facts.triton == "2.72.0"
+    assert (facts.cuda, facts.onnxruntime, facts.openvino) == ("13.4.1", "1.28.0", "2026.3.0")
+    assert env_file()["CHECK_IMAGE_TAG"] == facts.tag  # the check's TensorRT image of the same release
+    text = (DEPLOY / ".env").read_text()
+    assert "TRITON_TAG=25.01-py3" in text and "TRITON_TENSORRT_VERSION=10.8.0.43" in text  # the override
 
 
 def test_dockerfile_adds_what_the_python_models_import():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM \$\{TRITON_IMAGE\}$", dockerfile, re.M)
     assert '"numpy<2"' in dockerfile and '"opencv-python-headless<4.12"' in dockerfile
+    # OpenVINO only where asked for: the GPU image's detectors run on TensorRT (issue 20)
+    assert "ARG WITH_OPENVINO=0" in dockerfile and 'if [ "$WITH_OPENVINO" = "1" ]' in dockerfile
     imports = set()
     copied = ("letterbox", "postprocess", "image_header", "request_params")  # flat copies beside model.py
     for module in ("templates/preprocess/model.py", "templates/postprocess/model.py",
@@ -141,11 +162,23 @@ def test_dockerfile_adds_what_the_python_models_import():
     assert third_party <= {"numpy", "cv2"}, third_party
 
 
-def test_entry_script_help_needs_only_the_standard_library():
-    run = subprocess.run([sys.executable, "-S", "-I", str(DEPLOY / "build_engines.py"), "--help"],
+@pytest.mark.parametrize("script", ["build_engines.py", "check_engines.py"])
+def test_entry_script_help_needs_only_the_standard_library(script):
+    run = subprocess.run([sys.executable, "-S", "-I", str(DEPLOY / script), "--help"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "--allow-missing" in run.stdout
+
+
+def test_start_triton_runs_with_the_standard_library_only(tmp_path):
+    """deploy/start_triton.py as the serving image runs it (bare python3): with a repository yqpack did not render
+    it still closes the admin APIs, then execs the server (here: `echo`, which prints the final command line)."""
+    run = subprocess.run([sys.executable, "-S", "-I", str(DEPLOY / "start_triton.py"), "echo",
+                          f"--model-repository={tmp_path}"], capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "TRITON_ADMIN_KEY": ""})
+    assert run.returncode == 0, run.stderr
+    assert f"--model-repository={tmp_path} --http-restricted-api=shared-memory,logging,trace:triton-admin-key=" \
+        in run.stdout
 
 
 # ---------------------------------------------------------------------------------- docker engine probe
@@ -318,7 +351,7 @@ def test_compose_up_refuses_a_gpu_repository_without_engine_sources(yolov8n_buil
 def test_server_image_and_engine_cache_follow_the_triton_tag():
     """A new TRITON_TAG can never be served by the old image or trip over the old onnxruntime engine cache."""
     resolved = {}
-    for tag in ("25.01-py3", "24.04-py3"):
+    for tag in ("26.08-py3", "25.01-py3", "24.04-py3"):
         run = compose_config(DEPLOY, {"PATH": "/usr/bin:/bin", "TRITON_TAG": tag})
         assert run.returncode == 0, run.stderr
         resolved[tag] = yaml.safe_load(run.stdout)
@@ -372,7 +405,7 @@ def test_trt_plugin_sources_and_mistakes(tmp_path):
     (build / "manifest.json").write_text(json.dumps({
         "model_name": "m", "class_names": ["a"], "imgsz": [64, 64], "artifacts": {},
         "input": {"name": "images", "shape": [-1, 3, 64, 64]}, "output": {"name": "output0", "shape": [-1, 5, 84]},
-        "quantization": {"trt_plugins": ["/opt/x/libnms.so"]},
+        "quantization": {"preset": "mixed", "calibration_method": "max", "trt_plugins": ["/opt/x/libnms.so"]},
     }))
     assert deploy.trt_plugin_libraries(build, environ={}) == [Path("/opt/x/libnms.so")]
     assert deploy.trt_plugin_libraries(build, environ={"YQPACK_TRT_PLUGINS": "/a/l.so:/a/m.so"}) == [
@@ -392,3 +425,117 @@ def test_env_file_lists_the_data_center_driver_branches():
     text = (DEPLOY / ".env").read_text()
     for branch in ("470.57", "525.85", "535.86", "545.23"):
         assert branch in text
+
+
+# ------------------------------------------------------------------------------------------ issue 20
+
+
+def test_compose_config_with_the_documented_by_hand_environment():
+    """docs/gpu.md's by-hand commands give compose nothing but MODEL_REPOSITORY (and the 25.01 override its eight
+    variables): `docker-compose config` must succeed with only that, TRITON_ADMIN_KEY included (empty = random)."""
+    by_hand = {"PATH": "/usr/bin:/bin", "MODEL_REPOSITORY": str(DEPLOY.parent / "model_repository")}
+    run = compose_config(DEPLOY, by_hand)
+    assert run.returncode == 0, run.stderr
+    services = yaml.safe_load(run.stdout)["services"]
+    assert services["triton"]["environment"]["TRITON_ADMIN_KEY"] == ""
+    assert services["engines"]["environment"]["YQPACK_SERVING_IMAGE"] == "nvcr.io/nvidia/tritonserver:26.08-py3"
+    override = {"TRITON_TAG": "25.01-py3", "TRITON_VERSION": "2.54.0", "TRITON_TENSORRT_VERSION": "10.8.0.43",
+                "TRITON_CUDA_VERSION": "12.8.0", "TRITON_DRIVER_MINIMUM": "570", "TRITON_ONNXRUNTIME_VERSION": "1.20.1",
+                "TRITON_OPENVINO_VERSION": "2024.5.0", "CHECK_IMAGE_TAG": "25.01-py3"}
+    text = (DEPLOY / ".env").read_text()
+    assert all(f"{k}={v}" in text for k, v in override.items())  # the documented override, verbatim
+    old = yaml.safe_load(compose_config(DEPLOY, {**by_hand, **override}).stdout)["services"]
+    assert old["engines"]["image"] == "nvcr.io/nvidia/tritonserver:25.01-py3"
+    assert old["engine-check"]["build"]["args"]["CHECK_IMAGE"] == "nvcr.io/nvidia/tensorrt:25.01-py3"
+    gpu = yaml.safe_load(compose_config(DEPLOY, {**by_hand, "TRITON_GPU_DEVICE": "MIG-c6d4f1ef"}).stdout)
+    for service in gpu["services"].values():
+        assert service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["MIG-c6d4f1ef"]
+
+
+def test_container_state_parsing():
+    running = deploy.parse_container_state('{"Status":"running","ExitCode":0,"Restarting":false} 0')
+    assert running == deploy.ContainerState("running", 0, 0) and not running.failed
+    assert deploy.parse_container_state('{"Status":"restarting","ExitCode":1} 2').failed
+    assert deploy.parse_container_state('{"Status":"running","ExitCode":0} 1').failed  # it restarted once already
+    assert deploy.parse_container_state("garbage") is None
+
+
+STAND_IN_DOCKER = """#!{python}
+# Stand-in for the docker CLI (no Docker engine on this machine): `compose up -d` starts the real tritonserver
+# command saved in {state}/command.json in the background, `ps`/`inspect` report that process's real state and
+# exit code, `logs` its real log.
+import json, subprocess, sys
+from pathlib import Path
+state = Path("{state}")
+args = sys.argv[1:]
+if args[:1] == ["compose"]:
+    args = args[1:]
+    while args[:1] in (["-p"], ["-f"]):
+        args = args[2:]
+    verb = args[0]
+    if verb == "version":
+        print("Docker Compose version v2.29.0 (stand-in)")
+    elif verb == "up":  # returns at once, like `up -d`; the server runs on in its own session
+        (state / "up").write_text("yes")
+        subprocess.Popen([sys.executable, __file__, "run-server"], start_new_session=True)
+    elif verb == "ps":
+        print("c0ffee" if (state / "up").exists() else "")
+    elif verb == "logs":
+        print(chr(10).join((state / "log").read_text().splitlines()[-int(args[args.index("--tail") + 1]):]))
+    elif verb == "stop":
+        (state / "stopped").write_text("yes")
+elif args[:1] == ["run-server"]:
+    spec = json.loads((state / "command.json").read_text())
+    with open(state / "log", "w") as log:
+        code = subprocess.call(spec["command"], env=spec["env"], stdout=log, stderr=subprocess.STDOUT)
+    (state / "rc").write_text(str(code))
+elif args[:1] == ["inspect"]:
+    rc = state / "rc"
+    status = {{"Status": "exited", "ExitCode": int(rc.read_text())}} if rc.exists() else {{"Status": "running", "ExitCode": 0}}
+    print(json.dumps(status), 0)
+"""
+
+
+@pytest.mark.slow
+def test_a_server_whose_model_fails_to_load_is_reported_at_once(model_repository, server_env, tmp_path, monkeypatch):
+    """`serve --docker --detach` when Triton exits because a model does not load (--exit-on-error): compose_up
+    raises at once with Triton's last log lines and stops the container, instead of waiting out the timeout.
+    The server is the real tritonserver 2.51 failing on a real broken model; only the container runtime (the
+    docker CLI) is a stand-in, reporting that process's real state."""
+    from packager.serve.embedded import find_free_ports
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(model_repository.path, repository, symlinks=True)
+    broken = repository / "yolov8n_postprocess" / "1" / "model.py"
+    broken.write_text(broken.read_text().replace("    def initialize(self, args):",
+                                                 "    def initialize(self, args):\n"
+                                                 "        raise RuntimeError('broken on purpose by the test')", 1))
+    state = tmp_path / "docker-state"
+    state.mkdir()
+    grpc_port, http_port, metrics_port = find_free_ports(3)
+    command = [str(server_env.tritonserver), f"--model-repository={repository}",
+               f"--backend-directory={server_env.backend_dir}", "--exit-on-error=true",
+               f"--http-port={http_port}", f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}",
+               "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--allow-metrics=false"]
+    (state / "command.json").write_text(json.dumps({"command": command, "env": server_env.process_env()}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(STAND_IN_DOCKER.format(python=sys.executable, state=state))
+    docker.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    server = _UnixHTTPServer(str(tmp_path / "docker.sock"), _PingHandler)  # the engine's /_ping
+    _serve(server)
+    try:
+        with pytest.raises(deploy.ServerError) as failure:
+            deploy.compose_up(repository, endpoints=Endpoints("127.0.0.1", http_port=http_port, grpc_port=grpc_port,
+                                                              metrics_port=metrics_port),
+                              timeout_s=1800, docker_host=f"unix://{tmp_path / 'docker.sock'}", echo=lambda _: None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(failure.value)
+    assert not isinstance(failure.value, NotReadyError)  # reported as failed, not as "not ready after 1800 s"
+    assert re.search(r"Triton failed to start \(exited, exit code -?[1-9]", message), message  # 2.51 may segfault on its way out
+    assert "broken on purpose by the test" in message  # Triton's own log lines
+    assert (state / "stopped").is_file()  # stopped, so restart: on-failure does not bring it back

@@ -34,7 +34,6 @@ from packager.engines import gpu_probe
 from packager.core.paths import PROJECT_ROOT, TEMPLATES_DIR
 from packager.cli.main import main
 from packager.core.contracts import (
-    BuildManifest,
     HeadFormat,
     MissingInputError,
     ModelSpec,
@@ -42,6 +41,7 @@ from packager.core.contracts import (
     Role,
     TensorSpec,
 )
+from packager.core.manifest import BuildManifest
 from packager.engines.plans import TensorRTVersion
 from packager.engines.builder import EngineBuildError, GpuInfo
 from packager.core.repository_index import RepositoryIndex, ServedModel
@@ -89,6 +89,7 @@ def detector_context(io: dict, precision: str, target: str, name: str = "yolov8n
         "head_format": "raw",
         "model_name": name,
         "ultralytics_metadata": "{'task': 'detect', 'end2end': False}",
+        "tensorrt_builder_flags": False,  # the default image's TensorRT 11 (deploy/.env)
     }
 
 
@@ -205,8 +206,11 @@ def build_all(repository: Path, trtexec, version=TRT10, gpu=L4, allow_missing=Fa
         ("[TensorRT v101100]", (10, 11, 0)),
         ("&&&& RUNNING TensorRT.trtexec [TensorRT v8601] # trtexec", (8, 6, 1)),
         ("[TensorRT v8503]", (8, 5, 3)),
-        ("10.8.0.43", (10, 8, 0)),
+        ("10.8.0.43", (10, 8, 0, 43)),
         ("8.6", (8, 6, 0)),
+        # trtexec's banner carries the build number (samples/common/logging.h, TensorRT v10.8.0 and v11.1)
+        ("&&&& RUNNING TensorRT.trtexec [TensorRT v110100] [b106] # trtexec --help", (11, 1, 0, 106)),
+        ("[TensorRT v100800] [b43]", (10, 8, 0, 43)),
     ],
 )
 def test_tensorrt_version_parsing(text, expected):
@@ -264,8 +268,9 @@ def test_gpu_config_parses_and_matches_onnx(sample_io, precision):
 
 
 @pytest.mark.parametrize("precision, mode", [("fp32", "FP32"), ("fp16", "FP16"), ("int8", "INT8")])
-def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, mode):
-    context = detector_context(sample_io, precision, "gpu-ort")
+@pytest.mark.parametrize("builder_flags", [True, False], ids=["tensorrt10", "tensorrt11"])
+def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, mode, builder_flags):
+    context = {**detector_context(sample_io, precision, "gpu-ort"), "tensorrt_builder_flags": builder_flags}
     config = parse_model_config(render("gpu-ort", context))
     assert config.backend == "onnxruntime" and config.default_model_filename == "model.onnx"
     assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
@@ -273,7 +278,8 @@ def test_gpu_ort_config_parses_with_tensorrt_accelerator(sample_io, precision, m
     assert (model_input.name, list(model_input.dims)) == (sample_io["input_name"], sample_io["input_dims"])
     assert (model_output.name, list(model_output.dims)) == (sample_io["output_name"], sample_io["output_dims"])
     parameters = accelerator_parameters(config)
-    assert parameters["precision_mode"] == mode
+    # TensorRT 11 has no FP16/INT8 builder flags: the ONNX's own types decide, so no precision_mode (issue 20)
+    assert parameters.get("precision_mode") == (mode if builder_flags else None)
     assert parameters["trt_engine_cache_enable"] == "1"
     # The repository is mounted read-only: the engine cache must live in the writable /trt_cache volume.
     assert parameters["trt_engine_cache_path"] == f"/trt_cache/{context['name']}"
@@ -446,7 +452,7 @@ def test_entry_script_runs_with_the_standard_library_only(sample_onnx, sample_io
                "--timing-cache-dir", str(tmp_path)]
     ok = subprocess.run(command, env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "engines: 1 built, 0 reused, 0 failed" in ok.stdout
+    assert "engines: 1 built, 0 reused, 0 skipped on this GPU, 0 failed" in ok.stdout
     assert f"--timingCacheFile={tmp_path / 'timing-trt10.8.0-sm86.cache'}" in stand_in_trtexec.calls()[0]
 
     stand_in_trtexec.fail()
@@ -455,7 +461,7 @@ def test_entry_script_runs_with_the_standard_library_only(sample_onnx, sample_io
     assert failed.returncode == 1 and "Error: 1 engine build(s) failed" in failed.stderr
     assert "Assertion failed: extreme preset" in failed.stdout
     allowed = subprocess.run(command, env={**env, "YQPACK_ALLOW_MISSING": "1"}, capture_output=True, text=True)
-    assert allowed.returncode == 0 and "0 built, 0 reused, 1 failed" in allowed.stdout
+    assert allowed.returncode == 0 and "0 built, 0 reused, 0 skipped on this GPU, 1 failed" in allowed.stdout
 
 
 def test_record_engines_writes_keys_into_the_manifest(sample_onnx, sample_io, tmp_path, stand_in_trtexec):
@@ -509,7 +515,9 @@ def test_engines_on_a_missing_repository_is_a_plain_error(tmp_path):
 @pytest.mark.parametrize("target", ["gpu", "gpu-ort"])
 def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target):
     """repository.py renders these templates from a real build; every detector config matches its ONNX."""
-    from packager.repository.render import ONNX_VARIANT, render_repository
+    from packager.export.nms_graph import NmsSpec, write_nms_graph
+    from packager.repository.render import render_repository
+    from packager.repository.targets import ONNX_VARIANT
 
     build_dir = yolov8n_build
     manifest = json.loads((build_dir / "manifest.json").read_text())
@@ -520,7 +528,11 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
         io = onnx_io(build_dir / manifest["artifacts"][ONNX_VARIANT[target][precision]]["path"])
         assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
         assert (config.input[0].name, list(config.input[0].dims)) == (io["input_name"], io["input_dims"])
-        assert (config.output[0].name, list(config.output[0].dims)) == (io["output_name"], io["output_dims"])
+        # gpu: the engine source ends in the in-graph NMS's rows (docs/gpu-prepost.md), gpu-ort in the raw head.
+        nms = NmsSpec()
+        head = ((nms.output_name, [len(nms.profiles), nms.rows(80, 8400), 6]) if target == "gpu"
+                else (io["output_name"], io["output_dims"]))
+        assert (config.output[0].name, list(config.output[0].dims)) == head
         if target == "gpu":
             (spec,) = [s for s in engine_plans.repository_engine_specs(result.path) if s.name == config.name]
             assert spec.max_batch >= config.max_batch_size
@@ -528,12 +540,15 @@ def test_rendered_gpu_repository_from_the_build(yolov8n_build, tmp_path, target)
             assert batch_of(accelerator_parameters(config)["trt_profile_max_shapes"]) >= config.max_batch_size
 
     if target == "gpu":
+        rendered = {path: engine_plans.sha256_file(path) for path in result.path.glob("*_detector/1/model.onnx")}
         staged = engine_host.stage_engine_sources(build_dir, result.path)
         assert len(staged) == 3
         for path in staged:
             precision = path.parent.parent.name.split("_")[-2]
             artifact = manifest["artifacts"][ONNX_VARIANT["gpu"][precision]]
-            assert engine_plans.sha256_file(path) == artifact["sha256"]
+            # The build's artifact with the NMS appended, derived again to the same bytes as render wrote.
+            derived = write_nms_graph(build_dir / artifact["path"], tmp_path / f"{precision}.onnx")
+            assert engine_plans.sha256_file(path) == engine_plans.sha256_file(derived) == rendered[path]
 
 
 # ------------------------------------------------------------- GPU detection without compute_cap (issue 13)
@@ -727,5 +742,89 @@ def test_gpu_ort_uses_only_keys_the_backend_accepts(sample_io, precision):
     text = render("gpu-ort", detector_context(sample_io, precision, "gpu-ort"))
     parameters = accelerator_parameters(parse_model_config(text))
     assert set(parameters) <= ORT_BACKEND_TRT_KEYS_R2501
-    if precision == "int8":  # the limitation is stated where the user reads the config
-        assert parameters["precision_mode"] == "INT8" and "no separate FP16 key" in text
+    assert "precision_mode" not in parameters and "strongly typed only" in text  # TensorRT 11 (the default)
+    legacy = render("gpu-ort", {**detector_context(sample_io, precision, "gpu-ort"), "tensorrt_builder_flags": True})
+    legacy_parameters = accelerator_parameters(parse_model_config(legacy))
+    assert set(legacy_parameters) <= ORT_BACKEND_TRT_KEYS_R2501
+    if precision == "int8":  # the TensorRT 10 limitation is stated where the user reads the config
+        assert legacy_parameters["precision_mode"] == "INT8" and "exactly one of trt_int8_enable" in legacy
+
+
+# ------------------------------------------------------------------ TensorRT 11, cache key, GPU selection (issue 20)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "fp8"])
+def test_trtexec_on_tensorrt_11_has_no_precision_flags(precision, tmp_path):
+    """trtexec v11.1 (samples/common/sampleOptions.cpp): --fp16/--int8/--best are gone, --stronglyTyped is a
+    deprecated no-op; the options yqpack passes are all still parsed there."""
+    spec = engine_plans.engine_spec(served_detector({"input_name": "images", "input_dims": [3, 640, 640],
+                                                     "output_name": "output0", "output_dims": [84, 8400]}, "fp16"),
+                                    tmp_path)
+    spec = replace(spec, precision=precision)
+    command = engines.trtexec_command("trtexec", spec, TensorRTVersion(11, 1, 0, 106), tmp_path / "p",
+                                      timing_cache=tmp_path / "t.cache", plugins=["/plugins/a.so"])
+    options = [a.split("=", 1)[0] for a in command[1:]]
+    assert options == ["--onnx", "--saveEngine", "--minShapes", "--optShapes", "--maxShapes", "--timingCacheFile",
+                       "--staticPlugins", "--skipInference"]
+
+
+def test_cache_key_changes_with_tensorrt_build_image_and_command_line(sample_onnx, sample_io, tmp_path,
+                                                                     stand_in_trtexec):
+    repository = make_gpu_repository(tmp_path, sample_onnx, sample_io, precisions=("fp16",))
+    plan = repository / "yolov8n_fp16_detector" / "1" / "model.plan"
+    trt = TensorRTVersion(11, 1, 0, 106)
+
+    def build(version=trt, image="nvcr.io/nvidia/tritonserver:26.08-py3", plugins=()):
+        results = engines.build_repository_engines(repository, trtexec=stand_in_trtexec.path, version=version,
+                                                   gpu=L4, image=image, plugins=plugins, report=lambda _: None)
+        return [r.status for r in results]
+
+    assert build() == ["built"]
+    key = json.loads((plan.parent / "model.plan.key.json").read_text())
+    assert key["tensorrt_version"] == "11.1.0.106" and key["image"] == "nvcr.io/nvidia/tritonserver:26.08-py3"
+    assert key["command"][0] == "--onnx=model.onnx" and "--saveEngine=model.plan" in key["command"]
+    assert build() == ["cached"]  # the per-process temporary plan name is not part of the key
+    assert build(version=TensorRTVersion(11, 1, 0, 107)) == ["built"]  # same major.minor.patch, another build
+    assert build(version=TensorRTVersion(11, 1, 0, 107), image="registry.example/tritonserver:26.08") == ["built"]
+    library = tmp_path / "plugins" / "libyolo.so"
+    library.parent.mkdir()
+    library.write_bytes(b"\x7fELF plugin")
+    assert build(version=TensorRTVersion(11, 1, 0, 107), image="registry.example/tritonserver:26.08",
+                 plugins=[library]) == ["built"]  # another command line (--staticPlugins) and plugin set
+    outcome = json.loads((repository / "yqpack_engines.json").read_text())
+    assert outcome["detectors"]["yolov8n_fp16_detector"]["status"] == "built"
+    assert not list(plan.parent.glob("*.building*"))
+
+
+def test_the_temporary_plan_is_named_per_builder(tmp_path):
+    """Replicas sharing one volume never write into each other's half-built plan (issue 20, Kubernetes)."""
+    name = engines.building_path(tmp_path / "model.plan").name
+    assert name.startswith("model.plan.building.") and name.endswith(f"-{os.getpid()}")
+
+
+# `nvidia-smi -L` of the H200 this project borrowed (driver 580.159.04), captured by packager's device run; the MIG
+# listing follows the layout of NVIDIA's MIG user guide (no MIG-enabled GPU was available here).
+SMI_L_H200 = "GPU 0: NVIDIA H200 (UUID: GPU-587b91e4-5ba3-bdca-0ff7-dcd7a31789c9)\n"
+SMI_L_MIG = """GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5d5ba0d6-d33d-2b2c-524d-9e3d8d2b8a77)
+  MIG 1g.5gb      Device  0: (UUID: MIG-c6d4f1ef-42e4-5de3-91c7-45d71c87eb3f)
+"""
+
+
+def test_a_mig_slice_is_keyed_by_its_profile_not_its_parent():
+    a100 = GpuInfo("NVIDIA A100-SXM4-40GB", "8.0", "nvidia-smi --query-gpu")
+    assert gpu_probe.with_mig_profile(a100, SMI_L_H200) == a100
+    sliced = gpu_probe.with_mig_profile(a100, SMI_L_MIG)
+    assert sliced.name == "NVIDIA A100-SXM4-40GB MIG 1g.5gb" and sliced.compute_capability == "8.0"
+    assert "MIG-c6d4f1ef" in sliced.source
+
+
+def test_detect_gpu_names_the_mig_slice(stand_in_smi, monkeypatch, tmp_path):
+    monkeypatch.delenv("YQPACK_GPU_COMPUTE_CAPABILITY", raising=False)
+    listing = tmp_path / "mig.txt"
+    listing.write_text(SMI_L_MIG)
+    smi = tmp_path / "smi-mig"
+    smi.write_text(f'#!/bin/sh\ncase "$1" in\n  --query-gpu=*) echo "NVIDIA A100-SXM4-40GB, 8.0";;\n'
+                   f'  -L) cat "{listing}";;\nesac\n')
+    smi.chmod(0o755)
+    found = gpu_probe.detect_gpu(nvidia_smi=str(smi), library="libnotcuda.so")
+    assert found.name == "NVIDIA A100-SXM4-40GB MIG 1g.5gb" and found.compute_capability == "8.0"

@@ -17,7 +17,7 @@ VAL_IMAGES = 8
 
 @pytest.fixture(scope="module")
 def fp8_build(assets, tmp_path_factory):
-    """A small real build: imgsz 320, 16 calibration images, 8 val images, --target gpu (FP8 on by default)."""
+    """A small real build: imgsz 320, 16 calibration images, 8 val images, --target gpu --fp8."""
     from packager.build.pipeline import BuildOptions, run_build
 
     root = tmp_path_factory.mktemp("fp8")
@@ -29,10 +29,20 @@ def fp8_build(assets, tmp_path_factory):
         model=assets / "weights" / "yolov8n.pt", out=root / "build", calib_images=assets / "coco" / "calib2017",
         calib_size=16, imgsz=(320, 320), val_images=val,
         val_annotations=assets / "coco" / "annotations" / "instances_val2017_128.json", min_map_ratio=0.5,
-        repository=root / "repo", repository_target="gpu", show_progress=False,
+        repository=root / "repo", repository_target="gpu", show_progress=False, fp8=True,
     )
-    assert options.build_fp8  # the default: FP8 only when the target (gpu) can serve it
     return run_build(options)
+
+
+def test_a_default_gpu_build_has_no_fp8(tmp_path):
+    """FP8 plans need compute capability >= 8.9: a default --target gpu build must come up on a T4, so FP8 is
+    only built when asked for (issue 20)."""
+    from packager.build.pipeline import BuildOptions
+
+    default = BuildOptions(model=tmp_path / "m.pt", out=tmp_path / "b", repository=tmp_path / "r",
+                           repository_target="gpu")
+    assert not default.build_fp8
+    assert BuildOptions(model=tmp_path / "m.pt", out=tmp_path / "b", fp8=True).build_fp8
 
 
 def test_fp8_artifacts_have_float8_qdq_on_convolutions(fp8_build):
@@ -58,7 +68,7 @@ def test_fp8_artifacts_have_float8_qdq_on_convolutions(fp8_build):
     assert manifest["quantization"]["fp8"]["fp8_mac_coverage"] == round(coverage.share("fp8"), 5)
     assert 0.5 < manifest["quantization"]["int8_mac_coverage"] < 1
     assert len(manifest["calibration"]["image_sha256"]) == 16
-    from packager.build.pipeline import summary_table
+    from packager.build.summary import summary_table
 
     caption = summary_table(fp8_build).caption
     assert "of conv MACs in INT8" in caption and "of conv MACs in FP8" in caption and "fp8-fp32 mAP50-95" in caption
@@ -87,7 +97,7 @@ def test_fp8_served_on_gpu_target_only(fp8_build, tmp_path):
 
 
 def test_fp8_engine_needs_compute_capability_8_9(tmp_path):
-    """On a GPU below sm 8.9 the fp8 plan is refused with a plain message and trtexec is never started."""
+    """On a GPU below sm 8.9 the fp8 plan is skipped (not a failure) with a plain message, trtexec never starts."""
     from packager.engines.plans import EngineSpec, TensorRTVersion
     from packager.engines.builder import build_engine, trtexec_command
     from packager.engines.gpu_probe import GpuInfo
@@ -100,8 +110,11 @@ def test_fp8_engine_needs_compute_capability_8_9(tmp_path):
     started = []
     result = build_engine(spec, "trtexec", TensorRTVersion(10, 8), GpuInfo("NVIDIA A10", "8.6", "test"),
                           runner=lambda command, log: started.append(command) or 0)
-    assert result.status == "failed" and "compute capability >= 8.9" in result.message and not started
+    assert result.status == "skipped" and result.ok and not result.served
+    assert "compute capability >= 8.9" in result.message and not started
     command = trtexec_command("trtexec", spec, TensorRTVersion(10, 8), spec.plan_path)
     assert "--stronglyTyped" in command and "--fp8" not in command
+    assert not {"--stronglyTyped", "--fp8", "--fp16"} & set(trtexec_command("trtexec", spec, TensorRTVersion(11, 1),
+                                                                              spec.plan_path))
     legacy = trtexec_command("trtexec", spec, TensorRTVersion(9, 3), spec.plan_path)
     assert "--fp8" in legacy and "--fp16" in legacy

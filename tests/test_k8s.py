@@ -212,8 +212,14 @@ def test_deployment_gpu_shm_probes_and_non_root(rendered):
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["resources"]["requests"]
     assert "--model-repository=/models" in triton["args"]
-    models = next(v for v in pod["volumes"] if v["name"] == "models")
-    assert models["persistentVolumeClaim"]["claimName"] == "shared-models"
+    # gpu: the claim is the source; each pod serves its own copy with its own GPU's plans (issue 20)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models-source"]["persistentVolumeClaim"]["claimName"] == "shared-models"
+    assert volumes["models"] == {"name": "models", "emptyDir": {}}
+    assert triton["args"][:3] == ["python3", "/yqpack/deploy/start_triton.py", "tritonserver"]
+    local = _pod(_documents(rendered["pvc-local"]))
+    assert next(v for v in local["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+    assert local["containers"][0]["args"][0] == "tritonserver"
 
 
 def test_s3_repository_is_read_by_triton_or_fetched_for_the_engine_build(rendered, s3_server):
@@ -249,10 +255,47 @@ def test_engine_init_container_runs_the_compose_engines_code(rendered, repositor
     for module in ENGINE_MODULES:  # mounted back at their paths under packager/
         assert (layout / "packager" / module).read_bytes() == (PROJECT_ROOT / "packager" / module).read_bytes()
     script = tmp_path / engines["command"][1].strip("/")
-    repository = tmp_path / "models"
-    shutil.copytree(repositories["gpu"], repository)
-    command = ["/usr/bin/python3", "-I", str(script), str(repository), "--trtexec", "/nonexistent/trtexec"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert (layout / "deploy" / "start_triton.py").is_file()  # Triton's entry point travels in the same ConfigMap
+    source = tmp_path / "models-source"
+    shutil.copytree(repositories["gpu"], source)
+    options = engines["command"][3:]
+    assert options[options.index("--copy-from") + 1] == "/models-source"
+    assert options[options.index("--plan-cache") + 1] == "/models-source/.yqpack-plans"
+
+    trtexec = tmp_path / "trtexec"
+    calls = tmp_path / "calls"
+    trtexec.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nfor a in "$@"; do case "$a" in --saveEngine=*) '
+                       'printf PLAN > "${a#--saveEngine=}";; esac; done\n')
+    trtexec.chmod(0o755)
+
+    def pod_start(pod: str, gpu: str, capability: str) -> Path:
+        """One replica's init container, as the manifest runs it (bare python3), on a GPU given by the override."""
+        models = tmp_path / pod / "models"
+        command = ["/usr/bin/python3", "-I", str(script), str(models), "--trtexec", str(trtexec),
+                   "--timing-cache-dir", str(tmp_path / pod / "trt_cache"),
+                   "--copy-from", str(source), "--plan-cache", str(source / ".yqpack-plans")]
+        env = {"PATH": "/usr/bin:/bin", "YQPACK_TENSORRT_VERSION": "11.1.0.106", "YQPACK_GPU_NAME": gpu,
+               "YQPACK_GPU_COMPUTE_CAPABILITY": capability, "YQPACK_SERVING_IMAGE": IMAGE}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return models
+
+    builds = lambda: len(calls.read_text().splitlines()) if calls.exists() else 0  # noqa: E731
+    first = pod_start("pod-a", "NVIDIA L4", "8.9")
+    assert builds() == 2  # fp16 and int8
+    second = pod_start("pod-b", "NVIDIA L4", "8.9")
+    assert builds() == 2  # the same GPU model: both plans from the plan cache, nothing rebuilt
+    third = pod_start("pod-c", "Tesla T4", "7.5")
+    assert builds() == 4  # another GPU model builds its own, into its own copy
+    for models, gpu in ((first, "NVIDIA L4"), (second, "NVIDIA L4"), (third, "Tesla T4")):
+        keys = [json.loads(p.read_text()) for p in models.glob("*/1/model.plan.key.json")]
+        assert len(keys) == 2 and {k["gpu_name"] for k in keys} == {gpu} and {k["image"] for k in keys} == {IMAGE}
+    assert not list(source.glob("*/1/model.plan*"))  # the shared repository itself never holds a plan
+    assert len(list((source / ".yqpack-plans").glob("*/model.plan"))) == 4  # one entry per (detector, GPU model)
+
+    result = subprocess.run(["/usr/bin/python3", "-I", str(script), str(tmp_path / "x"), "--trtexec",
+                             "/nonexistent/trtexec", "--copy-from", str(source)], capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 1 and "trtexec" in result.stderr, result.stderr
 
 
@@ -357,8 +400,10 @@ def test_kustomize_builds_both_bases_and_the_result_is_schema_valid(rendered, va
                 kv.validate(document, "1.35.0", strict=True)
         if variant.endswith("gpu") and folder == rendered[variant]:
             (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
-            assert set(config_map["data"]) == {"build_engines.py", "builder.py", "plans.py", "gpu_probe.py",
-                                               "contracts.py", "repository_index.py", "files.py"}
+            assert set(config_map["data"]) == {"build_engines.py", "start_triton.py", "builder.py", "plans.py",
+                                               "gpu_probe.py", "serving.py", "host_sizing.py", "contracts.py",
+                                               "repository_index.py",
+                                               "files.py"}
             deployment = next(o for o in objects if o["kind"] == "Deployment")
             volumes = deployment["spec"]["template"]["spec"]["volumes"]
             assert next(v for v in volumes if v["name"] == "engine-scripts")["configMap"]["name"] == \

@@ -16,14 +16,8 @@ from packager.inference import letterbox
 
 from packager.inference import postprocess, runtime
 from packager.core.paths import TEMPLATES_DIR
-from packager.repository.render import (
-    LABELS_FILE,
-    TARGETS,
-    TRITON_DTYPE,
-    detector_name,
-    ensemble_name,
-    render_repository,
-)
+from packager.repository.render import render_repository
+from packager.repository.targets import LABELS_FILE, TARGETS, TRITON_DTYPE, detector_name, ensemble_name
 from packager.core.contracts import Role
 from packager.core.repository_index import RepositoryIndex
 
@@ -59,6 +53,8 @@ def test_every_config_parses_with_tritons_schema(rendered):
     assert sorted(configs) == sorted(rendered.models)
     name = rendered.model_name
     expected = {f"{name}_preprocess", f"{name}_postprocess"}
+    if rendered.target == "gpu":  # the DALI preprocess's gate (docs/gpu-prepost.md)
+        expected.add(f"{name}_gate")
     for precision in PRECISIONS:
         expected |= {detector_name(name, precision), ensemble_name(name, precision)}
     assert set(configs) == expected
@@ -94,7 +90,9 @@ def test_ensembles_are_wired(rendered):
         assert [(t.name, list(t.dims)) for t in ensemble.output] == [("DETECTIONS", [-1, 6])]
         available = {t.name: t.data_type for t in ensemble.input}  # ensemble tensor -> its type
         steps = list(ensemble.ensemble_scheduling.step)
+        gate = [f"{rendered.model_name}_gate"] if rendered.target == "gpu" else []
         assert [s.model_name for s in steps] == [
+            *gate,
             f"{rendered.model_name}_preprocess",
             detector_name(rendered.model_name, precision),
             f"{rendered.model_name}_postprocess",
@@ -129,7 +127,9 @@ def test_detector_names_and_dims_match_the_onnx(rendered, yolov8n_build):
         # The model's own input first; the local target's Python detector also takes the letterboxed pixels.
         pixels = ["images_pixels"] if rendered.target == "local" else []
         assert [t.name for t in config.input] == [onnx_input.name, *pixels] == [manifest["input"]["name"], *pixels]
-        assert [t.name for t in config.output] == [onnx_output.name] == [manifest["output"]["name"]]
+        # gpu: the graph ends in the in-graph NMS's rows (docs/gpu-prepost.md) instead of the raw head.
+        head = "detections" if rendered.target == "gpu" else manifest["output"]["name"]
+        assert [t.name for t in config.output] == [onnx_output.name] == [head]
         onnx_in_dims = [d.dim_value for d in onnx_input.type.tensor_type.shape.dim][1:]
         onnx_out_dims = [d.dim_value for d in onnx_output.type.tensor_type.shape.dim][1:]
         assert all(list(t.dims) == onnx_in_dims for t in config.input)

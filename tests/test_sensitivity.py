@@ -14,8 +14,8 @@ import onnx
 import pytest
 
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
-from packager.core.contracts import BuildManifest
-from packager.build.records import artifact_path
+from packager.core.manifest import BuildManifest
+from packager.build.manifest import artifact_path
 from packager.quantize.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins
 from packager.metrics.intervals import paired_difference, weighted_map
@@ -53,7 +53,7 @@ def all_int8(yolov8n_build, calibration, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuning_files(yolov8n_build, assets):
     files = list_images(assets / "coco" / "calib2017")
-    _, tuning = split_calibration_and_tuning(files, BuildManifest.load(yolov8n_build).calibration["count"], max_tune=3)
+    _, tuning = split_calibration_and_tuning(files, BuildManifest.load(yolov8n_build).calibration.count, max_tune=3)
     return tuning
 
 
@@ -178,7 +178,7 @@ def test_sensitivity_cli_writes_json_table_and_chart(yolov8n_build, assets, tmp_
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    calib_count = BuildManifest.load(yolov8n_build).calibration["count"]
+    calib_count = BuildManifest.load(yolov8n_build).calibration.count
     files = [p.name for p in list_images(assets / "coco" / "calib2017")]
     assert data["image_files"] == files[calib_count:calib_count + 2]
     keys = [(u["alone"]["agreement"], u["alone"]["sqnr_db"]) for u in data["units"]]

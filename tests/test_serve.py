@@ -27,8 +27,8 @@ from packager.cli.main import main
 from packager.core.contracts import YqpackError
 from packager.inference.letterbox import preprocess_bytes
 from packager.inference.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
-from packager.repository.render import detector_name
-from packager.inference.runtime import RuntimeOptions, open_model
+from packager.repository.targets import detector_name
+from packager.inference.runtime import RuntimeOptions, open_model, runtime_on_this_machine
 from packager.serve.embedded import LocalTritonServer, find_free_ports
 from packager.serve.records import read_state, shm_regions, stub_processes
 from packager.serve.server_env import MALLOC_ENV
@@ -132,17 +132,20 @@ def test_served_detections_equal_in_process(client, model_repository, pipelines,
 
 
 def test_served_detectors_run_openvino_with_the_f32_hint(local_server, model_repository, pipelines):
-    """The default local repository serves on OpenVINO (f32 hint): same runtime in process, said in the log."""
+    """The default local repository serves on OpenVINO (f32 hint), INT8 too where the CPU has VNNI/AMX (else
+    onnxruntime, whose kernels do not saturate): the same runtime in process, said in the log."""
+    expected = {p: runtime_on_this_machine(RuntimeOptions("openvino"), quantized=p == "int8").label for p in PRECISIONS}
     for precision in PRECISIONS:
         config = model_repository.path / detector_name(model_repository.model_name, precision) / "config.pbtxt"
         params = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig()).parameters
         assert (params["runtime"].string_value, params["precision_hint"].string_value) == ("openvino", "f32")
-    assert all(pipeline.model.label == "openvino (f32 hint)" for pipeline in pipelines.values())
+    assert {p: pipeline.model.label for p, pipeline in pipelines.items()} == expected
     log = Path(local_server.log_path).read_text()
     for precision in PRECISIONS:
-        assert f"{detector_name(model_repository.model_name, precision)}: openvino (f32 hint), compiled in" in log
+        assert f"{detector_name(model_repository.model_name, precision)}: {expected[precision]}, compiled in" in log
+    on_openvino = [p for p in PRECISIONS if expected[p].startswith("openvino")]
     assert all((model_repository.path / detector_name(model_repository.model_name, p) / "openvino_cache").is_dir()
-               for p in PRECISIONS), "the compiled-model cache lives beside each detector"
+               for p in on_openvino), "OpenVINO's compiled-model cache lives beside each detector"
 
 
 def test_request_parameters_reach_postprocess_through_the_ensemble(client, model_repository, pipelines, sample_images):

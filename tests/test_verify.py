@@ -206,16 +206,20 @@ def test_served_map_equals_local_onnx_eval(served_verify, onnx_eval_metrics):
 @pytest.mark.slow
 def test_the_report_names_the_runtime_behind_each_served_number(served_verify, model_repository):
     """The runtime comes from the server (config parameter yqpack_runtime), as the repository index records it."""
-    from packager.verify.report import render_markdown
     from packager.core.repository_index import RepositoryIndex
+    from packager.inference.runtime import RuntimeOptions, runtime_on_this_machine
+    from packager.verify.report import render_markdown
 
     index = RepositoryIndex.load(model_repository.path)
     runtimes = {model.name: model.runtime for model in served_verify.models}
     assert runtimes == {name: index.get(name).runtime for name in runtimes}
-    assert set(runtimes.values()) == {"openvino (f32 hint)"}  # the local target's default runtime
+    # the local target's default runtime; INT8 leaves OpenVINO on CPUs without VNNI/AMX (its kernels saturate)
+    int8 = runtime_on_this_machine(RuntimeOptions("openvino"), quantized=True).label
+    expected = {p: int8 if p == "int8" else "openvino (f32 hint)" for p in ("fp32", "fp16", "int8")}
+    assert {model.precision: model.runtime for model in served_verify.models} == expected
     markdown = render_markdown(served_verify)
     for item in served_verify.accuracy:
-        assert f"| {item.model} | {item.precision} | openvino (f32 hint) |" in markdown
+        assert f"| {item.model} | {item.precision} | {expected[item.precision]} |" in markdown
 
 
 def test_served_fp32_map_matches_ultralytics_reference(served_verify, ultralytics_reference_metrics):
@@ -392,3 +396,47 @@ def test_model_unloaded_mid_verify_reports_incomplete(own_server, yolov8n_build,
     report = _assert_incomplete_report(report_dir)
     assert "yolov8n_fp32" in report["incomplete_reason"]
     assert own_server.is_alive(), "unloading a model must not take the server down"
+
+
+def _rss_bytes(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+# What a verify run may add to its process's peak RSS per image scored (served detections, pycocotools per ensemble
+# one after the other - ~2 KB per detection, ~200 detections per image at conf 0.001 -, the paired bootstrap), once a
+# first small run has paid the one-off costs (imports, gRPC, the report's plots: ~150 MB): 256 images x 2 ensembles
+# measured +134 MB. The bootstrap this replaced allocated (images x true positives) float64 matrices on top: +67 MB
+# at 128 images, +1.8 GB at 640 (benchmarks/eval_scale.py), about +270 MB at 256.
+VERIFY_MEMORY_PER_IMAGE = 2**20
+
+
+@pytest.mark.slow
+def test_verify_of_hundreds_of_images_stays_within_its_memory_bound(local_server, model_repository, assets, tmp_path):
+    """A real served run over 256 val2017-dev images, fp32 and fp16 ensembles (both on OpenVINO: the cheaper pair
+    on CPUs where INT8 runs emulated), the paired interval between them."""
+    from packager.verify.gates import AbsoluteGates
+    from packager.verify.run import VerifyOptions, run_verify
+
+    images = 256
+    ensembles = [model_repository.ensembles[p] for p in ("fp32", "fp16")]
+
+    def options(count: int) -> VerifyOptions:
+        return VerifyOptions(
+            images_dir=assets / "coco" / "val2017-dev",
+            annotations=assets / "coco" / "annotations" / "instances_val2017_dev640.json",
+            url=local_server.grpc_url, models=ensembles, report_dir=tmp_path / str(count), concurrency=(1,),
+            requests_per_level=2, warmup_requests=0, detector_load=False, max_images=count, progress=False,
+            absolute=AbsoluteGates(min_map=0.0),  # no --build: no reference mAP to drift from
+        )
+
+    assert run_verify(options(8)).images["accuracy"] == 8  # the one-off costs, out of the measurement
+    Path("/proc/self/clear_refs").write_text("5")  # reset this process's peak RSS to its current RSS
+    before = _rss_bytes("VmRSS")
+    result = run_verify(options(images))
+    growth = _rss_bytes("VmHWM") - before
+    assert result.status != "incomplete" and result.images["accuracy"] == images
+    assert all(item.errors == 0 and item.metrics.detections > 20_000 for item in result.accuracy)
+    interval = result.comparisons[0].interval
+    assert interval is not None and interval.images == images and interval.low <= interval.ratio <= interval.high
+    assert growth < images * VERIFY_MEMORY_PER_IMAGE, f"verify grew by {growth / 2**20:.0f} MB"

@@ -64,7 +64,8 @@ def test_wheel_carries_templates_and_deploy(wheel):
     shipped = {str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "templates").rglob("*")
                if p.is_file() and p.suffix in (".j2", ".py")}
     assert {f"packager/{p}" for p in shipped} <= names
-    for name in ("docker-compose.yml", ".env", "Dockerfile", "build_engines.py", "plugins/README.md"):
+    for name in ("docker-compose.yml", ".env", "Dockerfile", "Dockerfile.check", "build_engines.py",
+                 "check_engines.py", "start_triton.py", "plugins/README.md"):
         assert f"packager/deploy_files/{name}" in names
     assert {f"packager/{module}" for module in ENGINE_MODULES} <= names  # what build_engines.py imports
 
@@ -93,8 +94,9 @@ def test_installed_wheel_renders_gpu_repository_and_prints_engines(installed, yo
     rendered = run_installed(installed, tmp_path, render)  # relative --repository: lands in the temp folder
     assert rendered.returncode == 0, rendered.stderr
     configs = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
-    assert configs == ["yolov8n_fp16", "yolov8n_fp16_detector", "yolov8n_int8", "yolov8n_int8_detector",
-                       "yolov8n_postprocess", "yolov8n_preprocess"]
+    assert configs == ["yolov8n_fp16", "yolov8n_fp16_detector", "yolov8n_gate", "yolov8n_int8",
+                       "yolov8n_int8_detector", "yolov8n_postprocess", "yolov8n_preprocess"]
+    assert (repository / "yolov8n_preprocess" / "1" / "model.dali").is_file()  # DALI came with the wheel's deps
     assert 'platform: "tensorrt_plan"' in (repository / "yolov8n_int8_detector" / "config.pbtxt").read_text()
 
     cli = ("import sys; from packager.cli.main import main; sys.exit(main(['engines', '--build', "
@@ -102,7 +104,10 @@ def test_installed_wheel_renders_gpu_repository_and_prints_engines(installed, yo
     printed = run_installed(installed, tmp_path, cli)
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.strip().splitlines()
-    assert len(lines) == 2 and all("--stronglyTyped" in line and "--skipInference" in line for line in lines)
+    # TensorRT 11 (the default image, deploy/.env): strongly typed without a flag, no precision options at all
+    assert len(lines) == 2 and all("--skipInference" in line for line in lines)
+    assert not any(flag in line for line in lines for flag in ("--stronglyTyped", "--fp16", "--int8"))
+    assert (repository / "yqpack_check_inputs.json").is_file()  # the engine check's onnxruntime side came along
     assert all((repository / f"yolov8n_{p}_detector" / "1" / "model.onnx").is_file() for p in ("fp16", "int8"))
 
 
@@ -123,6 +128,8 @@ def test_installed_compose_file_mounts_the_installed_package(installed, tmp_path
     engines = yaml.safe_load(config.stdout)["services"]["engines"]
     assert f"{installed / 'packager'}:/yqpack/packager:ro" in engines["volumes"]
     assert f"{deploy / 'build_engines.py'}:/yqpack/deploy/build_engines.py:ro" in engines["volumes"]
+    triton = yaml.safe_load(config.stdout)["services"]["triton"]
+    assert f"{deploy / 'start_triton.py'}:/yqpack/deploy/start_triton.py:ro" in triton["volumes"]
 
 
 def test_wheel_metadata_is_complete_and_renders(wheel):

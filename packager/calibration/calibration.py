@@ -1,5 +1,8 @@
 """Calibration tensor for INT8 PTQ: real images through the one serving letterbox, never random data.
 
+`plan_calibration` decides once, before any heavy work, which images calibrate and which tune a build
+(`CalibrationPlan`, with their content hashes); `CalibrationPlan.make_tensor` then letterboxes them.
+
 ModelOpt silently calibrates on random data when it gets none, so every entry point here refuses to return an
 empty tensor: no folder, an empty folder or only unreadable images are errors with a plain message.
 """
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from packager.core.contracts import DataOverlapError
+from packager.core.contracts import ConfigError, DataOverlapError, MissingInputError
 from packager.inference.letterbox import preprocess, read_image
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ class CalibrationResult:
     data: np.ndarray
     source: str
     skipped: list[str] = field(default_factory=list)
+    image_sha256: dict[str, str] = field(default_factory=dict)  # {sha256: file name} of the images in the tensor
 
     @property
     def count(self) -> int:
@@ -183,7 +187,64 @@ def check_no_overlap(validation_files, used: dict[str, dict[str, str]], allow: b
     return overlaps
 
 
-def calibration_files(images_dir: str | Path, result: CalibrationResult) -> list[Path]:
-    """The files `build_calibration` letterboxed into `result`: the first readable ones, sorted by name."""
-    skipped = set(result.skipped)
-    return [p for p in list_images(images_dir) if p.name not in skipped][: result.count]
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """Which images calibrate and which tune a build, and their content hashes ({sha256: file name}): decided once,
+    then the calibration tensor, the overlap check against validation images and the manifest all read it."""
+
+    source: Path  # the image folder, or the ready tensor file
+    size: int  # images asked for
+    calibration_files: tuple[Path, ...]  # empty for a tensor file
+    tuning_files: tuple[Path, ...]
+    calibration_image_hashes: dict[str, str]
+    tuning_hashes: dict[str, str]
+    from_tensor_file: bool = False  # --calib-data: a ready tensor, no images
+
+    def used_images(self) -> dict[str, dict[str, str]]:
+        """{role: {sha256: name}} of every image that shapes the recipe (what validation images must not be)."""
+        return {"calibration": self.calibration_image_hashes, "tuning": self.tuning_hashes}
+
+    def check_disjoint(self, validation_files, allow: bool = False) -> list[str]:
+        """DataOverlapError when a validation image is one of these (by content); with `allow` a warning."""
+        return check_no_overlap(validation_files, self.used_images(), allow=allow)
+
+    def make_tensor(self, imgsz: tuple[int, int], show_progress: bool = True) -> CalibrationResult:
+        """The (N, 3, H, W) calibration tensor: the planned images letterboxed, or the tensor file's first `size`."""
+        if self.from_tensor_file:
+            data = load_calibration_file(self.source, imgsz)[: self.size]
+            return CalibrationResult(data, str(self.source.resolve()))
+        result = build_calibration(self.source, imgsz, self.size, show_progress, files=list(self.calibration_files))
+        result.image_sha256 = {digest: name for digest, name in self.calibration_image_hashes.items()
+                               if name not in set(result.skipped)}  # an unreadable file is not in the tensor
+        return result
+
+
+def plan_calibration(calib_images: Path | None, calib_data: Path | None, calib_size: int,
+                     tune_images: Path | None = None, max_tune: int | None = None,
+                     needs_tuning: bool = False) -> CalibrationPlan:
+    """Check the calibration inputs (plain errors naming the option) and split them, once: calibration = the first
+    `calib_size` images of --calib-images, tuning = --tune-images or the images after those (`needs_tuning`: preset
+    auto, which refuses to run without any)."""
+    if calib_images is None and calib_data is None:
+        raise ConfigError(
+            "INT8 calibration needs real images: pass --calib-images DIR (or --calib-data FILE.npy/.npz); "
+            "ModelOpt would otherwise calibrate on random data"
+        )
+    if calib_images is not None and calib_data is not None:
+        raise ConfigError("pass either --calib-images or --calib-data, not both")
+    if calib_data is not None and not Path(calib_data).is_file():
+        raise MissingInputError(f"calibration data file not found: {calib_data}")
+    if calib_size < 1:
+        raise ConfigError(f"--calib-size must be at least 1, got {calib_size}")
+    images = list_images(calib_images) if calib_images is not None else []
+    tune_files = list_images(tune_images) if tune_images is not None else None
+    if needs_tuning and tune_files is None and len(images) <= calib_size:
+        raise ConfigError("--preset auto needs tuning images besides the calibration images: give more "
+                          "--calib-images than --calib-size, or --tune-images DIR")
+    if calib_data is not None:
+        calibration, tuning = [], (tune_files or [])[:max_tune]
+    else:
+        calibration, tuning = split_calibration_and_tuning(images, calib_size, tune_files, max_tune)
+    return CalibrationPlan(Path(calib_data if calib_data is not None else calib_images), calib_size,
+                           tuple(calibration), tuple(tuning), image_hashes(calibration), image_hashes(tuning),
+                           from_tensor_file=calib_data is not None)

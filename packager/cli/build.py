@@ -1,6 +1,8 @@
 """`yqpack build`, `render` and `eval-onnx`: their options, parsed into the stages' option objects.
 
-Registered on the command group in packager/cli/main.py, which converts the stages' errors.
+`build` and `render` also read their options from a file (`--config`, packager/build/config.py): the file's
+values become the command's defaults, so an option given on the command line wins. Registered on the command
+group in packager/cli/main.py, which converts the stages' errors.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 
 def _runtime_options(command):
@@ -18,6 +21,38 @@ def _runtime_options(command):
                         show_default=True, help="openvino: INT8 on integer kernels (VNNI/AMX); onnxruntime: INT8 "
                         "emulated (Q -> DQ -> float). Falls back to onnxruntime, with a message, where "
                         "OpenVINO cannot run.")(command)
+
+
+def _config_option(command: str, help_text: str):
+    """--config FILE of `command` (build, render): read eagerly, before the other options, into their defaults."""
+
+    def load(ctx: click.Context, _param, value):
+        if value is None:
+            return None
+        from packager.build import config
+
+        loaded = config.read_config_file(value, {"build": config.BUILD_KEYS, "render": config.RENDER_KEYS}[command])
+        ctx.default_map = {**(ctx.default_map or {}), **_click_defaults(loaded.values)}
+        return loaded
+
+    return click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE", is_eager=True,
+                        callback=load, help=help_text)
+
+
+def _click_defaults(values: dict) -> dict:
+    """Config values in the forms the options parse: 'H,W', comma-joined lists, `--build`'s parameter name."""
+    defaults = {}
+    for key, value in values.items():
+        if key == "imgsz":
+            value = ",".join(str(size) for size in value)
+        elif key in ("calibration_eps", "precisions") and value is not None:
+            value = ",".join(value)
+        defaults["build_dir" if key == "build" else key] = value
+    return defaults
+
+
+def _from_command_line(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 @click.command()
@@ -74,37 +109,37 @@ def _runtime_options(command):
 @click.option("--target", type=click.Choice(["local", "cpu", "cpu-openvino", "gpu", "gpu-ort"]), default="local",
               show_default=True, help="Serving target of the rendered repository (with --repository).")
 @click.option("--fp8/--no-fp8", default=None,
-              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 [default: only with "
-                   "--target gpu, the one target that serves FP8].")
+              help="Also build FP8 (E4M3) twins for TensorRT on compute capability >= 8.9 (--target gpu serves them "
+                   "where the GPU has FP8; the engines step skips them below 8.9) [default: no].")
 @click.option("--allow-overlap", is_flag=True,
               help="Warn instead of refusing when a --val-images image is also a calibration/tuning image.")
 @_runtime_options
-def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, static_batch, opset, end2end, preset,
-          stride4_precise, auto_target, tune_images, max_tune_images,
-          calibration_method, adaround, adaround_iterations, adaround_device, calibration_eps, dq_only, exclude_nodes, exclude_ops, calibrate_per_node, trt_plugins,
-          val_images, val_annotations, min_map_ratio, repository, target, fp8, allow_overlap, runtime, precision_hint) -> None:
+@_config_option("build", "YAML (or JSON) file of these options, keys as the long names with _ (calib_images: "
+                "DIR), or an earlier build's manifest.json to repeat that build; options given here win.")
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved options as a --config YAML file and exit without building.")
+def build(config_file, print_config, **values) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
 
-    from packager.build.pipeline import BuildOptions, run_build, summary_table
-    from packager.quantize.int8 import QuantizeOptions
-    from packager.inference.runtime import RuntimeOptions
+    from packager.build.config import config_from_options, config_yaml, options_from_config
+    from packager.build.pipeline import run_build
+    from packager.build.summary import summary_table
+    from packager.core.contracts import ConfigError
 
-    options = BuildOptions(
-        model=model, out=out, calib_images=calib_images, calib_data=calib_data, calib_size=calib_size, imgsz=imgsz,
-        max_batch=max_batch, dynamic_batch=not static_batch, opset=opset, end2end=end2end,
-        quantize=QuantizeOptions(
-            preset=preset, stride4_precise=stride4_precise, calibration_method=calibration_method,
-            calibration_eps=[ep.strip() for ep in calibration_eps.split(",") if ep.strip()], dq_only=dq_only,
-            exclude_nodes=list(exclude_nodes), exclude_ops=list(exclude_ops), calibrate_per_node=calibrate_per_node,
-            trt_plugins=list(trt_plugins), auto_target=auto_target, adaround=adaround,
-            adaround_iterations=adaround_iterations, adaround_device=adaround_device,
-        ),
-        tune_images=tune_images, max_tune_images=max_tune_images,
-        val_images=val_images, val_annotations=val_annotations, min_map_ratio=min_map_ratio,
-        repository=repository, repository_target=target, runtime=RuntimeOptions(runtime, precision_hint), fp8=fp8,
-        allow_overlap=allow_overlap,
-    )
+    ctx = click.get_current_context()
+    values["calibration_eps"] = [ep.strip() for ep in values["calibration_eps"].split(",") if ep.strip()]
+    for key in ("exclude_nodes", "exclude_ops", "trt_plugins"):
+        values[key] = list(values[key])
+    options = options_from_config({key: str(v) if isinstance(v, Path) else v for key, v in values.items()})
+    if print_config:
+        click.echo(config_yaml(config_from_options(options)), nl=False)
+        return
+    reproduced = config_file.manifest_of if config_file is not None else None
+    if reproduced is not None and not _from_command_line(ctx, "out") and \
+            Path(options.out).resolve() == reproduced.resolve():
+        raise ConfigError(f"--config {config_file.path} would rebuild {reproduced} in place, replacing the build it "
+                          "repeats: pass --out DIR for the new build")
     result = run_build(options)
     Console().print(summary_table(result))
 
@@ -118,14 +153,24 @@ def build(model, out, calib_images, calib_data, calib_size, imgsz, max_batch, st
               show_default=True)
 @click.option("--precisions", default=None, help="Comma-separated fp32,fp16,int8 [gpu targets: fp16,int8; else all].")
 @click.option("--max-batch", default=None, type=int, help="max_batch_size of every model [the build's].")
+@click.option("--preprocess", type=click.Choice(["dali", "python"]), default=None,
+              help="gpu target: dali = nvJPEG decode + letterbox on the GPU behind a checking Python gate (default); "
+                   "python = decode + letterbox on host cores. Other targets: python only. See docs/gpu-prepost.md.")
+@click.option("--nms", type=click.Choice(["graph", "python"]), default=None,
+              help="gpu target: graph = box decode + NMS inside the TensorRT engine, iou/multi_label compiled in "
+                   "(default); python = NMS on host cores, any iou per request. Other targets: python only.")
 @_runtime_options
-def render(build_dir, repository, target, precisions, max_batch, runtime, precision_hint) -> None:
+@_config_option("render", "YAML (or JSON) file of these options (build: DIR, target: gpu, ...), or a build's "
+                "manifest.json: that build, rendered as it was; options given here win.")
+def render(config_file, build_dir, repository, target, precisions, max_batch, preprocess, nms, runtime,
+           precision_hint) -> None:
     """Render a Triton model repository for a serving target from a finished build."""
     from packager.repository.render import RenderOptions, render as render_stage
 
     names = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
     result = render_stage(build_dir, repository, RenderOptions(target=target, precisions=names, max_batch=max_batch,
-                                                               runtime=runtime, precision_hint=precision_hint))
+                                                               runtime=runtime, precision_hint=precision_hint,
+                                                               preprocess=preprocess, nms=nms))
     click.echo(f"rendered {len(result.models)} models for target {target} into {result.path}: "
                + ", ".join(result.ensembles.values()))
 
@@ -152,7 +197,7 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     from rich.console import Console
 
     from packager.evaluate.onnx_eval import check_gate, evaluate_build_detailed
-    from packager.build.pipeline import metrics_table
+    from packager.build.summary import metrics_table
     from packager.inference.runtime import RuntimeOptions, evaluation_label, variant_label
 
     names = [v.strip() for v in variants.split(",") if v.strip()]

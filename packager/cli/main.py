@@ -246,34 +246,16 @@ def verify(models, min_map_ratio, max_errors, min_throughput, max_p99_ms, max_ma
                    "this host's GPU); trtexec: a trtexec on this host; local: the TensorRT Python API; print: "
                    "only print the trtexec command lines.")
 @click.option("--allow-missing", is_flag=True, help="Do not fail when an engine build fails; serve without it.")
-@click.option("--tensorrt-version", default="10.8.0", show_default=True,
-              help="For --engines print: the serving image's TensorRT version (deploy/.env documents it).")
+@click.option("--tensorrt-version", default=None,
+              help="For --engines print: the serving image's TensorRT version [default: TRITON_TENSORRT_VERSION "
+                   "in deploy/.env].")
 def engines(repository, build_dir, mode, allow_missing, tensorrt_version) -> None:
     """Build the TensorRT plans of a gpu repository where they will run (cached by ONNX, TensorRT, GPU)."""
-    from packager.engines import host as engine_host
-    from packager.engines import builder as engine_stage
-    from packager.serve.compose import compose_engines, trt_plugin_libraries
+    from packager.engines.modes import run_engines
+    from packager.serve.compose import compose_engines
 
-    if build_dir is not None:
-        engine_host.stage_engine_sources(build_dir, repository)
-    plugins = trt_plugin_libraries(build_dir)  # $YQPACK_TRT_PLUGINS, else the build's --trt-plugins
-    if mode == "print":
-        version = engine_stage.TensorRTVersion.parse(tensorrt_version)
-        for spec in engine_stage.repository_engine_specs(repository):
-            command = engine_stage.trtexec_command("trtexec", spec, version, spec.plan_path, plugins=plugins)
-            click.echo(" ".join(command))
-        return
-    if mode == "compose":
-        compose_engines(repository, allow_missing=allow_missing, trt_plugins=plugins)
-    elif mode == "local":
-        engine_host.build_repository_engines_local(repository, allow_missing=allow_missing, plugins=plugins,
-                                                    report=click.echo)
-    else:
-        engine_stage.build_repository_engines(repository, allow_missing=allow_missing, plugins=plugins,
-                                              report=click.echo)
-    if build_dir is not None:
-        recorded = engine_host.record_engines(build_dir, repository)
-        click.echo(f"recorded {len(recorded)} engine key(s) in {build_dir / 'manifest.json'}")
+    run_engines(repository, build_dir, mode, allow_missing=allow_missing, tensorrt_version=tensorrt_version,
+                compose_engines=compose_engines, echo=click.echo)
 
 
 if __name__ == "__main__":

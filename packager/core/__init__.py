@@ -1,2 +1,2 @@
-"""The ground floor: the typed contract (errors, ModelSpec, BuildManifest, RepositoryIndex), where yqpack's
+"""The ground floor: the typed contract (errors, ModelSpec, BuildManifest and its stage records, RepositoryIndex), where yqpack's
 files and state live, atomic folder swaps. Standard library only; imports nothing else of yqpack."""

@@ -5,21 +5,21 @@ in the tritonserver image's bare Python (the compose `engines` step reads the re
 
 - one error hierarchy (`YqpackError`); the CLI converts it to `Error: ...` once, so stages never import Click;
 - `ModelSpec`: what the exported detector is (head format, I/O tensors, classes, input size, stride);
-- `BuildManifest`: `manifest.json` of a build, one reader/writer for every stage (older manifests migrate);
-- `Endpoints`: where a server answers.
+- `Endpoints`: where a server answers;
+- `read_json` / `write_json_atomic` and `JsonFields`: the JSON files every stage writes, read with typed errors.
 
-What a rendered repository serves (`RepositoryIndex`, `yqpack_repository.json`) stands on these in
-repository_index.py.
+Standing on these, in the same folder: the build's manifest (`BuildManifest`, manifest.py) with its stage records
+(build_records.py), and what a rendered repository serves (`RepositoryIndex`, repository_index.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -182,115 +182,41 @@ class ModelSpec:
             "args": {"batch": 1, "dynamic": False, "nms": False if end2end else None},
         }
 
-
-# --- the build ----------------------------------------------------------------------------------------------
-MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = 2
-# Relative paths inside a build directory, per artifact variant.
-ARTIFACT_FILES = {
-    "fp32": "onnx/model.fp32.onnx",
-    "fp16": "onnx/model.fp16.onnx",
-    "int8": "onnx/model.int8.onnx",  # INT8 Q/DQ, FP16 elsewhere: TensorRT's input
-    "int8-fp32": "onnx/model.int8-fp32.onnx",  # same scales, FP32 elsewhere: onnxruntime CPU and evaluation
-    "fp8": "onnx/model.fp8.onnx",
-    "fp8-fp32": "onnx/model.fp8-fp32.onnx",
-    "calib": "calib.npy",
-}
-
-
-@dataclass(frozen=True)
-class Artifact:
-    path: str  # relative to the build directory
-    sha256: str
-
-
-@dataclass
-class BuildManifest:
-    """manifest.json. `quantization`, `calibration`, `evaluation` and `engines` are open records of what a stage
-    did (their keys are listed in docs/architecture.md); everything a later stage decides on is typed."""
-
-    model: ModelSpec
-    source_model: str
-    opset: int
-    artifacts: dict[str, Artifact]
-    quantization: dict = field(default_factory=dict)
-    calibration: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
-    evaluation: dict | None = None
-    engines: dict | None = None
-    yqpack_version: str | None = None
-
-    def artifact_path(self, build_dir: str | Path, variant: str) -> Path:
-        """Absolute path of an artifact; a clear error if the build lacks it or the file went missing."""
-        if variant not in self.artifacts:
-            have = ", ".join(self.artifacts) or "none"
-            raise ConfigError(f"build {build_dir} has no {variant!r} artifact (has: {have})")
-        path = Path(build_dir) / self.artifacts[variant].path
-        if not path.is_file():
-            raise MissingInputError(f"artifact {variant!r} listed in the manifest is missing: {path}")
-        return path
-
     def to_dict(self) -> dict:
-        spec = self.model
-        data = {
-            "schema": MANIFEST_SCHEMA,
-            "yqpack_version": self.yqpack_version,
-            "model_name": spec.name,
-            "source_model": self.source_model,
-            "head_format": spec.head.value,
-            "imgsz": list(spec.imgsz),
-            "stride": spec.stride,
-            "class_names": list(spec.class_names),
-            "input": spec.input.to_dict(),
-            "output": spec.output.to_dict(),
-            "dynamic_batch": spec.dynamic_batch,
-            "max_batch": spec.max_batch,
-            "opset": self.opset,
-            "artifacts": {variant: asdict(artifact) for variant, artifact in self.artifacts.items()},
-            "quantization": self.quantization,
-            "calibration": self.calibration,
-            "versions": self.versions,
+        """The model's keys of manifest.json (and of the repository index's `model` entry)."""
+        return {
+            "model_name": self.name,
+            "head_format": self.head.value,
+            "imgsz": list(self.imgsz),
+            "stride": self.stride,
+            "class_names": list(self.class_names),
+            "input": self.input.to_dict(),
+            "output": self.output.to_dict(),
+            "dynamic_batch": self.dynamic_batch,
+            "max_batch": self.max_batch,
         }
-        if self.evaluation is not None:
-            data["evaluation"] = self.evaluation
-        if self.engines is not None:
-            data["engines"] = self.engines
-        return data
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> "BuildManifest":
+    def from_dict(cls, data: Any, where: str) -> "ModelSpec":
+        """The model from manifest.json's keys; a ManifestError (naming `where`) when they are missing or malformed."""
         if not isinstance(data, dict):
             raise ManifestError(f"{where} does not hold a JSON object")
-        schema = data.get("schema", 1)
-        if schema not in (1, MANIFEST_SCHEMA):
-            raise ManifestError(f"{where} has schema {schema}; this yqpack reads schemas 1-{MANIFEST_SCHEMA}: "
-                                "rebuild with `yqpack build` or upgrade yqpack")
-        missing = [key for key in ("model_name", "class_names", "input", "output", "artifacts", "imgsz")
-                   if key not in data]
+        missing = [key for key in ("model_name", "class_names", "input", "output", "imgsz") if key not in data]
         if missing:
             raise ManifestError(f"{where} lacks {', '.join(missing)}: was it written by `yqpack build`?")
         try:
-            output = TensorSpec.from_dict(data["output"])
             # Schema 1 (yqpack 0.1) knew only the raw head and wrote no head_format: migrate.
             head = parse_enum(HeadFormat, data.get("head_format", HeadFormat.RAW.value), f"{where}: head_format")
-            spec = ModelSpec(
+            return cls(
                 name=check_model_name(str(data["model_name"])),
                 head=head,
                 input=TensorSpec.from_dict(data["input"]),
-                output=output,
+                output=TensorSpec.from_dict(data["output"]),
                 class_names=tuple(str(name) for name in data["class_names"]),
                 imgsz=(int(data["imgsz"][0]), int(data["imgsz"][1])),
                 stride=int(data.get("stride", 32)),
                 dynamic_batch=bool(data.get("dynamic_batch", True)),
                 max_batch=int(data.get("max_batch", 8)),
-            )
-            artifacts = {str(v): Artifact(str(a["path"]), str(a["sha256"])) for v, a in data["artifacts"].items()}
-            return cls(
-                model=spec, source_model=str(data.get("source_model", "")), opset=int(data.get("opset", 0)),
-                artifacts=artifacts, quantization=dict(data.get("quantization", {})),
-                calibration=dict(data.get("calibration", {})), versions=dict(data.get("versions", {})),
-                evaluation=data.get("evaluation"), engines=data.get("engines"),
-                yqpack_version=data.get("yqpack_version"),
             )
         except ManifestError:
             raise
@@ -298,16 +224,6 @@ class BuildManifest:
             raise ManifestError(f"{where}: {error}") from None
         except (KeyError, TypeError, IndexError, ValueError) as error:
             raise ManifestError(f"{where} is malformed ({type(error).__name__}: {error})") from None
-
-    @classmethod
-    def load(cls, build_dir: str | Path) -> "BuildManifest":
-        path = Path(build_dir) / MANIFEST_NAME
-        if not path.is_file():
-            raise MissingInputError(f"no {MANIFEST_NAME} in {build_dir}: is it a `yqpack build` output directory?")
-        return cls.from_dict(read_json(path), str(path))
-
-    def save(self, build_dir: str | Path) -> Path:
-        return write_json_atomic(Path(build_dir) / MANIFEST_NAME, self.to_dict())
 
 
 # --- servers ------------------------------------------------------------------------------------------------
@@ -362,3 +278,75 @@ def write_json_atomic(path: Path, data: Any) -> Path:
     partial.write_text(json.dumps(data, indent=2) + "\n")
     partial.replace(path)
     return path
+
+
+REQUIRED = object()  # JsonFields: no default, the key must be there
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class JsonFields:
+    """Typed reads from one JSON object of a file yqpack wrote: a missing or mistyped value is a ManifestError
+    naming `where` and the key, never a KeyError or TypeError. `other()` is what was not read."""
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} must be a JSON object, got {type(data).__name__}")
+        self.data, self.where, self.read = data, where, set()
+
+    def take(self, key: str, default: Any, check: Callable[[Any], bool], kind: str) -> Any:
+        self.read.add(key)
+        if key not in self.data:
+            if default is REQUIRED:
+                raise ManifestError(f"{self.where} lacks {key}: was it written by `yqpack build`?")
+            return default
+        value = self.data[key]
+        if not check(value):
+            raise ManifestError(f"{self.where}: {key} must be {kind}, got {value!r}")
+        return value
+
+    def text(self, key: str, default: Any = REQUIRED) -> str:
+        return self.take(key, default, lambda v: isinstance(v, str), "a string")
+
+    def optional_text(self, key: str) -> str | None:
+        return self.take(key, None, lambda v: v is None or isinstance(v, str), "a string or null")
+
+    def integer(self, key: str, default: Any = REQUIRED) -> int | None:
+        return self.take(key, default, lambda v: (v is None and default is None) or (
+            isinstance(v, int) and not isinstance(v, bool)), "an integer")
+
+    def number(self, key: str, default: Any = REQUIRED) -> float | None:
+        value = self.take(key, default, lambda v: (v is None and default is None) or is_number(v), "a number")
+        return value if value is None else float(value)
+
+    def flag(self, key: str, default: Any = REQUIRED) -> bool | None:
+        return self.take(key, default, lambda v: isinstance(v, bool) or (v is None and default is None),
+                         "true or false")
+
+    def texts(self, key: str, default: Any = ()) -> tuple[str, ...] | None:
+        value = self.take(key, default, lambda v: (v is None and default is None) or (
+            isinstance(v, list) and all(isinstance(item, str) for item in v)), "a list of strings")
+        return value if value is None else tuple(value)
+
+    def names(self, key: str) -> dict[str, str]:
+        """An object of strings ({sha256: file name}, {variant: dtype}); empty when absent."""
+        return dict(self.take(key, {}, lambda v: isinstance(v, dict) and all(
+            isinstance(item, str) for item in v.values()), "an object of strings"))
+
+    def counts(self, key: str) -> dict[str, int]:
+        return dict(self.take(key, REQUIRED, lambda v: isinstance(v, dict) and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in v.values()), "an object of integers"))
+
+    def objects(self, key: str, parse: Callable[[Any, str], Any]) -> dict[str, Any]:
+        """{name: parse(value)} of an object of objects; empty when absent."""
+        value = self.take(key, {}, lambda v: isinstance(v, dict), "an object")
+        return {str(name): parse(item, f"{self.where}: {key}.{name}") for name, item in value.items()}
+
+    def optional(self, key: str, parse: Callable[[Any, str], Any]) -> Any:
+        value = self.take(key, None, lambda v: True, "")
+        return None if value is None else parse(value, f"{self.where}: {key}")
+
+    def other(self) -> dict:
+        return {key: value for key, value in self.data.items() if key not in self.read}

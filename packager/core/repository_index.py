@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packager.core.contracts import (
-    BuildManifest,
     ConfigError,
     ManifestError,
     MissingInputError,
@@ -30,6 +29,14 @@ REPOSITORY_INDEX = "yqpack_repository.json"
 REPOSITORY_SCHEMA = 2
 
 
+def _model_entry(spec: ModelSpec) -> dict:
+    """The model in the shape of a schema-2 build manifest without the build's facts: what earlier yqpack wrote and
+    reads back (its reader wants a manifest's keys, `artifacts` included)."""
+    model = spec.to_dict()
+    return {"schema": 2, "yqpack_version": None, "model_name": model.pop("model_name"), "source_model": "", **model,
+            "opset": 0, "artifacts": {}, "quantization": {}, "calibration": {}, "versions": {}}
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """One Triton model of a rendered repository. Mirrored into its config.pbtxt `parameters` as yqpack_role,
@@ -45,9 +52,12 @@ class ServedModel:
     artifact: str | None = None  # build artifact variant a detector serves (or builds its engine from)
     platform: str = ""  # Triton backend/platform: python, onnxruntime, tensorrt_plan, openvino, ensemble
     runtime: str = ""  # what executes a detector's math, e.g. "openvino (f32 hint)": reports name it beside numbers
+    # The NMS compiled into a detector's served graph (export/nms_graph.NmsSpec.served()), None for the raw head.
+    in_graph_nms: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
+        extra = {"in_graph_nms": self.in_graph_nms} if self.in_graph_nms is not None else {}
+        return extra | {
             "name": self.name, "role": self.role.value, "precision": self.precision.value if self.precision else None,
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
             "max_batch_size": self.max_batch_size, "preferred_batch_sizes": list(self.preferred_batch_sizes),
@@ -65,7 +75,7 @@ class ServedModel:
             max_batch_size=int(data.get("max_batch_size", 0)),
             preferred_batch_sizes=tuple(int(b) for b in data.get("preferred_batch_sizes", [])),
             artifact=data.get("artifact"), platform=str(data.get("platform", "")),
-            runtime=str(data.get("runtime", "")),
+            runtime=str(data.get("runtime", "")), in_graph_nms=data.get("in_graph_nms"),
         )
 
 
@@ -106,7 +116,7 @@ class RepositoryIndex:
             "class_names": list(spec.class_names),
             "imgsz": list(spec.imgsz),
             "default_thresholds": self.default_thresholds,
-            "model": BuildManifest(spec, "", 0, {}).to_dict() | {"artifacts": {}},
+            "model": _model_entry(spec),
             "models": [m.to_dict() for m in self.models],
             "source_build": self.source_build,
         }
@@ -117,7 +127,7 @@ class RepositoryIndex:
             raise ManifestError(f"{where} was written by an older yqpack (no schema {REPOSITORY_SCHEMA}): "
                                 "render the repository again with `yqpack render`")
         try:
-            spec = BuildManifest.from_dict(data["model"], where).model
+            spec = ModelSpec.from_dict(data["model"], where)
             models = tuple(ServedModel.from_dict(m) for m in data["models"])
             return cls(spec, str(data["target"]), models, dict(data.get("default_thresholds", {})),
                        data.get("source_build"))

@@ -8,6 +8,9 @@ standard library. Sources, first that answers wins:
    the NVIDIA Container Toolkit mounts into every GPU container, whatever the driver branch.
 4. `nvidia-smi -q` text: the product name always; the compute capability only from "Product Architecture"
    (printed by newer drivers) where that architecture has a single one. R470's `-q` prints neither.
+The GPU is the one the container was given (compose `device_ids`, a pod's nvidia.com/gpu): device 0 of what it
+sees. A MIG slice answers with its parent's name and compute capability, so `nvidia-smi -L` adds the slice's
+profile to the name ("NVIDIA A100-SXM4-40GB MIG 1g.5gb"): plans are tuned for the slice's SMs and memory.
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ def parse_query_csv(text: str) -> GpuInfo | None:
         if name.strip() and re.fullmatch(r"\s*\d+\.\d+\s*", capability):
             return GpuInfo(name.strip(), capability.strip(), "nvidia-smi --query-gpu")
     return None
+
+
+def parse_mig_devices(text: str) -> list[tuple[str, str]]:
+    """(profile, UUID) of every MIG device in `nvidia-smi -L` ("  MIG 1g.5gb  Device  0: (UUID: MIG-...)")."""
+    return re.findall(r"^\s*MIG\s+(\S+)\s+Device\s+\d+:\s*\(UUID:\s*(MIG-[^)\s]+)\)", text, re.M)
+
+
+def with_mig_profile(gpu: GpuInfo, list_text: str) -> GpuInfo:
+    """`gpu` named after the MIG slice CUDA uses (its first MIG device), when the container sees MIG devices."""
+    devices = parse_mig_devices(list_text)
+    if not devices:
+        return gpu
+    profile, uuid = devices[0]
+    return GpuInfo(f"{gpu.name} MIG {profile}", gpu.compute_capability, f"{gpu.source} + nvidia-smi -L ({uuid})")
 
 
 def parse_nvidia_smi_q(text: str) -> tuple[str | None, str | None]:
@@ -105,6 +122,15 @@ def detect_gpu(nvidia_smi: str | None = None, library: str = LIBCUDA) -> GpuInfo
         return GpuInfo(os.environ.get("YQPACK_GPU_NAME") or "unknown", parse_compute_capability(override),
                        "YQPACK_GPU_COMPUTE_CAPABILITY")
     smi = nvidia_smi or shutil.which("nvidia-smi")
+    found = _detect(smi, library)
+    if smi and found.source != "libcuda cuDeviceGetAttribute":
+        listing = _run([smi, "-L"])
+        if listing.returncode == 0:
+            return with_mig_profile(found, listing.stdout)
+    return found
+
+
+def _detect(smi: str | None, library: str) -> GpuInfo:
     attempts = []
     if smi:
         query = _run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"])

@@ -13,7 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
-from packager.core.contracts import BuildManifest, EngineBuildError, ManifestError
+from packager.core.contracts import EngineBuildError, ManifestError
+from packager.core.manifest import BuildManifest
 from packager.core.files import sha256_file
 from packager.engines.plans import EngineSpec, TensorRTVersion, read_key, repository_engine_specs
 from packager.engines.builder import EngineResult, build_repository_engines, detect_gpu, legacy_precision_flags, tail
@@ -43,10 +44,10 @@ def build_engine_with_tensorrt_api(spec: EngineSpec, timing_cache: Path | None =
     version = TensorRTVersion.parse(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0
-    if version.strongly_typed:
+    flags = 0  # TensorRT 11: strongly typed is the only mode (its STRONGLY_TYPED flag is deprecated, a no-op)
+    if version.strongly_typed and not version.strongly_typed_by_default:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    else:
+    elif not version.strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -113,6 +114,19 @@ def build_repository_engines_local(repository: Path, *, allow_missing: bool = Fa
 # ------------------------------------------------------------------------------- build-env side: manifest
 
 
+def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
+    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
+    environ = os.environ if environ is None else environ
+    if environ.get("YQPACK_TRT_PLUGINS"):
+        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
+    if build_dir is not None:
+        quantization = BuildManifest.load(build_dir).quantization
+        return [Path(p) for p in quantization.trt_plugins] if quantization is not None else []
+    return []
+
+
+
 def collect_engine_keys(repository: Path) -> dict[str, dict]:
     """Detector name -> key record of every plan present in the repository."""
     keys = {}
@@ -132,15 +146,27 @@ def record_engines(build_dir: Path, repository: Path) -> dict[str, dict]:
 
 
 def stage_engine_sources(build_dir: Path, repository: Path) -> list[Path]:
-    """Copy each gpu detector's source ONNX (the artifact its index entry names) to <detector>/1/model.onnx."""
+    """Copy each gpu detector's source ONNX (the artifact its index entry names) to <detector>/1/model.onnx; a
+    detector with an in-graph NMS (its index entry's in_graph_nms) gets the artifact with that NMS appended."""
+    from packager.core.repository_index import RepositoryIndex
+    from packager.export.nms_graph import NmsSpec, write_nms_graph
+
     manifest = BuildManifest.load(build_dir)
+    index = RepositoryIndex.load(repository)
     staged = []
     for spec in repository_engine_specs(repository):
         if spec.artifact is None:
             raise ManifestError(f"the repository index names no build artifact for {spec.name}: render it again")
         source = manifest.artifact_path(build_dir, spec.artifact)
+        nms = index.get(spec.name).in_graph_nms
+        if nms is not None:
+            derived = spec.onnx_path.with_name(spec.onnx_path.name + ".staging")
+            write_nms_graph(source, derived, NmsSpec.from_dict(nms))
+            source = derived
         if not spec.onnx_path.is_file() or sha256_file(spec.onnx_path) != sha256_file(source):
             spec.onnx_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, spec.onnx_path)
+        if nms is not None:
+            source.unlink()
         staged.append(spec.onnx_path)
     return staged

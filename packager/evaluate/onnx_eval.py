@@ -21,7 +21,8 @@ from packager.calibration.calibration import check_no_overlap
 from packager.metrics.coco_eval import CocoGroundTruth, CocoMetrics, evaluate_images
 from packager.metrics.mac_coverage import conv_coverage
 from packager.inference.letterbox import preprocess, read_image
-from packager.core.contracts import AccuracyGateError, BuildManifest, ConfigError, HeadFormat, MissingInputError
+from packager.core.contracts import AccuracyGateError, ConfigError, HeadFormat, MissingInputError
+from packager.core.manifest import BuildManifest
 from packager.inference.postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
 from packager.inference.runtime import RuntimeOptions, open_model
 
@@ -178,27 +179,47 @@ def evaluate_build_detailed(
     `allow_overlap`, warns) when a validation image is one of the build's calibration images."""
     manifest = BuildManifest.load(build_dir)
     ground_truth, image_files = validation_files(images_dir, annotations)
-    used = {"calibration": manifest.calibration.get("image_sha256") or {},
-            "tuning": manifest.calibration.get("tuning_image_sha256") or {}}
-    overlaps = check_no_overlap(image_files, {k: v for k, v in used.items() if v}, allow=allow_overlap)
+    used = manifest.calibration.used_images() if manifest.calibration is not None else {}
+    overlaps = check_no_overlap(image_files, used, allow=allow_overlap)
+    result = evaluate_variants(build_dir, manifest, ground_truth, image_files, variants, show_progress, runtime)
+    result.overlaps = overlaps
+    return result
+
+
+def evaluate_variants(build_dir: str | Path, manifest: BuildManifest, ground_truth: CocoGroundTruth,
+                      image_files: list[Path], variants=DEFAULT_VARIANTS, show_progress: bool = True,
+                      runtime: RuntimeOptions | None = None) -> BuildEvaluation:
+    """COCO metrics of each variant on `image_files`, ratios vs fp32 with their intervals, MAC coverage (the
+    caller has checked the images against the build's calibration images)."""
     imgsz = manifest.model.imgsz
     metrics, per_image = {}, {}
     for variant in variants:
-        detections = detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                                   show_progress=show_progress, runtime=runtime, head_format=manifest.model.head,
-                                   optimize=variant not in UNOPTIMIZED_VARIANTS)
-        evaluation = evaluate_images(detections, ground_truth, list(manifest.model.class_names))
+        # One variant's detections and pycocotools evaluator alive at a time; what stays is the compact per-image
+        # results (a few bytes per detection) the intervals need.
+        evaluation = evaluate_images(
+            detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
+                          show_progress=show_progress, runtime=runtime, head_format=manifest.model.head,
+                          optimize=variant not in UNOPTIMIZED_VARIANTS),
+            ground_truth, list(manifest.model.class_names))
         metrics[variant], per_image[variant] = evaluation.metrics, evaluation.per_image
-    result = BuildEvaluation(metrics, per_image, overlaps=overlaps)
+    result = BuildEvaluation(metrics, per_image)
     result.intervals = result.ratios()
     result.coverage = coverage_by_variant(build_dir, manifest, variants)
     return result
 
 
 def coverage_by_variant(build_dir: str | Path, manifest: BuildManifest, variants) -> dict[str, float]:
-    """Share of convolution MACs each quantized variant runs in its quantized type (int8 or fp8)."""
-    return {variant: conv_coverage(manifest.artifact_path(build_dir, variant)).share(variant.split("-")[0])
-            for variant in variants if variant.split("-")[0] in ("int8", "fp8")}
+    """Share of convolution MACs each quantized variant runs in its quantized type (int8 or fp8): as the build
+    recorded it (both twins of a precision share one recipe), else measured on the graph."""
+    coverage = {}
+    for variant in variants:
+        precision = variant.split("-")[0]
+        if precision not in ("int8", "fp8"):
+            continue
+        recorded = manifest.quantization.mac_coverage(precision) if manifest.quantization is not None else None
+        coverage[variant] = recorded if recorded is not None else conv_coverage(
+            manifest.artifact_path(build_dir, variant)).share(precision)
+    return coverage
 
 
 def check_gate(

@@ -137,3 +137,48 @@ _READERS = [
     (b"MM\x00*", _read_TIFF),
     *((b"P" + str(kind).encode(), _read_PNM) for kind in range(1, 8)),
 ]
+
+
+# Formats whose end the DALI path can check before decoding (check_complete); the gate refuses the others.
+COMPLETE_CHECKED = ("JPEG", "PNG")
+
+
+def check_complete(data: bytes, header: ImageHeader) -> None:
+    """Refuse JPEG/PNG bytes that end before the image does (ImageHeaderError), without decoding.
+
+    Triton's dali backend fails every request of a batch when one image cannot be decoded (docs/gpu-prepost.md),
+    and DALI's decoders refuse truncated JPEG and PNG data, so the gate in front of it checks what they would:
+    a JPEG needs an end-of-image marker after its first scan (an EXIF thumbnail's own marker comes before it), a
+    PNG its IEND chunk. Damage inside the compressed data is decoded (partly garbage) by DALI, not refused.
+    """
+    if header.format == "JPEG":
+        scan = _first_scan(data)
+        if data.rfind(b"\xff\xd9", scan) < 0:
+            raise ImageHeaderError(f"truncated JPEG ({len(data)} bytes): no end-of-image marker after its scan")
+    elif header.format == "PNG":
+        if data.rfind(b"IEND", 33) < 0:
+            raise ImageHeaderError(f"truncated PNG ({len(data)} bytes): no IEND chunk")
+    else:
+        raise ImageHeaderError(f"{header.format} is not served by the DALI preprocess (JPEG and PNG are); "
+                               "render with --preprocess python to serve it")
+
+
+def _first_scan(data: bytes) -> int:
+    """Offset of the first start-of-scan marker at the top level of a JPEG (segments skipped by their length)."""
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            raise ImageHeaderError(f"broken JPEG: no marker at byte {offset}")
+        marker = data[offset + 1]
+        if marker == 0xFF:
+            offset += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            offset += 2
+            continue
+        if marker == 0xDA:
+            return offset
+        if marker == 0xD9:
+            break
+        offset += 2 + struct.unpack_from(">H", data, offset + 2)[0]
+    raise ImageHeaderError(f"truncated JPEG ({len(data)} bytes): no image data")

@@ -147,6 +147,19 @@ def select_end2end(rows: np.ndarray, thresholds: Thresholds = PRODUCTION_THRESHO
     return rows[rows[:, 4] > thresholds.conf][: thresholds.max_det].copy()
 
 
+def select_in_graph(rows: np.ndarray, profile: int, thresholds: Thresholds = PRODUCTION_THRESHOLDS) -> np.ndarray:
+    """One image's in-graph NMS output (profiles, k, 6) -> detections (n, 6) in letterboxed input pixels.
+
+    The detector already decoded and suppressed (export/nms_graph.py) with the IoU threshold and multi_label of
+    `profile` (request_params.compiled_nms_profile picks it) and sorted its rows by score, padded with score 0:
+    what is left is the request's confidence filter and max_det, exact for conf >= the graph's floor.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 3 or rows.shape[2] != 6 or not 0 <= profile < rows.shape[0]:
+        raise ValueError(f"expected (profiles, k, 6) in-graph NMS rows with profile {profile}, got {rows.shape}")
+    return select_end2end(rows[profile], thresholds)
+
+
 def postprocess(
     raw: np.ndarray, info: LetterboxInfo, thresholds: Thresholds = PRODUCTION_THRESHOLDS, head_format: str = "raw"
 ) -> np.ndarray:

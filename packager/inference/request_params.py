@@ -72,3 +72,28 @@ def _flag(value) -> bool:
     if isinstance(value, (int, float, str)) and text in _TRUE | _FALSE:
         return text in _TRUE
     raise ParameterError(f"multi_label must be true or false (or 1/0), got {value!r}")
+
+
+def compiled_nms_profile(thresholds, nms: dict) -> int:
+    """Index of the in-graph NMS profile serving `thresholds` (a postprocess.Thresholds), or ParameterError.
+
+    `nms` is the detector's compiled-in NMS (export/nms_graph.NmsSpec.to_dict()): the IoU threshold and
+    multi_label are fixed in the engine per profile, conf_threshold may not go below its floor (the NMS dropped
+    those boxes) and max_det not above its rows; within those, a request is served exactly (docs/gpu-prepost.md).
+    """
+    profiles = [(float(p["iou"]), bool(p["multi_label"])) for p in nms["profiles"]]
+    for index, (iou, multi_label) in enumerate(profiles):
+        if abs(thresholds.iou - iou) < 1e-6 and thresholds.multi_label == multi_label:
+            break
+    else:
+        served = ", ".join(f"iou_threshold {iou:g} with multi_label {str(ml).lower()}" for iou, ml in profiles)
+        raise ParameterError(
+            f"iou_threshold {thresholds.iou:g} with multi_label {str(thresholds.multi_label).lower()} is not "
+            f"compiled into this detector's NMS; it serves {served} (render with --nms python for any value)")
+    if thresholds.conf < float(nms["conf_floor"]):
+        raise ParameterError(f"conf_threshold {thresholds.conf:g} is below this detector's in-graph NMS floor "
+                             f"{float(nms['conf_floor']):g}")
+    if thresholds.max_det > int(nms["rows"]):
+        raise ParameterError(f"max_det {thresholds.max_det} is above the {int(nms['rows'])} rows of this detector's "
+                             "in-graph NMS")
+    return index

@@ -9,28 +9,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from packager.core.build_records import CocoMetrics  # noqa: F401  (the record the build keeps; re-exported)
 from packager.core.contracts import ConfigError, MissingInputError
-from packager.metrics.intervals import PerImageResults, ground_truth_only_results, per_image_results
-
-
-@dataclass
-class CocoMetrics:
-    map50_95: float
-    map50: float
-    map75: float
-    map_small: float
-    map_medium: float
-    map_large: float
-    images: int
-    detections: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from packager.metrics.weighted_ap import PerImageResults, ground_truth_only_results, per_image_results
 
 
 class CocoGroundTruth:

@@ -8,30 +8,14 @@ CPU-side proxy for the TensorRT INT8 speed-up: a recipe cannot buy accuracy by s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from packager.core.build_records import ConvCoverage
+
 _CONV_OPS = ("Conv",)
 _QUANTIZED_TYPES = {"int8": {3, 2}, "fp8": {17, 18, 19, 20}}  # onnx TensorProto: INT8, UINT8, FLOAT8 variants
-
-
-@dataclass
-class ConvCoverage:
-    """Convolution MACs per image, in total and by the precision the convolution runs in."""
-
-    total_macs: int
-    quantized_macs: dict[str, int]  # {"int8": ..., "fp8": ...}
-    convolutions: int
-    quantized_convolutions: dict[str, int]
-
-    def share(self, precision: str = "int8") -> float:
-        return self.quantized_macs.get(precision, 0) / self.total_macs if self.total_macs else 0.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "int8_mac_coverage": round(self.share("int8"), 5),
-                "fp8_mac_coverage": round(self.share("fp8"), 5)}
 
 
 def conv_coverage(model) -> ConvCoverage:

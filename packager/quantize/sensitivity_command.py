@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
-from packager.core.contracts import ConfigError
-from packager.core.contracts import BuildManifest
+from packager.core.contracts import ConfigError, ManifestError
+from packager.core.manifest import BuildManifest
 from packager.quantize.sensitivity import AgreementScorer, SensitivityResult, analyze
 
 DEFAULT_MAX_IMAGES = 64
@@ -42,15 +42,16 @@ def run_sensitivity(build_dir: str | Path, images_dir: str | Path, out: str | Pa
         raise ConfigError(f"--max-images must be at least 1, got {max_images}")
     build_dir = Path(build_dir)
     manifest = BuildManifest.load(build_dir)
-    calibration = manifest.calibration
+    calibration, quantization = manifest.calibration, manifest.quantization
+    if calibration is None or quantization is None:
+        raise ManifestError(f"{build_dir} records no calibration or quantization: was it made by `yqpack build`?")
     files = list_images(images_dir)
-    same_folder = Path(calibration["source"]).resolve() == Path(images_dir).resolve()
-    _, tuning = split_calibration_and_tuning(files, calibration["count"] if same_folder else 0,
-                                             max_tune=max_images)
+    same_folder = Path(calibration.source).resolve() == Path(images_dir).resolve()
+    _, tuning = split_calibration_and_tuning(files, calibration.count if same_folder else 0, max_tune=max_images)
     if not tuning:
-        raise ConfigError(f"no tuning images left in {images_dir} after the {calibration['count']} calibration images")
+        raise ConfigError(f"no tuning images left in {images_dir} after the {calibration.count} calibration images")
     started, cpu_started = time.perf_counter(), time.process_time()
-    options = QuantizeOptions(preset="auto", calibration_method=manifest.quantization["calibration_method"])
+    options = QuantizeOptions(preset="auto", calibration_method=quantization.calibration_method)
     with tempfile.TemporaryDirectory(prefix="yqpack-sensitivity-") as tmp:
         quantized = quantize_int8_twins(manifest.artifact_path(build_dir, "fp32"), np.load(build_dir / "calib.npy"),
                                         Path(tmp), options)

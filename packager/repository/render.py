@@ -21,60 +21,50 @@ from packager.inference import runtime as runtime_module
 from packager.inference import request_params as request_params_module
 from packager.core.paths import TEMPLATES_DIR
 from packager.core.contracts import (
-    BuildManifest,
     ConfigError,
     MissingInputError,
     ModelSpec,
+    HeadFormat,
     Precision,
     Role,
     TensorSpec,
     check_model_name,
 )
+from packager.core.manifest import BuildManifest
 from packager.inference.postprocess import PRODUCTION_THRESHOLDS, Thresholds
 from packager.core.repository_index import RepositoryIndex, ServedModel
 from packager.core.files import replace_directory
-
-TARGETS = ("local", "cpu", "cpu-openvino", "gpu", "gpu-ort")
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
-# Which build artifact each target serves per precision (onnxruntime CPU mis-rounds FP16 Q/DQ inputs).
-ONNX_VARIANT = {
-    "local": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
-    "cpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
-    "cpu-openvino": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
-    # gpu-ort: TensorRT picks FP16 layers itself (precision_mode FP16) from the FP32 graph, see docs/architecture.md.
-    "gpu-ort": {"fp32": "fp32", "fp16": "fp32", "int8": "int8"},
-    "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8"},
-}
-# FP8 is served by TensorRT only: onnxruntime CPU runs ModelOpt's float8 Q/DQ only with graph optimizations off
-# (several times slower than FP32); the CPU-side fp8-fp32 twin exists to measure accuracy, not to serve.
-FP8_TARGETS = ("gpu",)
-# Python pre/post instances per target: on a CPU target the detector needs the cores (one of each keeps up
-# with it); a GPU detector is fast enough that decoding JPEGs on several host cores becomes the bottleneck.
-PRE_POST_INSTANCES = {"local": (1, 1), "cpu": (1, 1), "cpu-openvino": (1, 1), "gpu": (4, 2), "gpu-ort": (4, 2)}
-# How long the detector's batcher waits for more requests. A CPU detector runs ~100 ms per batch, so requests
-# pile up behind it anyway and a wait only adds latency (2 ms per request at concurrency 1, measured); a GPU
-# detector is done in a few ms, and a short wait is what lets batches form at all.
-MAX_QUEUE_DELAY_US = {"local": 0, "cpu": 0, "cpu-openvino": 0, "gpu": 2000, "gpu-ort": 2000}
-# The Triton backend/platform each target's detector runs on (recorded in the repository index).
-DETECTOR_PLATFORM = {"local": "python", "cpu": "onnxruntime", "cpu-openvino": "openvino", "gpu": "tensorrt_plan",
-                     "gpu-ort": "onnxruntime"}
-# Detector template per precision where it differs from the target's own: Triton's openvino backend has no f32
-# precision hint (bf16 by default on AMX hosts), so cpu-openvino keeps FP32/FP16 exact on the onnxruntime backend.
-DETECTOR_TEMPLATE = {"cpu-openvino": {"fp32": "cpu", "fp16": "cpu"}}
-# What executes each template's detector (the local one: the runtime chosen at render), named in reports.
-DETECTOR_RUNTIME = {"cpu": "onnxruntime (Triton backend)", "cpu-openvino": "openvino (Triton backend)",
-                    "gpu": "tensorrt", "gpu-ort": "onnxruntime + tensorrt (Triton backend)"}
-# Targets whose detector is a Python model (the embedded server's): the ensemble hands it the letterboxed uint8
-# pixels on a second input - a quarter of float32's bytes through shared memory - and it normalises them itself, to
-# the same bits. The float input stays first, for clients of the bare detector (Ultralytics' Triton client casts
-# to the first input's type).
-PIXEL_INPUT_TARGETS = {"local"}
-TRITON_DTYPE = {"float32": "TYPE_FP32", "uint8": "TYPE_UINT8"}
-LABELS_FILE = "labels.txt"
-# The ensemble's client-facing tensors: one encoded image in, (n, 6) detections in original pixels out.
-IMAGE_TENSOR = TensorSpec("IMAGE", (-1, 1), "bytes")
-DETECTIONS_TENSOR = TensorSpec("DETECTIONS", (-1, -1, 6))
-
+from packager.engines.images import image_facts
+from packager.export.nms_graph import NmsSpec, write_nms_graph
+from packager.repository.targets import (
+    DETECTIONS_TENSOR,
+    DETECTOR_PLATFORM,
+    DETECTOR_RUNTIME,
+    FP8_TARGETS,
+    HOST_SIZED_TARGETS,
+    IMAGE_TENSOR,
+    LABELS_FILE,
+    MAX_QUEUE_DELAY_US,
+    ONNX_VARIANT,
+    PIXEL_INPUT_TARGETS,
+    PRECISIONS,
+    PRE_POST_INSTANCES,
+    TARGETS,
+    TRITON_DTYPE,
+    default_precisions,
+    detector_name,
+    detector_template,
+    ensemble_name,
+)
+from packager.repository.gpu_steps import (
+    ENCODED_TENSOR,
+    NMS_CHOICES,
+    PREPROCESS_CHOICES,
+    choose,
+    ensemble_steps,
+    gate_name,
+    write_dali_model,
+)
 
 @dataclass(frozen=True)
 class RepositoryResult:
@@ -104,19 +94,9 @@ class RenderOptions:
     reject_corrupt: bool = True  # refuse JPEG data libjpeg reports as corrupt
     runtime: str = runtime_module.DEFAULT_RUNTIME  # the local target's Python-backend detector: openvino|onnxruntime
     precision_hint: str = "f32"  # its OpenVINO precision: f32 keeps FP32 exact, bf16 is opt-in
-
-
-def ensemble_name(model_name: str, precision: str) -> str:
-    return f"{model_name}_{precision}"
-
-
-def detector_name(model_name: str, precision: str) -> str:
-    return f"{model_name}_{precision}_detector"
-
-
-def detector_template(target: str, precision: str) -> str:
-    """The templates/detector/<name> a target's detector of this precision is rendered from."""
-    return DETECTOR_TEMPLATE.get(target, {}).get(precision, target)
+    preprocess: str | None = None  # python | dali (gpu target only; default dali there, python elsewhere)
+    nms: str | None = None  # python | graph (gpu target only, raw heads; default graph there)
+    nms_spec: NmsSpec = NmsSpec()  # what an in-graph NMS compiles in (profiles, conf floor, rows)
 
 
 def detector_runtime(template: str, options: RenderOptions, precision: Precision) -> str:
@@ -126,11 +106,6 @@ def detector_runtime(template: str, options: RenderOptions, precision: Precision
         runtime = runtime_module.RuntimeOptions(options.runtime, options.precision_hint)
         return runtime_module.runtime_on_this_machine(runtime, quantized=precision is Precision.INT8).label
     return DETECTOR_RUNTIME[template]
-
-
-def default_precisions(target: str) -> tuple[str, ...]:
-    """TensorRT targets serve the fp16/int8 engines; CPU targets also serve the fp32 reference."""
-    return ("fp16", "int8") if target.startswith("gpu") else ("fp32", "fp16", "int8")
 
 
 def render_repository(
@@ -168,6 +143,10 @@ def render(build_dir: Path, repository_dir: Path, options: RenderOptions,
         index = RepositoryIndex(manifest.model, options.target, tuple(models), options.thresholds._asdict(),
                                 str(Path(build_dir).resolve()))
         index.save(staging)
+        if options.target == "gpu":  # the engine check's onnxruntime side (packager/engines/check.py)
+            from packager.engines.reference import write_check_references
+
+            write_check_references(build_dir, staging)
         _keep_notes(repository_dir, staging)
         replace_directory(staging, repository_dir)
     except BaseException:
@@ -194,6 +173,15 @@ class _Plan:
     max_queue_delay_us: int
     sources: dict[Precision, Path]
     plans: dict[Precision, Path]
+    preprocess: str = "python"
+    nms: dict | None = None  # NmsSpec.served(...) when the detector's graph ends in NMS
+
+    @property
+    def head_output(self) -> TensorSpec:
+        """The detector output the postprocess reads: the head's, or the in-graph NMS rows."""
+        if self.nms is None:
+            return self.spec.output
+        return TensorSpec(self.nms["output_name"], (-1, len(self.nms["profiles"]), self.nms["rows"], 6))
 
     @property
     def letterboxed(self) -> TensorSpec:
@@ -210,8 +198,8 @@ class _Plan:
             "input_dims": list(spec.input.dims),
             "letterboxed_name": self.letterboxed.name,
             "letterboxed_data_type": TRITON_DTYPE[self.letterboxed.dtype],
-            "output_name": spec.output.name,
-            "output_dims": list(spec.output.dims),
+            "output_name": self.head_output.name,
+            "output_dims": list(self.head_output.dims),
             "head_format": spec.head.value,
             "target": self.options.target,
             "model_name": spec.name,
@@ -261,7 +249,12 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
         if not plan.is_file():
             raise MissingInputError(f"TensorRT engine for {precision.value} not found: {plan}")
     delay = MAX_QUEUE_DELAY_US[target] if options.max_queue_delay_us is None else int(options.max_queue_delay_us)
-    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans)
+    preprocess = choose("preprocess", options.preprocess, PREPROCESS_CHOICES, target)
+    nms_choice = choose("nms", options.nms, NMS_CHOICES, target)
+    nms = None
+    if nms_choice == "graph" and spec.head is HeadFormat.RAW:  # an end2end head has no NMS to move
+        nms = options.nms_spec.served(spec.output.dims[0] - 4, spec.output.dims[1])
+    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans, preprocess, nms)
 
 
 # A checkout tracks model_repository/README.md (it says the folder is generated output); a re-render keeps it.
@@ -279,25 +272,53 @@ def _render_pre_post(env: jinja2.Environment, staging: Path, plan: _Plan) -> lis
     pre, post = f"{spec.name}_preprocess", f"{spec.name}_postprocess"
     instances = PRE_POST_INSTANCES[options.target]
     common = plan.common()
-    _python_model(env, staging / pre, "preprocess",
-                  [letterbox_module.__file__, image_header_module.__file__, request_params_module.__file__],
-                  {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
-                   "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
-                   "reject_corrupt": bool(options.reject_corrupt)})
+    nms_json = _pbtxt_string(json.dumps(plan.nms, sort_keys=True)) if plan.nms else ""
+    sized = options.target in HOST_SIZED_TARGETS
+
+    def host_sized(kind: str, explicit: int | None) -> str:
+        return kind if sized and explicit is None else ""
+
+    letterboxed = TensorSpec("images", plan.letterboxed.shape, plan.letterboxed.dtype)
+    info = TensorSpec("letterbox_info", (-1, 5))
+    models = []
+    if plan.preprocess == "dali":
+        gate = gate_name(spec.name)
+        _python_model(env, staging / gate, "gate", [image_header_module.__file__, request_params_module.__file__],
+                      {**common, "name": gate, "instance_count": options.preprocess_instances or instances[1],
+                       "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
+                       "nms_json": nms_json, "thresholds": options.thresholds,
+                       "host_sized": host_sized("light", options.preprocess_instances)})
+        height, width = spec.input.dims[1], spec.input.dims[2]
+        dali_context = {**common, "name": pre, "role": Role.PREPROCESS.value, "precision": "",
+                        "preferred_batch_sizes": list(plan.preferred), "max_queue_delay_us": plan.max_queue_delay_us}
+        write_dali_model(staging / pre, height, width, plan.max_batch, dali_context,
+                         lambda template, context, out: _render(env, template, context, out))
+        models += [
+            ServedModel(gate, Role.PREPROCESS, None, (IMAGE_TENSOR,), (ENCODED_TENSOR,), plan.max_batch,
+                        platform="python"),
+            ServedModel(pre, Role.PREPROCESS, None, (ENCODED_TENSOR,), (letterboxed, info), plan.max_batch,
+                        plan.preferred, platform="dali"),
+        ]
+    else:
+        _python_model(env, staging / pre, "preprocess",
+                      [letterbox_module.__file__, image_header_module.__file__, request_params_module.__file__],
+                      {**common, "name": pre, "instance_count": options.preprocess_instances or instances[0],
+                       "role": Role.PREPROCESS.value, "precision": "", "max_pixels": int(options.max_pixels),
+                       "reject_corrupt": bool(options.reject_corrupt),
+                       "host_sized": host_sized("decode", options.preprocess_instances)})
+        models.append(ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
+                                  platform="python"))
     _python_model(env, staging / post, "postprocess",
                   [letterbox_module.__file__, image_header_module.__file__, postprocess_module.__file__,
                    request_params_module.__file__],
                   {**common, "name": post, "instance_count": options.postprocess_instances or instances[1],
-                   "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": ""})
+                   "thresholds": options.thresholds, "role": Role.POSTPROCESS.value, "precision": "",
+                   "nms_json": nms_json,
+                   "host_sized": host_sized("light" if plan.nms else "nms", options.postprocess_instances)})
     (staging / post / LABELS_FILE).write_text(_labels(spec))
-    letterboxed = TensorSpec("images", plan.letterboxed.shape, plan.letterboxed.dtype)
-    info = TensorSpec("letterbox_info", (-1, 5))
-    return [
-        ServedModel(pre, Role.PREPROCESS, None, (IMAGE_TENSOR,), (letterboxed, info), plan.max_batch,
-                    platform="python"),
-        ServedModel(post, Role.POSTPROCESS, None, (spec.output, info), (DETECTIONS_TENSOR,), plan.max_batch,
-                    platform="python"),
-    ]
+    models.append(ServedModel(post, Role.POSTPROCESS, None, (plan.head_output, info), (DETECTIONS_TENSOR,),
+                              plan.max_batch, platform="python"))
+    return models
 
 
 def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> list[ServedModel]:
@@ -321,6 +342,7 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             "runtime": options.runtime,
             "precision_hint": options.precision_hint,
             "ultralytics_metadata": ultralytics_metadata_pbtxt(spec),
+            "tensorrt_builder_flags": target == "gpu-ort" and image_facts().tensorrt_major < 11,
         }
         if DETECTOR_PLATFORM[template] == "python":  # the local target: opens the model with yqpack's runtime.py
             _python_model(env, staging / detector, f"detector/{template}",
@@ -330,7 +352,10 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
         version_dir = staging / detector / "1"
         # gpu: model.onnx is the engine source; the engines step (or `engines`) writes model.plan beside it.
-        shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
+        if plan.nms is not None:
+            write_nms_graph(plan.sources[precision], version_dir / "model.onnx", NmsSpec.from_dict(plan.nms))
+        else:
+            shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
         if precision in plan.plans:
             shutil.copy2(plan.plans[precision], version_dir / "model.plan")
         ensemble = ensemble_name(spec.name, precision.value)
@@ -339,16 +364,17 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             env,
             "ensemble/config.pbtxt.j2",
             {**common, "name": ensemble, "role": Role.ENSEMBLE.value, "preprocess_name": f"{spec.name}_preprocess",
-             "detector_name": detector, "postprocess_name": f"{spec.name}_postprocess",
+             "steps": ensemble_steps(spec.name, plan.preprocess, plan.letterboxed.name, plan.head_output.name,
+                                     detector),
              "class_names_pbtxt": _pbtxt_string(json.dumps(list(spec.class_names)))},
             staging / ensemble / "config.pbtxt",
         )
         (staging / ensemble / LABELS_FILE).write_text(_labels(spec))
         detector_inputs = (spec.input,) if plan.letterboxed == spec.input else (spec.input, plan.letterboxed)
         models += [
-            ServedModel(detector, Role.DETECTOR, precision, detector_inputs, (spec.output,), plan.max_batch,
+            ServedModel(detector, Role.DETECTOR, precision, detector_inputs, (plan.head_output,), plan.max_batch,
                         plan.preferred, ONNX_VARIANT[target][precision.value], DETECTOR_PLATFORM[template],
-                        runtime),
+                        runtime, in_graph_nms=plan.nms),
             ServedModel(ensemble, Role.ENSEMBLE, precision, (IMAGE_TENSOR,), (DETECTIONS_TENSOR,), plan.max_batch,
                         platform="ensemble", runtime=runtime),
         ]

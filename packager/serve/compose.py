@@ -18,9 +18,10 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR
-from packager.core.contracts import (BuildManifest, ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
-                                MissingInputError, ServerError)
+from packager.core.contracts import (ConfigError, DockerUnavailableError, EngineBuildError, Endpoints,
+                                MissingInputError, ServerError, ServerGoneError)
 from packager.core.repository_index import RepositoryIndex
+from packager.engines.host import trt_plugin_libraries
 from packager.serve.readiness import wait_until_ready
 
 COMPOSE_FILE = DEPLOY_DIR / "docker-compose.yml"
@@ -32,6 +33,39 @@ DOCKER_HELP = (
     "the GPU path needs Docker Engine with the compose plugin and the NVIDIA Container Toolkit on an NVIDIA GPU "
     "host (see docs/gpu.md); without a GPU use `yqpack serve --local`"
 )
+
+
+SERVER_SERVICE = "triton"
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """A compose service's container as `docker inspect` reports it."""
+
+    status: str  # created, running, restarting, exited, dead, ...
+    exit_code: int
+    restarts: int
+
+    @property
+    def failed(self) -> bool:
+        """Exited, or restarted at least once: a server that failed to start (compose restarts it on failure)."""
+        return self.status in ("exited", "dead", "restarting") or self.restarts > 0
+
+    def describe(self) -> str:
+        return f"{self.status}, exit code {self.exit_code}, restarted {self.restarts} time(s)"
+
+
+def parse_container_state(text: str) -> ContainerState | None:
+    """`docker inspect --format '{{json .State}} {{.RestartCount}}'` output."""
+    import json
+
+    state_json, _, restarts = text.strip().rpartition(" ")
+    try:
+        state = json.loads(state_json)
+        return ContainerState(str(state.get("Status", "")), int(state.get("ExitCode", 0)), int(restarts))
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -108,17 +142,6 @@ class TrtPlugins:
         return cls(folders.pop(), tuple(Path(p).name for p in libraries))
 
 
-def trt_plugin_libraries(build_dir: Path | None = None, environ: dict[str, str] | None = None) -> list[Path]:
-    """Plugin libraries to build and serve with: $YQPACK_TRT_PLUGINS (':'-separated), else the build's own
-    `--trt-plugins` from manifest.json (paths on the machine that built it), else none."""
-    environ = os.environ if environ is None else environ
-    if environ.get("YQPACK_TRT_PLUGINS"):
-        return [Path(p) for p in environ["YQPACK_TRT_PLUGINS"].split(os.pathsep) if p.strip()]
-    if build_dir is not None:
-        return [Path(p) for p in BuildManifest.load(build_dir).quantization.get("trt_plugins", [])]
-    return []
-
-
 def compose_environment(repository: Path, endpoints: Endpoints, allow_missing: bool,
                         base: dict[str, str] | None = None,
                         trt_plugins: list[Path] | None = None) -> dict[str, str]:
@@ -182,12 +205,17 @@ class ComposeDeployment:
         self.docker_host = docker_host
         self.command = compose_command() + ["-p", PROJECT_NAME, "-f", str(compose_file)]
         self.process: subprocess.Popen | None = None
+        self.last_state: ContainerState | None = None  # what is_alive saw last
+        self._environment: dict[str, str] | None = None
 
     def environment(self) -> dict[str, str]:
-        env = compose_environment(self.repository, self.endpoints, self.allow_missing)
-        if self.docker_host:
-            env["DOCKER_HOST"] = self.docker_host
-        return env
+        """The same variables (the admin key included) for every compose call of this deployment."""
+        if self._environment is None:
+            env = compose_environment(self.repository, self.endpoints, self.allow_missing)
+            if self.docker_host:
+                env["DOCKER_HOST"] = self.docker_host
+            self._environment = env
+        return dict(self._environment)
 
     def start(self) -> "ComposeDeployment":
         check_repository(self.repository)
@@ -204,9 +232,43 @@ class ComposeDeployment:
             self.process = subprocess.Popen(self.command + ["up", "--build"], env=env, cwd=cwd)
         return self
 
+    def container_state(self, service: str = SERVER_SERVICE) -> ContainerState | None:
+        """The service's container (None while it does not exist yet, or without a docker CLI to ask)."""
+        env, cwd = self.environment(), self.compose_file.parent
+        ids = subprocess.run(self.command + ["ps", "-a", "-q", service], env=env, cwd=cwd, capture_output=True,
+                             text=True)
+        container = (ids.stdout or "").split()
+        docker = shutil.which("docker")
+        if ids.returncode != 0 or not container or docker is None:
+            return None
+        inspect = subprocess.run([docker, "inspect", "--format", "{{json .State}} {{.RestartCount}}", container[0]],
+                                 env=env, capture_output=True, text=True)
+        return parse_container_state(inspect.stdout) if inspect.returncode == 0 else None
+
     def is_alive(self) -> bool:
-        # Detached, compose (restart: unless-stopped) owns the containers; the poller's timeout bounds the wait.
-        return self.process is None or self.process.poll() is None
+        if self.process is not None:  # foreground: compose itself
+            return self.process.poll() is None
+        # Detached: Triton's container. One that exited or is being restarted failed to start (a model that
+        # did not load, with --exit-on-error): say so now, not after the whole timeout.
+        state = self.container_state()
+        self.last_state = state
+        return state is None or not state.failed
+
+    def server_log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        logs = subprocess.run(self.command + ["logs", "--no-color", "--tail", str(lines), SERVER_SERVICE],
+                              env=self.environment(), cwd=self.compose_file.parent, capture_output=True, text=True)
+        return (logs.stdout or "").strip()
+
+    def fail_started_server(self) -> ServerError:
+        """Stop the failed server (restart: on-failure would start it again) and describe it with its log tail."""
+        tail = self.server_log_tail()
+        state = self.last_state
+        subprocess.run(self.command + ["stop", SERVER_SERVICE], env=self.environment(), cwd=self.compose_file.parent,
+                       capture_output=True)
+        return ServerError(
+            f"Triton failed to start ({state.describe() if state else 'its container is gone'}); stopped it. "
+            f"Last lines of its log:\n{tail}\nA model that does not load stops the server (--exit-on-error): "
+            f"fix it, or serve without it (--allow-missing leaves out detectors without a plan)")
 
     def wait_ready(self, timeout: float = 1800.0) -> float:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -246,7 +308,12 @@ def compose_up(
     echo(f"docker compose up: engines, then triton (repository {Path(repository).resolve()})")
     deployment.start()
     try:
-        ready_after = deployment.wait_ready(timeout_s)
+        try:
+            ready_after = deployment.wait_ready(timeout_s)
+        except ServerGoneError:
+            if deployment.process is not None:
+                raise
+            raise deployment.fail_started_server() from None
         _print_endpoints(endpoints, deployment.command, echo)
         if deployment.process is not None:
             deployment.process.wait()
@@ -276,6 +343,11 @@ def compose_engines(
     if run.returncode != 0:
         raise EngineBuildError(f"the engines service failed (exit {run.returncode}); its log above ends with the "
                            "builder's output. Pass --allow-missing to serve without the failed model(s)")
+    check = subprocess.run(command + ["run", "--rm", "--no-deps", "engine-check"], env=env, cwd=compose_file.parent)
+    if check.returncode != 0:
+        raise EngineBuildError(f"the engine-check service failed (exit {check.returncode}): a plan disagrees with "
+                               "its ONNX beyond the tolerance of its precision (its log above, and "
+                               "<detector>/1/model.plan.check.log). Triton will not serve it")
 
 
 def compose_down(compose_file: Path = COMPOSE_FILE, echo: Callable[[str], None] = print) -> None:

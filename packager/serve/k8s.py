@@ -20,7 +20,7 @@ import yaml
 from packager.core.paths import DEPLOY_DIR, PACKAGE_DIR, TEMPLATES_DIR
 from packager.core.contracts import ConfigError, Role
 from packager.serve.s3_push import S3Location, read_remote_index, triton_endpoint_url
-from packager.repository.render import PRE_POST_INSTANCES
+from packager.repository.targets import PRE_POST_INSTANCES
 from packager.core.repository_index import RepositoryIndex
 from packager.core.files import replace_directory
 from packager.serve.embedded import SHM_DEFAULT_BYTES
@@ -34,10 +34,11 @@ METRIC_NAME = "triton_queue_time_per_request_ms"  # what the adapter rule expose
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 MANIFESTS = ("namespace", "deployment", "service", "hpa", "servicemonitor", "pdb")
 KSERVE_MANIFESTS = ("serviceaccount", "inferenceservice")
-# What deploy/build_engines.py imports from packager/ (standard library only).
 # The engine kit (standard library only), as paths under packager/; each file name is also its ConfigMap key.
-ENGINE_MODULES = ("engines/builder.py", "engines/plans.py", "engines/gpu_probe.py", "core/contracts.py",
-                  "core/repository_index.py", "core/files.py")
+ENGINE_MODULES = ("engines/builder.py", "engines/plans.py", "engines/gpu_probe.py", "engines/serving.py",
+                  "engines/host_sizing.py", "core/contracts.py", "core/repository_index.py", "core/files.py")
+ENGINE_SCRIPTS = ("build_engines.py", "start_triton.py")  # deploy/ entry points, mounted at /yqpack/deploy/
+SOURCE_MOUNT = "/models-source"  # a gpu Deployment's claim: the repository to copy, and the plan cache
 MARKER = ".yqpack-k8s"  # marks a folder yqpack k8s may replace
 
 
@@ -146,6 +147,9 @@ def manifest_context(options: K8sOptions, repository: ServedRepository) -> dict:
         "engine_modules": ENGINE_MODULES,
         "model_repository": model_repository,
         "models_mount": MODELS_MOUNT,
+        "source_mount": SOURCE_MOUNT,
+        "plan_cache": f"{SOURCE_MOUNT}/.yqpack-plans",
+        "engine_scripts": ENGINE_SCRIPTS,
         "shm_mib": shm // MIB,
         "shm_default_bytes": SHM_DEFAULT_BYTES,
         "memory_limit_mib": 8192 + shm // MIB,  # a memory emptyDir counts against the container's limit
@@ -218,7 +222,7 @@ def _copy_engine_scripts(folder: Path) -> list[Path]:
     """The compose `engines` service's code for a ConfigMap: deploy/build_engines.py and the standard-library-only
     engine kit it imports (ENGINE_MODULES, mounted back at their paths under packager/)."""
     folder.mkdir(exist_ok=True)
-    sources = (DEPLOY_DIR / "build_engines.py", *(PACKAGE_DIR / f for f in ENGINE_MODULES))  # checkout or wheel
+    sources = (*(DEPLOY_DIR / f for f in ENGINE_SCRIPTS), *(PACKAGE_DIR / f for f in ENGINE_MODULES))  # checkout or wheel
     return [Path(shutil.copy2(source, folder / source.name)) for source in sources]  # flat: names are the keys
 
 

@@ -15,13 +15,22 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from packager.metrics.coco_eval import CocoGroundTruth
-    from packager.verify.result import ServedEnsemble
+
+
+class Ensemble(Protocol):
+    """What the check needs of a served ensemble (verify's ServedEnsemble has it; gates and the report import
+    this module, so it names no class of verify's)."""
+
+    name: str
+    family: str
+    precision: str
+    class_names: list[str]
 
 CONFIDENT_SCORE = 0.5  # detections the check trusts
 MATCH_IOU = 0.5
@@ -40,6 +49,9 @@ MIN_CLASS_PAIRS = 10
 # A class whose matched boxes mostly carry one other category: ids swapped or permuted (healthy sets: none).
 MIN_SWAP_PAIRS = 10
 MIN_SWAP_SHARE = 0.75
+# Verdicts that neither pass nor fail the annotations: too few images or detections, or a judge that cannot
+# detect (random weights: its confident detections land anywhere, on right and wrong annotations alike).
+NOT_JUDGED = ("too few", "unfit judge")
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class ClassAgreement:
 
 @dataclass
 class AnnotationCheck:
-    """The verdict ("pass", "fail" or "too few"), its plain-words cause, and the numbers behind it."""
+    """The verdict ("pass", "fail", or one of NOT_JUDGED), its plain-words cause, and the numbers behind it."""
 
     model: str  # whose detections were used
     verdict: str
@@ -378,11 +390,13 @@ def annotated_images(dataset: Mapping, sizes: Mapping[str, tuple[int, int]]) -> 
 PREFERRED_PRECISIONS = ("fp32", "fp16")
 
 
-def check_served_annotations(models: Sequence["ServedEnsemble"], confident: Mapping[str, Mapping[str, np.ndarray]],
-                             ground_truth: "CocoGroundTruth", sizes: Mapping[str, tuple[int, int]]
-                             ) -> list[AnnotationCheck]:
+def check_served_annotations(models: Sequence[Ensemble], confident: Mapping[str, Mapping[str, np.ndarray]],
+                             ground_truth: "CocoGroundTruth", sizes: Mapping[str, tuple[int, int]],
+                             unfit_judge: str | None = None) -> list[AnnotationCheck]:
     """One check per model family on the detections of its most precise served ensemble (`confident`: ensemble ->
-    image name -> rows, from the accuracy pass; `sizes`: the scored images' decoded (width, height))."""
+    image name -> rows, from the accuracy pass; `sizes`: the scored images' decoded (width, height)).
+    `unfit_judge`, why the served model cannot judge (its build has random weights): the numbers are still
+    measured and shown, the verdict is "unfit judge"."""
     dataset = ground_truth.coco.dataset
     images = annotated_images(dataset, sizes)
     names = {int(category["id"]): str(category["name"]) for category in dataset.get("categories", [])}
@@ -392,6 +406,9 @@ def check_served_annotations(models: Sequence["ServedEnsemble"], confident: Mapp
         members = [model for model in models if model.family == family and model.name in confident]
         if members:
             judge = min(members, key=lambda model: order.get(model.precision, len(order)))
-            checks.append(check_annotations(judge.name, confident[judge.name], images,
-                                            ground_truth.category_ids_for(judge.class_names), names))
+            check = check_annotations(judge.name, confident[judge.name], images,
+                                      ground_truth.category_ids_for(judge.class_names), names)
+            if unfit_judge is not None:
+                check.verdict, check.cause = "unfit judge", unfit_judge
+            checks.append(check)
     return checks

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from packager.verify.annotation_check import MIN_BOX_PRECISION, AnnotationCheck
+from packager.verify.annotation_check import MIN_BOX_PRECISION, NOT_JUDGED, AnnotationCheck
 from packager.metrics.intervals import PerImageResults, RatioInterval, paired_ratio
 from packager.metrics.coco_eval import CocoMetrics
 from packager.verify.loadtest import LevelResult
@@ -280,11 +280,11 @@ def absolute_accuracy_gates(
 
 def annotation_gates(checks: Sequence[AnnotationCheck]) -> list[GateResult]:
     """The annotation check of each model family: fails on annotations that do not describe the images (named
-    cause); too few images to judge passes, saying so."""
+    cause); a check that could not judge (too few images, a model with random weights) passes, saying so."""
     results = []
     for check in checks:
         precision = check.as_given.precision if check.as_given else float("nan")
-        detail = check.cause if check.verdict != "too few" else f"not judged: {check.cause}"
+        detail = f"not judged: {check.cause}" if check.verdict in NOT_JUDGED else check.cause
         results.append(GateResult("annotations", check.model, check.passed, precision, MIN_BOX_PRECISION, detail))
     return results
 

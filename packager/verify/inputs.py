@@ -1,5 +1,6 @@
 """What `yqpack verify` reads before it sends a request: the image folder (decoded with the server's decoder) and
-the facts the server's configs, the build manifest or a detached server's repository index state about the models.
+the facts the server's configs, the run's build (reference.py) or a detached server's repository index state about
+the models.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packager.metrics import coco_eval
-from packager.core.contracts import MANIFEST_NAME, BuildManifest, MissingInputError, StateFileError, VerifyError
+from packager.core.contracts import MissingInputError, StateFileError, VerifyError
 from packager.inference.letterbox import decode_image
 from packager.core.repository_index import RepositoryIndex
 
@@ -90,41 +91,20 @@ def config_parameter(config: dict, key: str) -> str | None:
     return config.get("parameters", {}).get(key, {}).get("string_value")
 
 
-def manifest_class_names(build_dir: Path) -> list[str]:
-    names = list(BuildManifest.load(build_dir).model.class_names)
-    if not names:
-        raise VerifyError(f"{build_dir / MANIFEST_NAME} has no class_names")
-    return names
-
-
-def build_coverage(build_dir: Path | None) -> dict[str, float]:
-    """precision -> share of conv MACs it runs quantized, from the build's manifest (or its graphs, for builds
-    made before the manifest recorded it); empty without --build."""
-    if build_dir is None or not (Path(build_dir) / "manifest.json").is_file():
-        return {}
-    from packager.core.contracts import BuildManifest
-    from packager.metrics.mac_coverage import conv_coverage
-
-    manifest, coverage = BuildManifest.load(build_dir), {}
-    recorded = manifest.quantization.get("conv_coverage", {})
-    for precision, variant in (("int8", "int8-fp32"), ("fp8", "fp8-fp32")):
-        if precision in recorded:
-            coverage[precision] = recorded[precision][f"{precision}_mac_coverage"]
-        elif variant in manifest.artifacts:
-            coverage[precision] = conv_coverage(manifest.artifact_path(build_dir, variant)).share(precision)
-    return coverage
-
-
-def served_class_names(name: str, configs: dict[str, dict], build_dir: Path | None,
+def served_class_names(name: str, configs: dict[str, dict], build_names: tuple[list[str], str] | None,
                        url: str) -> tuple[list[str], str]:
     """Class names of ensemble `name` and where they come from: a `class_names` parameter in its config or a step's
-    (`configs`, the ensemble's first), else the build's manifest (--build), else a detached yqpack serve's index."""
+    (`configs`, the ensemble's first), else the run's build's (`build_names`: its manifest's names and path), else
+    a detached yqpack serve's index."""
     for holder, config in configs.items():
         value = config_parameter(config, "class_names")
         if value:
             return parse_class_names(value), f"config parameter class_names of {holder}"
-    if build_dir is not None:
-        return manifest_class_names(Path(build_dir)), f"{Path(build_dir) / 'manifest.json'}"
+    if build_names is not None:
+        names, source = build_names
+        if not names:
+            raise VerifyError(f"{source} has no class_names")
+        return list(names), source
     names, source = detached_server_class_names(url)
     if names is None:
         raise VerifyError(

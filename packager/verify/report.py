@@ -119,6 +119,8 @@ def _summary_section(result: "VerifyResult") -> list[str]:
     return lines + [
         f"- server: {result.url} ({server.get('name', '?')} {server.get('version', '?')})",
         f"- models: {', '.join(m.name for m in result.models) or 'none discovered'}",
+        f"- build: {result.build or 'none (no --build, no detached yqpack serve for this URL)'}; MAC coverage and "
+        "accuracy references come from it",
         f"- images: {result.images.get('accuracy')} annotated for accuracy, {result.images.get('load_payloads')} "
         f"for load, {len(result.skipped_images)} listed below ({result.images.get('images_dir')})",
         f"- started {result.started}, wall time {result.wall_time_s:.0f} s; machine: {result.versions.get('cpu')}, "
@@ -170,7 +172,7 @@ def _annotation_section(result: "VerifyResult") -> list[str]:
 
     lines = []
     for check in result.annotation_checks:
-        verdict = {"pass": "pass", "fail": "**FAIL**", "too few": "not judged"}[check.verdict]
+        verdict = {"pass": "pass", "fail": "**FAIL**"}.get(check.verdict, "not judged")
         lines += [f"## Annotation check ({check.model}): {verdict}", "",
                   f"Confident detections (score >= {CONFIDENT_SCORE:g}) of {check.model} on {check.images} images "
                   f"against the annotated boxes (class-agnostic IoU >= {MATCH_IOU:g}), as given and with each known "
@@ -227,7 +229,7 @@ def _comparison_section(result: "VerifyResult") -> list[str]:
     if first is not None:
         lines += [f"Interval: paired bootstrap over the {first.images} images, {first.resamples} resamples "
                   f"(seed {first.seed}) of pycocotools' per-image results. Quantized MACs: share of "
-                  "convolution multiply-accumulates whose input and weight are quantized (from --build).", ""]
+                  "convolution multiply-accumulates whose input and weight are quantized (from the build above).", ""]
     return lines
 
 

@@ -21,7 +21,7 @@ class VerifyOptions:
     annotations: Path
     url: str = "127.0.0.1:8001"
     models: Sequence[str] | None = None  # ensemble names; default: every ready ensemble
-    build_dir: Path | None = None  # manifest fallback for class names
+    build_dir: Path | None = None  # the build to compare with [the detached yqpack serve's]
     report_dir: Path = Path("reports/verify")
     wait_s: float = 60.0
     timeout_s: float = 30.0
@@ -74,6 +74,7 @@ class VerifyResult:
     report_files: dict[str, str] = field(default_factory=dict)
     not_ready: dict[str, str] = field(default_factory=dict)  # model -> state: reason
     references: dict[str, AccuracyReference | None] = field(default_factory=dict)
+    build: str | None = None  # the one build the run compared with (its path and how it was found)
     annotation_checks: list[AnnotationCheck] = field(default_factory=list)  # one per model family
 
     @property

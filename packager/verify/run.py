@@ -17,7 +17,6 @@ from rich.console import Console
 from packager.metrics import coco_eval
 from packager.core.contracts import ConfigError, MissingInputError
 from packager.verify.gates import (
-    AccuracyReference,
     absolute_accuracy_gates,
     annotation_gates,
     compare_precisions,
@@ -27,8 +26,9 @@ from packager.verify.gates import (
 )
 from packager.verify.annotation_check import check_served_annotations
 from packager.verify.report import collect_versions, write_report
-from packager.verify.inputs import ImageSet, build_coverage, scan_images
-from packager.verify.result import ServedEnsemble, VerifyOptions, VerifyResult
+from packager.verify.inputs import ImageSet, scan_images
+from packager.verify.reference import ReferenceBuild, resolve_build
+from packager.verify.result import VerifyOptions, VerifyResult
 from packager.verify.session import EVAL_PARAMETERS, Measurements, VerifySession
 
 
@@ -42,29 +42,39 @@ def run_verify(options: VerifyOptions, console: Console | None = None) -> Verify
     for skipped in images.skipped:
         console.print(f"[yellow]image {skipped.file}: {skipped.reason}[/yellow]")
     _warn_decoder_mismatch(console)
+    # One build for the whole run: class names, MAC coverage and accuracy references all come from it.
+    build = resolve_build(options.build_dir, options.url)
+    console.print(f"build: {build.describe()}" if build else "build: none (no --build, no detached yqpack serve "
+                  "record for this URL): no MAC coverage or accuracy reference from a build")
     started, began = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
-    measured = asyncio.run(_measure(options, console, images, ground_truth))
-    result = _judge(options, measured, images, ground_truth, started, began)
+    measured = asyncio.run(_measure(options, console, images, ground_truth, build))
+    result = _judge(options, measured, images, ground_truth, build, started, began)
     result.report_files = write_report(result, Path(options.report_dir))
     return result
 
 
 async def _measure(options: VerifyOptions, console: Console, images: ImageSet,
-                   ground_truth: coco_eval.CocoGroundTruth) -> Measurements:
+                   ground_truth: coco_eval.CocoGroundTruth, build: ReferenceBuild | None) -> Measurements:
     # Created inside the running loop: the session's grpc.aio client belongs to the loop it is made in.
-    return await VerifySession(options, console).measure(images, ground_truth)
+    return await VerifySession(options, console, build).measure(images, ground_truth)
 
 
 def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
-           ground_truth: coco_eval.CocoGroundTruth, started: str, began: float) -> VerifyResult:
+           ground_truth: coco_eval.CocoGroundTruth, build: ReferenceBuild | None, started: str,
+           began: float) -> VerifyResult:
     """Comparisons and gates over what was measured. An incomplete run gets no accuracy reference: the build is
     not evaluated again for numbers that prove nothing."""
     comparisons = compare_precisions(measured.accuracy, measured.load, measured.per_image,
-                                     build_coverage(options.build_dir))
+                                     build.coverage() if build else {})
     gates = evaluate_gates(options.gates, measured.accuracy, comparisons, measured.load, measured.detector_load)
-    references = _references(options, measured.models, images, ground_truth) if measured.incomplete is None else {}
+    references = {}
+    if build is not None and measured.incomplete is None:
+        references = {model.name: build.accuracy_reference(model.name, model.precision, images.accuracy_files,
+                                                           ground_truth, model.class_names, options.progress)
+                      for model in measured.models}
     gates += absolute_accuracy_gates(options.absolute, measured.accuracy, references)
-    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes)
+    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes,
+                                                  build.random_weights() if build else None)
                          if measured.incomplete is None else [])
     gates += annotation_gates(annotation_checks)
     gates += readiness_gates(measured.not_ready)
@@ -87,6 +97,7 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
         wall_time_s=time.perf_counter() - began,
         not_ready=measured.not_ready,
         references=references,
+        build=build.describe() if build else None,
         annotation_checks=annotation_checks,
     )
 
@@ -98,21 +109,6 @@ def _image_counts(options: VerifyOptions, images: ImageSet) -> dict:
         "load_payloads": len(images.load_payloads),
         "annotations": str(options.annotations),
         "images_dir": str(options.images_dir),
-    }
-
-
-def _references(options: VerifyOptions, models: list[ServedEnsemble], images: ImageSet,
-                ground_truth: coco_eval.CocoGroundTruth) -> dict[str, AccuracyReference | None]:
-    """The build's own mAP of each served ONNX on the images scored here (None: no build to compare with)."""
-    from packager.verify.reference import accuracy_reference, find_build_dir
-
-    build_dir = find_build_dir(options.build_dir, options.url)
-    if build_dir is None:
-        return {}
-    return {
-        model.name: accuracy_reference(model.name, model.precision, build_dir, images.accuracy_files,
-                                       ground_truth, model.class_names, options.progress)
-        for model in models
     }
 
 

@@ -22,6 +22,7 @@ from packager.inference.letterbox import preprocess_bytes
 from packager.verify.loadtest import LevelResult, TritonLoad, first_distinct, image_inputs, tensor_inputs
 from packager.inference.postprocess import EVAL_THRESHOLDS
 from packager.verify.inputs import ImageSet, config_parameter, served_class_names, served_identity
+from packager.verify.reference import ReferenceBuild
 from packager.verify.result import ServedEnsemble, VerifyOptions
 
 PRECISIONS = tuple(p.value for p in Precision)
@@ -57,9 +58,10 @@ def _precision_order(model: ServedEnsemble) -> tuple[str, int]:
 class VerifySession:
     """One verify run against one server: `measure` runs it; the other methods are its steps."""
 
-    def __init__(self, options: VerifyOptions, console: Console):
+    def __init__(self, options: VerifyOptions, console: Console, build: ReferenceBuild | None = None):
         self.options = options
         self.console = console
+        self.build = build  # the run's build: class names when the configs carry none
         self.load = TritonLoad(options.url, options.timeout_s)
         self.client = self.load.client
         self.per_image: dict[str, object] = {}  # ensemble -> pycocotools per-image results (bootstrap intervals)
@@ -180,8 +182,8 @@ class VerifySession:
         steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
         step_configs = {step: await self.config(step) for step in steps}
         family, precision = served_identity(config)
-        class_names, source = served_class_names(name, {name: config, **step_configs}, self.options.build_dir,
-                                                 self.options.url)
+        class_names, source = served_class_names(name, {name: config, **step_configs},
+                                                 self.build.class_names() if self.build else None, self.options.url)
         detector = next((step for step in steps if config_parameter(step_configs[step], "yqpack_role") == "detector"),
                         None)
         model = ServedEnsemble(name, family, precision, steps, class_names, source, detector,
@@ -192,8 +194,10 @@ class VerifySession:
             model.detector_dims = [int(d) for d in tensor_input.get("dims", [])]
             head_dims = step_configs[detector].get("output", [{}])[0].get("dims", [])
             # A raw head's output is (4 + classes, anchors): a name list of another model would map ids to wrong
-            # categories. (An end-to-end head's (max_det, 6) says nothing about the class count.)
-            raw_head = config_parameter(step_configs[detector], "yqpack_head_format") in (None, "raw")
+            # categories. (An end-to-end head's (max_det, 6) says nothing about the class count, nor do the
+            # (profiles, rows, 6) of a detector ending in NMS, docs/gpu-prepost.md.)
+            raw_head = (config_parameter(step_configs[detector], "yqpack_head_format") in (None, "raw")
+                        and len(head_dims) == 2)
             if raw_head and head_dims and int(head_dims[0]) - 4 != len(class_names):
                 raise VerifyError(
                     f"{name}: the detector predicts {int(head_dims[0]) - 4} classes but {source} lists "

@@ -19,8 +19,8 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from letterbox import LetterboxInfo  # noqa: E402  (copied next to this file)
-from postprocess import Thresholds, postprocess  # noqa: E402
-from request_params import parse_parameters  # noqa: E402
+from postprocess import Thresholds, map_to_original, postprocess, select_in_graph  # noqa: E402
+from request_params import compiled_nms_profile, parse_parameters  # noqa: E402
 
 
 class TritonPythonModel:
@@ -32,6 +32,8 @@ class TritonPythonModel:
                                                                            "max_det", "multi_label")}
         self.defaults = Thresholds()._replace(**parse_parameters(defaults))
         self.head_format = params.get("yqpack_head_format", "raw")  # rendered from the build's ModelSpec.head
+        # In-graph NMS (gpu target, export/nms_graph.py): the input is (profiles, k, 6) rows, not the raw head.
+        self.nms = json.loads(params["in_graph_nms"]) if params.get("in_graph_nms") else None
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -39,15 +41,20 @@ class TritonPythonModel:
     def _one(self, request):
         try:
             thresholds = self.defaults._replace(**parse_parameters(json.loads(request.parameters() or "{}")))
+            profile = compiled_nms_profile(thresholds, self.nms) if self.nms is not None else None
         except ValueError as error:
             return _error(f"postprocess: {error}", pb_utils.TritonError.INVALID_ARG)
         try:
             raw = pb_utils.get_input_tensor_by_name(request, self.raw_name).as_numpy()
             infos = pb_utils.get_input_tensor_by_name(request, "letterbox_info").as_numpy()
-            per_image = [
-                postprocess(raw[index], LetterboxInfo.from_array(infos[index]), thresholds, self.head_format)
-                for index in range(len(raw))
-            ]
+            if profile is not None:
+                per_image = [map_to_original(select_in_graph(raw[index], profile, thresholds),
+                                             LetterboxInfo.from_array(infos[index])) for index in range(len(raw))]
+            else:
+                per_image = [
+                    postprocess(raw[index], LetterboxInfo.from_array(infos[index]), thresholds, self.head_format)
+                    for index in range(len(raw))
+                ]
         except Exception as error:  # noqa: BLE001  (any failure is this request's error, not the server's)
             return _error(f"postprocess: {error}", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("DETECTIONS", _stack(per_image))])
