@@ -42,6 +42,7 @@ from packager.metrics.mac_coverage import conv_coverage
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins
 
 ORT = RuntimeOptions("onnxruntime")
+DEFAULT_RECIPE = "mse64-x12"  # what `yqpack build` does by default (the recipe "default" rebuilds it)
 HELD_OUT_START = 192  # calib2017 images [192:] score the label-free agreement; no recipe calibrates on them
 
 
@@ -103,6 +104,8 @@ recipe("max64", "mixed, ModelOpt max calibration, 64 images (the old default)", 
 recipe("max192", "mixed, max, 192 images", modelopt_recipe(192, "max"))
 recipe("entropy64", "mixed, ModelOpt entropy calibration, 64 images", modelopt_recipe(64, "entropy"))
 recipe("entropy192", "mixed, entropy, 192 images", modelopt_recipe(192, "entropy"))
+recipe("max64-x12", "max64 + the stride-4 stage kept precise (without the MSE scales)",
+       modelopt_recipe(64, "max", stride4_precise=True))
 recipe("mse64", "mixed, max calibration + MSE activation scales, 64 images", modelopt_recipe(64, "mse"))
 recipe("mse128", "mixed, max + MSE activation scales, 128 images", modelopt_recipe(128, "mse"))
 recipe("mse192", "mixed, max + MSE activation scales, 192 images", modelopt_recipe(192, "mse"))
@@ -226,14 +229,21 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["recipes"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    at_coverage: dict[float, int] = {}
     for name, row in rows.items():
         if "ratio" not in row:
             continue
-        x = 100 * row["int8_mac_coverage"]
+        # recipes of one coverage side by side (their x differs by less than a marker otherwise)
+        coverage = round(100 * row["int8_mac_coverage"], 2)
+        x = coverage + 0.35 * at_coverage.get(coverage, 0)
+        at_coverage[coverage] = at_coverage.get(coverage, 0) + 1
         ax.errorbar(x, row["ratio"], yerr=[[row["ratio"] - row["low"]], [row["high"] - row["ratio"]]], fmt="o",
                     capsize=3)
-        ax.annotate(name, (x, row["ratio"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        label = f"{name} (default)" if name == DEFAULT_RECIPE else name
+        below = at_coverage[coverage] % 2 == 0  # neighbours' labels above and below their points
+        ax.annotate(label, (x, row["ratio"]), textcoords="offset points", xytext=(5, -10 if below else 4),
+                    fontsize=8, fontweight="bold" if name == DEFAULT_RECIPE else "normal")
     ax.axhline(0.99, color="red", linestyle="--", linewidth=1, label="0.99 target")
     ax.axvline(90, color="grey", linestyle=":", linewidth=1, label="90 % INT8 MACs")
     ax.set_xlabel("INT8 share of convolution MACs (%)")
@@ -262,10 +272,14 @@ def main() -> None:
                         help="also the paired bootstrap difference of each recipe's mAP50-95 vs this recipe's")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --plot from OUT/results.json and exit")
     args = parser.parse_args()
     if args.list:
         for recipe_ in RECIPES.values():
             print(f"{recipe_.name:24s} {recipe_.description}")
+        return
+    if args.plot_only:
+        plot(json.loads((Path(args.out) / "results.json").read_text()), Path(args.plot))
         return
     with tempfile.TemporaryDirectory():
         run(args)

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from packager.build.records import artifact_path
+from packager.build.manifest import artifact_path
 from packager.calibration.calibration import list_images
 from packager.core.contracts import ConfigError
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins, quantized_node_names
@@ -24,7 +24,8 @@ CALIB_IMAGES = 64  # the session build's calibration (conftest.BUILD_CALIB_IMAGE
 
 @pytest.fixture(scope="module")
 def max_twin(yolov8n_build, tmp_path_factory):
-    """ModelOpt's own max calibration on the session build's calibration tensor: what `mse` starts from."""
+    """ModelOpt's own max calibration on the session build's calibration tensor and graph (the default recipe but
+    for the ranges): what `mse` starts from."""
     calib = np.load(yolov8n_build / "calib.npy")
     return quantize_int8_twins(artifact_path(yolov8n_build, "fp32"), calib, tmp_path_factory.mktemp("max"),
                                QuantizeOptions(calibration_method="max"))
@@ -78,22 +79,23 @@ def test_mse_scales_agree_better_with_fp32_on_held_out_images(yolov8n_build, max
     from packager.quantize.sensitivity import AgreementScorer
 
     manifest = json.loads((yolov8n_build / "manifest.json").read_text())
-    held_out = list_images(assets / "coco" / "calib2017")[192:208]  # the build calibrates on the first 64
+    held_out = list_images(assets / "coco" / "calib2017")[192:]  # the build calibrates on the first 64
     scorer = AgreementScorer(onnx.load(str(artifact_path(yolov8n_build, "fp32"))), held_out, (640, 640),
                              manifest["class_names"])
     mse = scorer.score(onnx.load(str(artifact_path(yolov8n_build, "int8-fp32"))))
     maximum = scorer.score(onnx.load(str(max_twin.int8_fp32_path)))
-    # measured on 66 held-out images: 0.895 -> 0.952 agreement, 14.3 -> 17.1 dB
-    assert mse.agreement > maximum.agreement + 0.02, (mse, maximum)
-    assert mse.sqnr_db > maximum.sqnr_db + 1.0, (mse, maximum)
+    # measured on these 66 images (benchmarks/recipe_frontier.py): 0.944 -> 0.966 with the stride-4 stage precise
+    # (0.895 -> 0.952 with it in INT8)
+    assert mse.agreement > maximum.agreement + 0.01, (mse, maximum)
+    assert mse.sqnr_db > maximum.sqnr_db, (mse, maximum)
 
 
 def test_manifest_records_the_activation_scales(yolov8n_build):
     quant = json.loads((yolov8n_build / "manifest.json").read_text())["quantization"]
-    assert quant["calibration_method"] == "mse" and quant["adaround"] is None
+    assert quant["calibration_method"] == "mse" and "adaround" not in quant and quant["stride4_precise"] is True
     scales = quant["activation_scales"]
     assert scales["method"] == "mse" and scales["images"] == CALIB_IMAGES and scales["kept_max"] == ["images"]
-    assert scales["tensors"] == len(scales["per_tensor"]) == 56
+    assert scales["tensors"] == len(scales["per_tensor"]) > 40
     assert all(0 < t["chosen"] <= t["amax"] and t["mse_ratio"] <= 1.0 for t in scales["per_tensor"])
     assert 0.2 < scales["median_range_vs_max"] < 0.9 and scales["mean_rounding_mse_vs_max"] < 0.7
 

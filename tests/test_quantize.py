@@ -64,6 +64,20 @@ def test_int8_twins_quantize_convs_but_not_the_head(yolov8n_build):
         assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops.values())
 
 
+def test_mixed_keeps_the_stride4_stage_precise(yolov8n_build):
+    """Found by shape: on yolov8n the convolutions of model.1 and model.2 (160 x 160 at 640), none later."""
+    from packager.quantize.early_stage import stride4_stage_convs
+
+    fp32 = load(yolov8n_build, "fp32")
+    stage = stride4_stage_convs(fp32)
+    assert stage and all(name.startswith(("/model.1/", "/model.2/")) for name in stage)
+    assert {"/model.1/conv/Conv", "/model.2/cv1/conv/Conv", "/model.2/cv2/conv/Conv"} <= set(stage)
+    manifest = json.loads((yolov8n_build / "manifest.json").read_text())
+    assert set(stage) <= set(manifest["quantization"]["excluded_nodes"])
+    assert not set(stage) & set(quantized_node_names(load(yolov8n_build, "int8")))
+    assert "/model.0/conv/Conv" in quantized_node_names(load(yolov8n_build, "int8"))  # the stem stays INT8
+
+
 def test_structural_head_finder_covers_ultralytics_patterns(yolov8n_build):
     fp32 = load(yolov8n_build, "fp32")
     head = set(head_nodes_to_keep_precise(fp32))

@@ -203,7 +203,8 @@ class Fp8Record:
 
     def to_dict(self) -> dict:
         # No record format number here: `format` has always named the FP8 encoding; the quantization record's counts.
-        data = {key: value for key, value in asdict(self).items() if key != "other"}
+        data = {key: value for key, value in asdict(self).items() if key != "other"
+                and not (key == "calibration_method" and value is None)}  # builds before it: INT8's method
         return {**data, "high_precision_dtype": dict(self.high_precision_dtype), **self.other}
 
     @classmethod
@@ -277,7 +278,8 @@ class QuantizationRecord:
         }
         if self.auto is not None:
             data["auto"] = self.auto
-        data["stride4_precise"] = self.stride4_precise
+        if self.stride4_precise:  # absent in the builds that predate it, which all quantized that stage
+            data["stride4_precise"] = True
         for key in ("activation_scales", "adaround"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
