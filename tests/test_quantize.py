@@ -64,6 +64,20 @@ def test_int8_twins_quantize_convs_but_not_the_head(yolov8n_build):
         assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops.values())
 
 
+def test_mixed_keeps_the_stride4_stage_precise(yolov8n_build):
+    """Found by shape: on yolov8n the convolutions of model.1 and model.2 (160 x 160 at 640), none later."""
+    from packager.quantize.early_stage import stride4_stage_convs
+
+    fp32 = load(yolov8n_build, "fp32")
+    stage = stride4_stage_convs(fp32)
+    assert stage and all(name.startswith(("/model.1/", "/model.2/")) for name in stage)
+    assert {"/model.1/conv/Conv", "/model.2/cv1/conv/Conv", "/model.2/cv2/conv/Conv"} <= set(stage)
+    manifest = json.loads((yolov8n_build / "manifest.json").read_text())
+    assert set(stage) <= set(manifest["quantization"]["excluded_nodes"])
+    assert not set(stage) & set(quantized_node_names(load(yolov8n_build, "int8")))
+    assert "/model.0/conv/Conv" in quantized_node_names(load(yolov8n_build, "int8"))  # the stem stays INT8
+
+
 def test_structural_head_finder_covers_ultralytics_patterns(yolov8n_build):
     fp32 = load(yolov8n_build, "fp32")
     head = set(head_nodes_to_keep_precise(fp32))
@@ -107,7 +121,7 @@ def test_manifest_describes_the_build(yolov8n_build):
         assert entry["path"] == ARTIFACT_FILES[variant]
         assert entry["sha256"] == sha256_file(yolov8n_build / entry["path"])
     quant = manifest["quantization"]
-    assert quant["preset"] == "mixed" and quant["calibration_method"] == "max"
+    assert quant["preset"] == "mixed" and quant["calibration_method"] == "mse"
     assert quant["calibration_eps"] == ["cpu"] and quant["dq_only"] is False
     assert quant["excluded_ops"] == ["Add"]  # mixed keeps residual adds precise
     assert manifest["calibration"]["count"] == 64
@@ -156,7 +170,8 @@ def test_derived_fp16_twin_equals_modelopt_fp16_quantization(yolov8n_build, tmp_
     from packager.evaluate.onnx_eval import onnx_session
 
     calib = np.load(yolov8n_build / "calib.npy")[:8]
-    ours = quantize_int8_twins(artifact_path(yolov8n_build, "fp32"), calib, tmp_path / "ours")
+    ours = quantize_int8_twins(artifact_path(yolov8n_build, "fp32"), calib, tmp_path / "ours",
+                               QuantizeOptions(calibration_method="max"))
     shutil.copyfile(artifact_path(yolov8n_build, "fp32"), tmp_path / "model.onnx")
     quantize(
         onnx_path=str(tmp_path / "model.onnx"), quantize_mode="int8", calibration_data={"images": calib},

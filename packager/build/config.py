@@ -21,7 +21,7 @@ from packager.core.contracts import ConfigError, MissingInputError
 from packager.core.manifest import MANIFEST_NAME, BuildManifest
 from packager.export.onnx_export import DEFAULT_OPSET, parse_imgsz
 from packager.inference.runtime import DEFAULT_RUNTIME, RUNTIMES, RuntimeOptions
-from packager.quantize.int8 import CALIBRATION_METHODS, PRESETS, QuantizeOptions
+from packager.quantize.int8 import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD, PRESETS, QuantizeOptions
 from packager.repository.targets import TARGETS
 
 PRECISION_HINTS = ("f32", "bf16")
@@ -50,10 +50,14 @@ BUILD_KEYS = {
     "opset": ConfigKey("int", DEFAULT_OPSET),
     "end2end": ConfigKey("bool", None, optional=True),
     "preset": ConfigKey("text", "mixed", choices=PRESETS),
+    "stride4_precise": ConfigKey("bool", True),
     "auto_target": ConfigKey("float", 0.97),
     "tune_images": ConfigKey("path", optional=True),
     "max_tune_images": ConfigKey("int", 64),
-    "calibration_method": ConfigKey("text", "max", choices=CALIBRATION_METHODS),
+    "calibration_method": ConfigKey("text", DEFAULT_CALIBRATION_METHOD, choices=CALIBRATION_METHODS),
+    "adaround": ConfigKey("bool", False),
+    "adaround_iterations": ConfigKey("int", 1500),
+    "adaround_device": ConfigKey("text", "auto"),
     "calibration_eps": ConfigKey("texts", ["cpu"]),
     "dq_only": ConfigKey("bool", False),
     "exclude_nodes": ConfigKey("texts", []),
@@ -93,6 +97,10 @@ class ConfigFile:
     manifest_of: Path | None = None  # the build directory whose manifest.json this is
 
 
+# Keys added after builds recorded their config, with the behaviour of the builds that predate them.
+BEHAVIOUR_BEFORE_KEY = {"stride4_precise": False, "adaround": False}
+
+
 def read_config_file(path: str | Path, keys: dict[str, ConfigKey] = BUILD_KEYS) -> ConfigFile:
     """A YAML/JSON config file, or a build's manifest.json (its recorded `config`), checked against `keys`."""
     path = Path(path)
@@ -111,8 +119,10 @@ def read_config_file(path: str | Path, keys: dict[str, ConfigKey] = BUILD_KEYS) 
         if manifest.config is None:
             raise ConfigError(f"{path} records no build configuration (built by an older yqpack): write a "
                               "build.yaml of its options instead")
-        data, manifest_of = manifest.config, path.parent
-        if keys is not BUILD_KEYS:  # render: the build's repository options, and the build itself
+        data, manifest_of = dict(manifest.config), path.parent
+        if keys is BUILD_KEYS:  # a build made before a key existed ran without what the key's default turns on
+            data = {**BEHAVIOUR_BEFORE_KEY, **data}
+        else:  # render: the build's repository options, and the build itself
             data = {key: value for key, value in data.items() if key in keys and value is not None}
             data["build"] = str(manifest_of.resolve())
     if data is None:
@@ -203,7 +213,8 @@ def options_from_config(config: dict[str, Any], show_progress: bool = True) -> B
             calibration_eps=list(value["calibration_eps"]), dq_only=value["dq_only"],
             exclude_nodes=list(value["exclude_nodes"]), exclude_ops=list(value["exclude_ops"]),
             calibrate_per_node=value["calibrate_per_node"], trt_plugins=list(value["trt_plugins"]),
-            auto_target=value["auto_target"],
+            auto_target=value["auto_target"], stride4_precise=value["stride4_precise"], adaround=value["adaround"],
+            adaround_iterations=value["adaround_iterations"], adaround_device=value["adaround_device"],
         ),
         tune_images=path("tune_images"), max_tune_images=value["max_tune_images"],
         val_images=path("val_images"), val_annotations=path("val_annotations"), min_map_ratio=value["min_map_ratio"],
@@ -226,12 +237,13 @@ def config_from_options(options: BuildOptions) -> dict[str, Any]:
         "calib_data": path(options.calib_data), "calib_size": options.calib_size,
         "imgsz": list(options.imgsz), "max_batch": options.max_batch,
         "static_batch": not options.dynamic_batch, "opset": options.opset, "end2end": options.end2end,
-        "preset": quantize.preset, "auto_target": quantize.auto_target, "tune_images": path(options.tune_images),
+        "preset": quantize.preset, "stride4_precise": quantize.stride4_precise, "auto_target": quantize.auto_target, "tune_images": path(options.tune_images),
         "max_tune_images": options.max_tune_images, "calibration_method": quantize.calibration_method,
         "calibration_eps": list(quantize.calibration_eps), "dq_only": quantize.dq_only,
         "exclude_nodes": list(quantize.exclude_nodes), "exclude_ops": list(quantize.exclude_ops),
         "calibrate_per_node": quantize.calibrate_per_node, "trt_plugins": list(quantize.trt_plugins),
-        "val_images": path(options.val_images), "val_annotations": path(options.val_annotations),
+        "adaround": quantize.adaround, "adaround_iterations": quantize.adaround_iterations,
+        "adaround_device": quantize.adaround_device, "val_images": path(options.val_images), "val_annotations": path(options.val_annotations),
         "min_map_ratio": options.min_map_ratio, "repository": path(options.repository),
         "target": options.repository_target, "fp8": options.fp8, "allow_overlap": options.allow_overlap,
         "runtime": options.runtime.runtime, "precision_hint": options.runtime.precision_hint,

@@ -25,7 +25,7 @@ from packager.core.manifest import ARTIFACT_FILES, MANIFEST_NAME, Artifact, Buil
 from packager.evaluate.onnx_eval import BuildEvaluation, BuildGateResult
 from packager.export.onnx_export import ExportResult
 from packager.quantize.fp8 import Fp8Result
-from packager.quantize.int8 import QuantizeOptions, QuantizeResult
+from packager.quantize.int8 import QuantizeOptions, QuantizeResult, modelopt_calibration_method
 
 __all__ = ["ARTIFACT_FILES", "MANIFEST_NAME", "artifact_entries", "artifact_path", "assemble_manifest",
            "evaluation_record", "library_versions", "sha256_file"]
@@ -101,8 +101,11 @@ def quantization_record(quantization: QuantizeResult, options: QuantizeOptions, 
         int8_mac_coverage=round(coverage["int8"].share("int8"), 5),
         conv_coverage=dict(coverage),
         fp8=None if fp8 is None else Fp8Record(fp8.quantized_nodes, round(coverage["fp8"].share("fp8"), 5),
-                                               fp8.wall_time_s),
+                                               fp8.wall_time_s, modelopt_calibration_method(options.calibration_method)),
         auto=quantization.auto.as_dict() if quantization.auto else None,
+        stride4_precise=options.stride4_precise and quantization.preset == "mixed",
+        activation_scales=quantization.activation_scales.as_dict() if quantization.activation_scales else None,
+        adaround=quantization.adaround.as_dict() if quantization.adaround else None,
     )
 
 

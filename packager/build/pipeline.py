@@ -162,8 +162,10 @@ def _quantize(build_dir: Path, options: BuildOptions, calibration: CalibrationRe
               class_names: list[str], console: Console, timings: dict[str, float]) -> QuantizeResult:
     """INT8 twins from one calibration; preset auto then picks what to keep precise on the `tuning` images."""
     started = time.perf_counter()
-    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, {options.quantize.calibration_method} "
-                        f"calibration on {calibration.count} images)"):
+    method = options.quantize.calibration_method
+    with console.status(f"ModelOpt INT8 PTQ ({options.quantize.preset}, "
+                        f"{'max + MSE scales' if method == 'mse' else method} calibration on {calibration.count} "
+                        "images)"):
         quantization = quantize_int8_twins(
             build_dir / ARTIFACT_FILES["fp32"], calibration.data, build_dir / "onnx", options.quantize
         )
@@ -174,7 +176,16 @@ def _quantize(build_dir: Path, options: BuildOptions, calibration: CalibrationRe
                           class_names, options.quantize, options.show_progress)
         timings["auto_preset"] = time.perf_counter() - started
         console.print(f"Auto preset: {quantization.auto.reason()}")
-    elif quantization.excluded_nodes:
+    if options.quantize.adaround:
+        from packager.quantize.adaround_step import apply_adaround
+
+        started = time.perf_counter()
+        apply_adaround(quantization, build_dir / ARTIFACT_FILES["fp32"], calibration.data, options.quantize,
+                       options.show_progress)
+        timings["adaround"] = time.perf_counter() - started
+        console.print(f"AdaRound: learned INT8 rounding of {quantization.adaround.convolutions} convolutions on "
+                      f"{quantization.adaround.device} in {quantization.adaround.seconds:.0f} s")
+    if options.quantize.preset != "auto" and quantization.excluded_nodes:
         console.print(f"Kept in high precision ({len(quantization.excluded_nodes)} nodes): "
                       + ", ".join(quantization.excluded_nodes))
     if quantization.excluded_ops:

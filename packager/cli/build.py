@@ -74,12 +74,24 @@ def _from_command_line(ctx: click.Context, name: str) -> bool:
               help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
                    "extreme: quantize everything (stress test only, never deploy); auto: keep the most sensitive "
                    "units precise until --auto-target agreement with FP32 on the tuning images.")
+@click.option("--stride4-precise/--stride4-int8", default=True, show_default=True,
+              help="mixed: keep the backbone's stride-4 stage (yolov8n: model.1 and model.2, 6.9 % of conv MACs) "
+                   "in high precision, or quantize it too.")
 @click.option("--auto-target", default=0.97, show_default=True, type=float,
               help="auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images to reach.")
 @click.option("--tune-images", type=click.Path(path_type=Path),
               help="auto: tuning images [default: --calib-images after the first --calib-size].")
 @click.option("--max-tune-images", default=64, show_default=True, type=int, help="auto: tuning images to use.")
-@click.option("--calibration-method", type=click.Choice(["max", "entropy"]), default="max", show_default=True)
+@click.option("--calibration-method", type=click.Choice(["mse", "max", "entropy"]), default="mse", show_default=True,
+              help="INT8 activation ranges. mse: ModelOpt max calibration, then each activation scale set to its "
+                   "least-rounding-error range from histograms of the same images; max / entropy: ModelOpt's own.")
+@click.option("--adaround/--no-adaround", default=False, show_default=True,
+              help="Learn each INT8 convolution's weight rounding on the calibration images (AdaRound; minutes, "
+                   "on a CUDA GPU when torch sees one).")
+@click.option("--adaround-iterations", default=1500, show_default=True, type=int,
+              help="AdaRound optimisation steps per convolution.")
+@click.option("--adaround-device", default="auto", show_default=True,
+              help="AdaRound device: auto (CUDA GPU if present, else CPU), cpu, cuda, cuda:N.")
 @click.option("--calibration-eps", default="cpu", show_default=True,
               help="Comma-separated ModelOpt calibration execution providers (cpu, cuda:0, trt).")
 @click.option("--dq-only/--no-dq-only", default=False, show_default=True,

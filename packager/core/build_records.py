@@ -192,6 +192,7 @@ class Fp8Record:
     quantized_nodes: int
     fp8_mac_coverage: float | None = None
     wall_time_s: float | None = None
+    calibration_method: str | None = None  # ModelOpt's: INT8's MSE refinement is for the 8-bit integer grid only
     quantize_mode: str = "fp8"
     format: str = "E4M3 (float8e4m3fn) Q/DQ"
     high_precision_dtype: dict[str, str] = field(default_factory=lambda: {"fp8": "fp16", "fp8-fp32": "fp32"})
@@ -202,7 +203,8 @@ class Fp8Record:
 
     def to_dict(self) -> dict:
         # No record format number here: `format` has always named the FP8 encoding; the quantization record's counts.
-        data = {key: value for key, value in asdict(self).items() if key != "other"}
+        data = {key: value for key, value in asdict(self).items() if key != "other"
+                and not (key == "calibration_method" and value is None)}  # builds before it: INT8's method
         return {**data, "high_precision_dtype": dict(self.high_precision_dtype), **self.other}
 
     @classmethod
@@ -212,6 +214,7 @@ class Fp8Record:
         return cls(
             quantized_nodes=fields.integer("quantized_nodes"), fp8_mac_coverage=fields.number("fp8_mac_coverage", None),
             wall_time_s=fields.number("wall_time_s", None),
+            calibration_method=fields.optional_text("calibration_method"),
             quantize_mode=fields.text("quantize_mode", defaults.quantize_mode),
             format=fields.text("format", defaults.format),
             high_precision_dtype=fields.names("high_precision_dtype") or defaults.high_precision_dtype,
@@ -243,6 +246,9 @@ class QuantizationRecord:
     conv_coverage: dict[str, ConvCoverage] = field(default_factory=dict)  # "int8" / "fp8" artifact -> coverage
     fp8: Fp8Record | None = None
     auto: dict | None = None  # preset auto's own report (AutoSelection.as_dict: target, steps, ranking, ...)
+    stride4_precise: bool = False  # mixed: the backbone's stride-4 stage kept out of INT8 (builds before: False)
+    activation_scales: dict | None = None  # calibration mse: the refined ranges (ActivationScaleRecord.as_dict)
+    adaround: dict | None = None  # --adaround: the learned rounding (AdaRoundRecord.as_dict)
     tool: str = "nvidia-modelopt onnx PTQ"
     quantize_mode: str = "int8"
     high_precision_dtype: dict[str, str] = field(default_factory=lambda: {"int8": "fp16", "int8-fp32": "fp32"})
@@ -272,6 +278,11 @@ class QuantizationRecord:
         }
         if self.auto is not None:
             data["auto"] = self.auto
+        if self.stride4_precise:  # absent in the builds that predate it, which all quantized that stage
+            data["stride4_precise"] = True
+        for key in ("activation_scales", "adaround"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
         if self.int8_mac_coverage is not None:
             data["int8_mac_coverage"] = self.int8_mac_coverage
         if self.conv_coverage:
@@ -296,6 +307,10 @@ class QuantizationRecord:
             wall_time_s=fields.number("wall_time_s", None), int8_mac_coverage=fields.number("int8_mac_coverage", None),
             conv_coverage=fields.objects("conv_coverage", ConvCoverage.from_dict),
             fp8=fields.optional("fp8", Fp8Record.from_dict), auto=auto,
+            stride4_precise=fields.flag("stride4_precise", False),
+            activation_scales=fields.take("activation_scales", None, lambda v: v is None or isinstance(v, dict),
+                                          "an object"),
+            adaround=fields.take("adaround", None, lambda v: v is None or isinstance(v, dict), "an object"),
             tool=fields.text("tool", defaults.tool), quantize_mode=fields.text("quantize_mode", "int8"),
             high_precision_dtype=fields.names("high_precision_dtype") or defaults.high_precision_dtype,
             twins_from_one_calibration=fields.flag("twins_from_one_calibration", True),

@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from packager.core.contracts import ConfigError
-from packager.quantize.int8 import AutoSelection, QuantizeOptions, QuantizeResult, node_order, quantized_node_names
+from packager.quantize.int8 import (
+    AutoSelection,
+    QuantizeOptions,
+    QuantizeResult,
+    node_order,
+    quantized_node_names,
+    write_int8_twins,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +28,6 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
     """Preset auto, after `quantize_int8_twins` calibrated everything: rank units by sensitivity on the tuning
     images, keep them precise greedily until the agreement target is met, rewrite both twins from that graph."""
     import onnx
-    from modelopt.onnx.autocast import convert_to_f16
 
     from packager.quantize.sensitivity import AgreementScorer, analyze, chosen, greedy_keep_precise
     from packager.quantize.qdq_graph import keep_precise
@@ -38,8 +44,7 @@ def apply_auto_preset(result: QuantizeResult, fp32_path: str | Path, tuning_imag
     choice = chosen(steps)
     units = [u for name in choice.kept_precise for u in sensitivity.units if u.unit == name]
     final = keep_precise(all_int8, [n for u in units for n in u.nodes])
-    onnx.save(final, str(result.int8_fp32_path))
-    onnx.save(convert_to_f16(final, low_precision_type="fp16", keep_io_types=True), str(result.int8_path))
+    write_int8_twins(final, Path(result.int8_fp32_path).parent)
     result.excluded_nodes = sorted(set(result.excluded_nodes) | {n for u in units for n in u.nodes},
                                    key=node_order(all_int8))
     result.quantized_nodes = len(quantized_node_names(final))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from packager.core.contracts import ConfigError, QuantizationError
-from packager.quantize.int8 import NoGpuProbeNoise, QuantizeOptions, quantized_node_names
+from packager.quantize.int8 import NoGpuProbeNoise, QuantizeOptions, modelopt_calibration_method, quantized_node_names
 
 
 @dataclass
@@ -61,7 +61,7 @@ def quantize_fp8_twins(
             quantize(
                 onnx_path=str(work_input), quantize_mode="fp8",
                 calibration_data={input_name: np.ascontiguousarray(calibration, dtype=np.float32)},
-                calibration_method=options.calibration_method, calibration_eps=list(options.calibration_eps),
+                calibration_method=modelopt_calibration_method(options.calibration_method), calibration_eps=list(options.calibration_eps),
                 op_types_to_exclude=list(excluded_ops) or None,
                 nodes_to_exclude=[re.escape(name) + "$" for name in excluded_nodes],
                 high_precision_dtype="fp32", output_path=str(fp32_twin), log_level="WARNING",
