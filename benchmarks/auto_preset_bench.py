@@ -28,7 +28,7 @@ from packager.quantize.auto_preset import AUTO_MAX_TRIALS
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate
 from packager.core.manifest import BuildManifest
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.evaluate.onnx_eval import detect_images
 from packager.quantize.qdq_graph import int8_conv_mac_share, keep_precise
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins

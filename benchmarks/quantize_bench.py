@@ -25,7 +25,7 @@ import numpy as np
 
 from packager.core.paths import assets_dir
 from packager.core.manifest import BuildManifest
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.evaluate.onnx_eval import evaluate_build, onnx_session
 
 

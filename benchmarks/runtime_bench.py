@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.inference.runtime import RuntimeOptions, int8_isa, open_model, read_cpu_flags
 
 SETTINGS = {

@@ -29,7 +29,7 @@ def yolov8n_build(assets, tmp_path_factory) -> Path:
 
     YQPACK_TEST_BUILD=<existing build dir> reuses a build instead (development only; the CI builds fresh).
     """
-    from packager.build.pipeline import BuildOptions, run_build
+    from packager.pipeline.run import BuildOptions, run_build
 
     reuse = os.environ.get("YQPACK_TEST_BUILD")
     if reuse:

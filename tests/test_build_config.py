@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from packager.build.config import BUILD_KEYS, RENDER_KEYS, read_config_file
+from packager.pipeline.config import BUILD_KEYS, RENDER_KEYS, read_config_file
 from packager.cli.build import build, render
 from packager.cli.main import main
 from packager.core.contracts import ConfigError

@@ -20,7 +20,7 @@ from packager.core.contracts import (
     check_model_name,
 )
 from packager.core.manifest import BuildManifest
-from packager.build.manifest import sha256_file
+from packager.pipeline.manifest import sha256_file
 from packager.core.repository_index import RepositoryIndex
 
 PACKAGE = Path(__file__).resolve().parent.parent / "packager"

@@ -21,7 +21,7 @@ from packager.export.onnx_export import export_onnx
 from packager.inference.letterbox import preprocess, read_image
 from packager.core.contracts import HeadFormat, ModelSpec, TensorSpec
 from packager.core.manifest import BuildManifest
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.evaluate.onnx_eval import onnx_session
 from packager.inference.postprocess import Thresholds, postprocess
 from packager.inference.runtime import RuntimeOptions
@@ -38,7 +38,7 @@ SERVED = {"yolo26n": ("fp32", "int8"), "yolo11n": ("fp32",), "yolov8n": ("fp32",
 
 @pytest.fixture(scope="module")
 def builds(assets, yolov8n_build, tmp_path_factory) -> dict[str, Path]:
-    from packager.build.pipeline import BuildOptions, run_build
+    from packager.pipeline.run import BuildOptions, run_build
 
     out = tmp_path_factory.mktemp("e2e-builds")
     result = {"yolov8n": Path(yolov8n_build)}

@@ -18,7 +18,7 @@ VAL_IMAGES = 8
 @pytest.fixture(scope="module")
 def fp8_build(assets, tmp_path_factory):
     """A small real build: imgsz 320, 16 calibration images, 8 val images, --target gpu --fp8."""
-    from packager.build.pipeline import BuildOptions, run_build
+    from packager.pipeline.run import BuildOptions, run_build
 
     root = tmp_path_factory.mktemp("fp8")
     val = root / "val"
@@ -37,7 +37,7 @@ def fp8_build(assets, tmp_path_factory):
 def test_a_default_gpu_build_has_no_fp8(tmp_path):
     """FP8 plans need compute capability >= 8.9: a default --target gpu build must come up on a T4, so FP8 is
     only built when asked for (issue 20)."""
-    from packager.build.pipeline import BuildOptions
+    from packager.pipeline.run import BuildOptions
 
     default = BuildOptions(model=tmp_path / "m.pt", out=tmp_path / "b", repository=tmp_path / "r",
                            repository_target="gpu")
@@ -68,7 +68,7 @@ def test_fp8_artifacts_have_float8_qdq_on_convolutions(fp8_build):
     assert manifest["quantization"]["fp8"]["fp8_mac_coverage"] == round(coverage.share("fp8"), 5)
     assert 0.5 < manifest["quantization"]["int8_mac_coverage"] < 1
     assert len(manifest["calibration"]["image_sha256"]) == 16
-    from packager.build.summary import summary_table
+    from packager.pipeline.summary import summary_table
 
     caption = summary_table(fp8_build).caption
     assert "of conv MACs in INT8" in caption and "of conv MACs in FP8" in caption and "fp8-fp32 mAP50-95" in caption

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.calibration.calibration import list_images
 from packager.core.contracts import ConfigError
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins, quantized_node_names

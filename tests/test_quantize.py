@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from packager.build.manifest import ARTIFACT_FILES, artifact_path, sha256_file
+from packager.pipeline.manifest import ARTIFACT_FILES, artifact_path, sha256_file
 from packager.quantize.int8 import (
     EXTREME_OP_TYPES,
     QuantizeOptions,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.inference.runtime import (
     SATURATION_NOTE,
     RuntimeOptions,

@@ -15,7 +15,7 @@ import pytest
 
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
 from packager.core.manifest import BuildManifest
-from packager.build.manifest import artifact_path
+from packager.pipeline.manifest import artifact_path
 from packager.quantize.qdq_graph import find_units, int8_conv_mac_share, keep_precise, quantized_inputs
 from packager.quantize.int8 import QuantizeOptions, quantize_int8_twins
 from packager.metrics.intervals import paired_difference, weighted_map
@@ -141,7 +141,7 @@ def test_split_calibration_and_tuning_is_disjoint(tmp_path):
 
 def test_build_with_auto_preset_records_its_choice(assets, tmp_path):
     """A whole `yqpack build --preset auto` at 320 px: calibration 8 images, tuning the next 4 (disjoint)."""
-    from packager.build.pipeline import BuildOptions, run_build
+    from packager.pipeline.run import BuildOptions, run_build
 
     out = tmp_path / "auto"
     result = run_build(BuildOptions(

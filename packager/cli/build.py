@@ -1,6 +1,6 @@
 """`yqpack build`, `render` and `eval-onnx`: their options, parsed into the stages' option objects.
 
-`build` and `render` also read their options from a file (`--config`, packager/build/config.py): the file's
+`build` and `render` also read their options from a file (`--config`, packager/pipeline/config.py): the file's
 values become the command's defaults, so an option given on the command line wins. Registered on the command
 group in packager/cli/main.py, which converts the stages' errors.
 """
@@ -29,7 +29,7 @@ def _config_option(command: str, help_text: str):
     def load(ctx: click.Context, _param, value):
         if value is None:
             return None
-        from packager.build import config
+        from packager.pipeline import config
 
         loaded = config.read_config_file(value, {"build": config.BUILD_KEYS, "render": config.RENDER_KEYS}[command])
         ctx.default_map = {**(ctx.default_map or {}), **_click_defaults(loaded.values)}
@@ -122,9 +122,9 @@ def build(config_file, print_config, **values) -> None:
     """Export, calibrate and quantize a YOLO detector into ONNX FP32 / FP16 / INT8 artifacts."""
     from rich.console import Console
 
-    from packager.build.config import config_from_options, config_yaml, options_from_config
-    from packager.build.pipeline import run_build
-    from packager.build.summary import summary_table
+    from packager.pipeline.config import config_from_options, config_yaml, options_from_config
+    from packager.pipeline.run import run_build
+    from packager.pipeline.summary import summary_table
     from packager.core.contracts import ConfigError
 
     ctx = click.get_current_context()
@@ -197,7 +197,7 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     from rich.console import Console
 
     from packager.evaluate.onnx_eval import check_gate, evaluate_build_detailed
-    from packager.build.summary import metrics_table
+    from packager.pipeline.summary import metrics_table
     from packager.inference.runtime import RuntimeOptions, evaluation_label, variant_label
 
     names = [v.strip() for v in variants.split(",") if v.strip()]

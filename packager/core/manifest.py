@@ -46,7 +46,7 @@ class Artifact:
 class BuildManifest:
     """manifest.json. `calibration`, `quantization` and `evaluation` are typed records (None: not recorded, e.g. a
     build without --val-images has no evaluation); `config` is the resolved `yqpack build` configuration (the keys
-    of a --config file, read by packager/build/config.py); `engines` and `versions` are open records."""
+    of a --config file, read by packager/pipeline/config.py); `engines` and `versions` are open records."""
 
     model: ModelSpec
     source_model: str

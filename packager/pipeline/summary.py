@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from packager.build.result import BuildResult
+from packager.pipeline.result import BuildResult
 from packager.core.build_records import CocoMetrics, RatioInterval
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.build.result import BuildOptions
+from packager.pipeline.result import BuildOptions
 from packager.core.contracts import ConfigError, MissingInputError
 from packager.core.manifest import MANIFEST_NAME, BuildManifest
 from packager.export.onnx_export import DEFAULT_OPSET, parse_imgsz

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from packager.build.config import config_from_options
-from packager.build.manifest import assemble_manifest, evaluation_record
-from packager.build.result import BuildOptions, BuildResult
-from packager.build.summary import metrics_table
+from packager.pipeline.config import config_from_options
+from packager.pipeline.manifest import assemble_manifest, evaluation_record
+from packager.pipeline.result import BuildOptions, BuildResult
+from packager.pipeline.summary import metrics_table
 from packager.calibration.calibration import CalibrationPlan, CalibrationResult, plan_calibration
 from packager.core.contracts import AccuracyGateError, ConfigError, MissingInputError
 from packager.core.files import replace_directory
