@@ -83,11 +83,27 @@ def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_vendor(cpuinfo_text: str) -> str | None:
+    """The vendor_id of the first processor in /proc/cpuinfo text ('GenuineIntel', 'AuthenticAMD'), or None."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return None
+
+
 def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
     try:
         return cpu_flags(Path(path).read_text())
     except OSError:
         return frozenset()
+
+
+def read_cpu_vendor(path: str = "/proc/cpuinfo") -> str | None:
+    try:
+        return cpu_vendor(Path(path).read_text())
+    except OSError:
+        return None
 
 
 def int8_isa(flags: frozenset[str]) -> str | None:
@@ -101,10 +117,23 @@ SATURATION_NOTE = (
     "on onnxruntime (exact INT8 emulation, slower than FP32).")
 
 
+# OpenVINO's INT8 CPU kernels are validated on Intel only (its maintainers: "AMD EPYC processors are not officially
+# supported", openvinotoolkit/openvino#35943). Measured with yolov8n's default INT8 build, OpenVINO 2026.4.1, 640
+# val2017-dev images: an AMD EPYC 9004 (Zen 4, KVM) that reports AVX512-VNNI still gets OpenVINO's plain-AVX-512
+# int8 kernels (brgconv_avx512_I8) and INT8/FP32 mAP50-95 0.008; onnxruntime 0.986 there, OpenVINO 0.9945 on an
+# AMX Xeon (docs/cpu-openvino.md). So VNNI flags count only on Intel.
+INT8_VENDORS = ("GenuineIntel",)
+VENDOR_NOTE = (
+    "OpenVINO's INT8 kernels give wrong outputs on this {vendor} CPU even though it reports {isa} (measured on an "
+    "AMD EPYC 9004: INT8 mAP 0.008 of FP32's; OpenVINO validates INT8 on Intel only), so this quantized model runs "
+    "on onnxruntime (exact INT8 emulation, slower than FP32).")
+
+
 def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_installed: bool = True,
-                    quantized: bool = False) -> RuntimeChoice:
+                    quantized: bool = False, vendor: str | None = None) -> RuntimeChoice:
     """Decide what runs on this CPU: fall back to onnxruntime / f32 (with a note saying why) when needed.
-    `quantized`: the model holds INT8 Q/DQ (see `is_quantized`)."""
+    `quantized`: the model holds INT8 Q/DQ (see `is_quantized`). `vendor`: /proc/cpuinfo's vendor_id (None: unknown,
+    the flags alone decide)."""
     if options.runtime == "onnxruntime":
         return RuntimeChoice("onnxruntime", "f32")
     if not flags:  # not x86 Linux (e.g. ARM lists "Features"): nothing to check, OpenVINO decides itself
@@ -126,19 +155,22 @@ def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_ins
         notes.append("bf16 was requested but this CPU has neither AMX-BF16 nor AVX512-BF16: running f32.")
     if quantized and int8_isa(flags) is None:
         return RuntimeChoice("onnxruntime", "f32", (*notes, SATURATION_NOTE))
+    if quantized and vendor is not None and vendor not in INT8_VENDORS:
+        return RuntimeChoice("onnxruntime", "f32", (*notes, VENDOR_NOTE.format(vendor=vendor, isa=int8_isa(flags))))
     return RuntimeChoice("openvino", precision, tuple(notes))
 
 
 def runtime_on_this_machine(options: RuntimeOptions, quantized: bool = False) -> RuntimeChoice:
     """What `open_model` will run here for `options` and a model that is (not) `quantized`, fallbacks included,
     without opening a model."""
-    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed(), quantized)
+    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed(), quantized,
+                           read_cpu_vendor())
 
 
 def evaluation_label(options: RuntimeOptions) -> str:
     """What runs a build's variants here, for reports: one runtime, or the float one and the quantized one."""
     plain, quantized = runtime_on_this_machine(options).label, runtime_on_this_machine(options, quantized=True).label
-    return plain if plain == quantized else f"{plain}; quantized variants on {quantized} (no VNNI/AMX)"
+    return plain if plain == quantized else f"{plain}; quantized variants on {quantized} (OpenVINO INT8 unsafe here)"
 
 
 def variant_label(variant: str, options: RuntimeOptions) -> str:
@@ -214,14 +246,17 @@ class CompiledModel:
 
 
 def open_model(path: str | Path, options: RuntimeOptions = RuntimeOptions(),
-               flags: frozenset[str] | None = None) -> CompiledModel:
-    """Open `path` with the runtime `options` ask for, or the fallback `resolve_runtime` picks on this CPU."""
+               flags: frozenset[str] | None = None, vendor: str | None = None) -> CompiledModel:
+    """Open `path` with the runtime `options` ask for, or the fallback `resolve_runtime` picks on this CPU
+    (`flags` / `vendor` given: as on a CPU with those; flags without a vendor: the flags alone decide)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     installed = options.runtime != "openvino" or openvino_installed()
     quantized = options.runtime == "openvino" and is_quantized(path)
-    choice = resolve_runtime(options, read_cpu_flags() if flags is None else flags, installed, quantized)
+    if flags is None:
+        flags, vendor = read_cpu_flags(), read_cpu_vendor()
+    choice = resolve_runtime(options, flags, installed, quantized, vendor)
     start = time.perf_counter()
     opener = _open_openvino if choice.runtime == "openvino" else _open_onnxruntime
     model = opener(path, options, choice)
