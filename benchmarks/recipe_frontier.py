@@ -106,6 +106,7 @@ recipe("entropy64", "mixed, ModelOpt entropy calibration, 64 images", modelopt_r
 recipe("entropy192", "mixed, entropy, 192 images", modelopt_recipe(192, "entropy"))
 recipe("max64-x12", "max64 + the stride-4 stage kept precise (without the MSE scales)",
        modelopt_recipe(64, "max", stride4_precise=True))
+recipe("max128-x12", "max64-x12 with 128 calibration images", modelopt_recipe(128, "max", stride4_precise=True))
 recipe("mse64", "mixed, max calibration + MSE activation scales, 64 images", modelopt_recipe(64, "mse"))
 recipe("mse128", "mixed, max + MSE activation scales, 128 images", modelopt_recipe(128, "mse"))
 recipe("mse192", "mixed, max + MSE activation scales, 192 images", modelopt_recipe(192, "mse"))
