@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,23 +33,16 @@ from packager.inference.runtime import (  # noqa: E402
     INT8_FLAGS,
     RuntimeOptions,
     open_model,
-    read_cpu_flags,
-    read_cpu_vendor,
+    read_cpu,
 )
+from packager.verify.report import cpu_name  # noqa: E402
 
 IMGSZ = (640, 640)
 RUNTIMES = {"openvino": RuntimeOptions("openvino"), "onnxruntime": RuntimeOptions("onnxruntime")}
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def detect(args) -> None:
-    flags = read_cpu_flags()
+    flags, vendor = read_cpu()
     int8 = [name for flag, name in INT8_FLAGS.items() if flag in flags]
     if not int8:
         raise SystemExit("this CPU has no VNNI/AMX: OpenVINO's INT8 would saturate here (runtime.py); nothing to check")
@@ -74,7 +67,7 @@ def detect(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "detections.npz", **{f"{name}/{image}": dets for name, per_image in detections.items()
                                                     for image, dets in per_image.items()})
-    facts = {"cpu": cpu_name(), "vendor": read_cpu_vendor(), "int8_instructions": int8, "cores": len(__import__("os").sched_getaffinity(0)),
+    facts = {"cpu": cpu_name(), "vendor": vendor, "int8_instructions": int8, "cores": len(os.sched_getaffinity(0)),
              "images": len(images), "model": Path(args.model).name,
              "versions": {name: _version(name) for name in models},
              "seconds_per_image": {name: round(total / len(images), 4) for name, total in seconds.items()},

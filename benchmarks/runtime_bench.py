@@ -20,6 +20,7 @@ import numpy as np
 
 from packager.pipeline.manifest import artifact_path
 from packager.inference.runtime import RuntimeOptions, int8_isa, open_model, read_cpu_flags
+from packager.verify.report import cpu_name
 
 SETTINGS = {
     "onnxruntime": RuntimeOptions("onnxruntime"),
@@ -61,20 +62,13 @@ def main() -> None:
     for (variant, name), values in timings.items():
         results["latency_ms"].setdefault(variant, {})[name] = round(float(np.median(values)) * 1000, 1)
     flags = read_cpu_flags()
-    results["machine"] = {"processor": _cpu_model(), "cpus": len(os.sched_getaffinity(0)),
+    results["machine"] = {"processor": cpu_name(), "cpus": len(os.sched_getaffinity(0)),
                           "platform": platform.platform(), "load_average_1min": round(os.getloadavg()[0], 2),
                           "isa": [flag for flag in ISA_FLAGS if flag in flags], "int8_isa": int8_isa(flags)}
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -74,36 +74,39 @@ class RuntimeChoice:
         return f"openvino ({self.precision_hint} hint)" if self.runtime == "openvino" else "onnxruntime"
 
 
-def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
-    """The instruction-set flags of the first processor in /proc/cpuinfo text."""
+def _first_processor_field(cpuinfo_text: str, name: str) -> str | None:
     for line in cpuinfo_text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
-def cpu_vendor(cpuinfo_text: str) -> str | None:
-    """The vendor_id of the first processor in /proc/cpuinfo text ('GenuineIntel', 'AuthenticAMD'), or None."""
-    for line in cpuinfo_text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "vendor_id":
+        if key.strip() == name:
             return value.strip()
     return None
 
 
+def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
+    """The instruction-set flags of the first processor in /proc/cpuinfo text."""
+    return frozenset((_first_processor_field(cpuinfo_text, "flags") or "").split())
+
+
+def cpu_vendor(cpuinfo_text: str) -> str | None:
+    """The vendor_id of the first processor in /proc/cpuinfo text ('GenuineIntel', 'AuthenticAMD'), or None."""
+    return _first_processor_field(cpuinfo_text, "vendor_id")
+
+
+def _read_cpuinfo(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
 def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    try:
-        return cpu_flags(Path(path).read_text())
-    except OSError:
-        return frozenset()
+    return cpu_flags(_read_cpuinfo(path))
 
 
-def read_cpu_vendor(path: str = "/proc/cpuinfo") -> str | None:
-    try:
-        return cpu_vendor(Path(path).read_text())
-    except OSError:
-        return None
+def read_cpu(path: str = "/proc/cpuinfo") -> tuple[frozenset[str], str | None]:
+    """This machine's (flags, vendor), from one read of /proc/cpuinfo."""
+    text = _read_cpuinfo(path)
+    return cpu_flags(text), cpu_vendor(text)
 
 
 def int8_isa(flags: frozenset[str]) -> str | None:
@@ -163,8 +166,8 @@ def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_ins
 def runtime_on_this_machine(options: RuntimeOptions, quantized: bool = False) -> RuntimeChoice:
     """What `open_model` will run here for `options` and a model that is (not) `quantized`, fallbacks included,
     without opening a model."""
-    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed(), quantized,
-                           read_cpu_vendor())
+    flags, vendor = read_cpu()
+    return resolve_runtime(options, flags, options.runtime != "openvino" or openvino_installed(), quantized, vendor)
 
 
 def evaluation_label(options: RuntimeOptions) -> str:
@@ -255,7 +258,7 @@ def open_model(path: str | Path, options: RuntimeOptions = RuntimeOptions(),
     installed = options.runtime != "openvino" or openvino_installed()
     quantized = options.runtime == "openvino" and is_quantized(path)
     if flags is None:
-        flags, vendor = read_cpu_flags(), read_cpu_vendor()
+        flags, vendor = read_cpu()
     choice = resolve_runtime(options, flags, installed, quantized, vendor)
     start = time.perf_counter()
     opener = _open_openvino if choice.runtime == "openvino" else _open_onnxruntime
