@@ -4,8 +4,9 @@ The INT8 recipes (docs/quantization.md) are measured with onnxruntime, which emu
 targets serve INT8 with OpenVINO, whose integer kernels are only right on CPUs with VNNI or AMX (runtime.py). This
 runs both runtimes on the SAME letterboxed inputs of one int8-fp32 model, on a machine that has those
 instructions (the lent GPU host's CPU), and keeps each runtime's detections for scoring where pycocotools is.
-OpenVINO is opened wherever the CPU flags report VNNI/AMX, the vendor not consulted: so it also measures the CPUs
-that yqpack keeps off OpenVINO INT8 (runtime.py's INT8_VENDORS), which is how that rule was found.
+OpenVINO is opened on the given file wherever the CPU flags report VNNI/AMX, with no self-check (`open_exactly`): so
+it also measures pairings that yqpack keeps off OpenVINO (the s8 file on VNNI without AMX), which is how the
+routing rule of int8_cpu.py was found. benchmarks/int8_isa.py measures what the rule serves.
 
     # on the VNNI/AMX machine (numpy, opencv, onnxruntime, openvino; no pycocotools needed):
     python benchmarks/openvino_int8_cpu.py detect --model model.int8-fp32.onnx --images DIR --out OUT
@@ -32,7 +33,7 @@ from packager.inference.postprocess import EVAL_THRESHOLDS, postprocess  # noqa:
 from packager.inference.runtime import (  # noqa: E402
     INT8_FLAGS,
     RuntimeOptions,
-    open_model,
+    open_exactly,
     read_cpu,
 )
 from packager.verify.report import cpu_name  # noqa: E402
@@ -46,10 +47,7 @@ def detect(args) -> None:
     int8 = [name for flag, name in INT8_FLAGS.items() if flag in flags]
     if not int8:
         raise SystemExit("this CPU has no VNNI/AMX: OpenVINO's INT8 would saturate here (runtime.py); nothing to check")
-    models = {name: open_model(args.model, options, flags=flags) for name, options in RUNTIMES.items()}
-    for name, model in models.items():  # open_model falls back silently only with a note: refuse a fallback here
-        if model.choice.runtime != name:
-            raise SystemExit(f"{name} asked, {model.choice.runtime} opened: {model.choice.notes}")
+    models = {name: open_exactly(args.model, options) for name, options in RUNTIMES.items()}
     images = sorted(Path(args.images).glob("*.jpg"))
     detections = {name: {} for name in models}
     raw_difference, raw_scale, seconds = [], [], {name: 0.0 for name in models}

@@ -131,6 +131,7 @@ def served_verify(local_server, model_repository, yolov8n_build, sample_val, tmp
         requests_per_level=16,
         warmup_requests=8,
         progress=False,
+        server_log=local_server.log_path,  # no yqpack serve record names this server's log
     )
     return run_verify(options)
 

@@ -11,11 +11,8 @@ import random
 import pytest
 
 from packager.inference.letterbox import read_image
-from packager.verify.annotation_check import (
-    MIN_IMAGES,
-    annotated_images,
-    check_annotations,
-)
+from packager.verify.annotation_check import MIN_IMAGES, check_annotations
+from packager.verify.annotation_labels import annotated_images
 
 DEV_IMAGES = 48
 

@@ -17,7 +17,7 @@ from packager.core.contracts import ConfigError
 from packager.core.manifest import BuildManifest
 from packager.core.repository_index import RepositoryIndex
 
-ONE_CALIBRATION_ARTIFACTS = ("fp32", "fp16", "int8", "int8-fp32", "calib")
+ONE_CALIBRATION_ARTIFACTS = ("fp32", "fp16", "int8", "int8-fp32", "int8-u8", "calib")
 BUILD_CALIB_IMAGES = 64  # the session build's (conftest.py)
 
 
@@ -42,7 +42,7 @@ def test_every_option_is_a_config_key_with_the_commands_default(command, keys, a
     for name, value in resolved.items():
         if name == "model":
             continue
-        if name == "imgsz":
+        if name == "imgsz" and value is not None:  # None: the model's training size
             value = [int(value)] * 2
         elif name == "calibration_eps":
             value = value.split(",")

@@ -109,7 +109,8 @@ def test_failed_rebuild_keeps_the_previous_build(run, tmp_path):
 
 @pytest.mark.slow
 def test_failed_accuracy_gate_writes_nothing(run, assets, tmp_path):
-    """A real (small) build whose evaluation misses an impossible gate: both numbers shown, --out untouched."""
+    """A real (small) build whose evaluation misses an impossible gate: both numbers shown, --out untouched, the
+    failed build kept beside it. `--preset mixed` chosen: no fallback to auto (tests/test_build_data.py has it)."""
     subset = tmp_path / "val"
     subset.mkdir()
     for path in sorted((assets / "coco" / "val2017").glob("*.jpg"))[:4]:
@@ -117,8 +118,10 @@ def test_failed_accuracy_gate_writes_nothing(run, assets, tmp_path):
     result, out = run(
         "--calib-images", assets / "coco" / "calib2017", "--calib-size", 4, "--val-images", subset,
         "--val-annotations", assets / "coco" / "annotations" / "instances_val2017_128.json", "--min-map-ratio", 1.5,
+        "--preset", "mixed",
     )
-    assert_clean_failure(result, out, "INT8 accuracy gate failed", "vs fp32", "nothing was written")
+    assert_clean_failure(result, out, "INT8 accuracy gate failed", "vs fp32", "nothing was written",
+                         "--preset auto, or leave --preset out", f"kept in {out}.failed-gate")
 
 
 def test_calibration_skips_corrupt_images_by_name(assets, tmp_path):

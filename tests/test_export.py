@@ -98,3 +98,22 @@ def test_yolo11n_random_init_exports_and_quantizes(assets, tmp_path):
     assert any("attn" in name for name in names), "attention convs/matmuls should be quantized"
     assert not names & set(head)
     assert quantized.int8_path.is_file()
+
+
+def test_the_input_size_defaults_to_the_size_the_model_was_trained_at(assets, tmp_path):
+    """A user's best.pt trained at 416 is built at 416 unless --imgsz says otherwise (Ultralytics records the training
+    imgsz in the checkpoint); a model .yaml, or a checkpoint without the record, gets 640."""
+    import torch
+
+    from packager.export.onnx_export import model_imgsz
+
+    assert model_imgsz(assets / "custom" / "asl" / "yolov8n-asl.pt") == (416, 416)
+    assert model_imgsz(assets / "weights" / "yolov8n.pt") == (640, 640)
+    assert model_imgsz("yolo11n.yaml") == (640, 640)
+    checkpoint = torch.load(assets / "custom" / "asl" / "yolov8n-asl.pt", map_location="cpu", weights_only=False)
+    checkpoint["train_args"]["imgsz"] = [480, 640]
+    torch.save(checkpoint, tmp_path / "rect.pt")
+    assert model_imgsz(tmp_path / "rect.pt") == (480, 640)
+    del checkpoint["train_args"]
+    torch.save(checkpoint, tmp_path / "bare.pt")
+    assert model_imgsz(tmp_path / "bare.pt") == (640, 640)

@@ -115,7 +115,7 @@ def test_manifest_describes_the_build(yolov8n_build):
     assert manifest["input"] == {"name": "images", "shape": [-1, 3, 640, 640], "dtype": "float32"}
     assert manifest["output"] == {"name": "output0", "shape": [-1, 84, 8400], "dtype": "float32"}
     assert manifest["dynamic_batch"] is True and manifest["max_batch"] == 8 and len(manifest["class_names"]) == 80
-    assert set(manifest["artifacts"]) == {"fp32", "fp16", "int8", "int8-fp32", "calib"}
+    assert set(manifest["artifacts"]) == {"fp32", "fp16", "int8", "int8-fp32", "int8-u8", "int8-check", "calib"}
     assert manifest["schema"] == 2 and manifest["head_format"] == "raw" and manifest["stride"] == 32
     for variant, entry in manifest["artifacts"].items():
         assert entry["path"] == ARTIFACT_FILES[variant]
@@ -145,7 +145,7 @@ def test_extreme_preset_quantizes_the_head_too(yolov8n_build, tmp_path):
     # (DFL's Softmax is the only consumer of its input, so "fed by a DequantizeLinear" means "quantized" here.)
     assert "Softmax" not in {ops[n] for n in quantized}, "--exclude-ops must win over the preset"
     assert result.excluded_nodes == [] and set(result.op_types_to_quantize) <= set(EXTREME_OP_TYPES)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8-fp32.onnx", "model.int8.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8-fp32.onnx", "model.int8-u8.onnx", "model.int8.onnx"]
 
 
 def test_quantize_refuses_missing_calibration(yolov8n_build, tmp_path):

@@ -28,7 +28,7 @@ from packager.core.contracts import YqpackError
 from packager.inference.letterbox import preprocess_bytes
 from packager.inference.postprocess import EVAL_THRESHOLDS, PRODUCTION_THRESHOLDS, Thresholds, postprocess
 from packager.repository.targets import detector_name
-from packager.inference.runtime import RuntimeOptions, open_model, runtime_on_this_machine
+from packager.inference.runtime import RuntimeOptions, open_served_model, runtime_on_this_machine
 from packager.serve.embedded import LocalTritonServer, find_free_ports
 from packager.serve.records import read_state, shm_regions, stub_processes
 from packager.serve.server_env import MALLOC_ENV
@@ -42,8 +42,8 @@ TOLERANCE = 1e-4
 class InProcessPipeline:
     """The package's own pipeline in this process: letterbox -> the served runtime (same ONNX) -> postprocess."""
 
-    def __init__(self, onnx_path: Path, imgsz: tuple[int, int], runtime: RuntimeOptions):
-        self.model = open_model(onnx_path, runtime)
+    def __init__(self, version_dir: Path, imgsz: tuple[int, int], runtime: RuntimeOptions):
+        self.model = open_served_model(version_dir, "model.onnx", runtime)
         self.imgsz = imgsz
 
     def __call__(self, data: bytes, *thresholds: Thresholds) -> np.ndarray | list[np.ndarray]:
@@ -101,7 +101,7 @@ def pipelines(model_repository, model_name):
         detector = model_repository.path / detector_name(model_name, precision)
         params = text_format.Parse((detector / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()).parameters
         runtime = RuntimeOptions(params["runtime"].string_value, params["precision_hint"].string_value)
-        pipelines[precision] = InProcessPipeline(detector / "1" / "model.onnx", imgsz, runtime)
+        pipelines[precision] = InProcessPipeline(detector / "1", imgsz, runtime)
     return pipelines
 
 

@@ -300,6 +300,10 @@ def test_impossible_map_ratio_fails_and_names_the_gate(local_server, yolov8n_bui
     failed = [g for g in report["gates"] if not g["passed"]]
     assert [(g["gate"], g["model"]) for g in failed] == [("--min-map-ratio", "yolov8n_int8")]
     assert "| --min-map-ratio | yolov8n_int8 | **FAIL** |" in (tmp_path / "report.md").read_text()
+    # int8 failed its gate: serve fp32, said on the console too. No serve record names this server's log.
+    (recommendation,) = report["recommendations"]
+    assert recommendation["precision"] == "fp32" and recommendation["sentence"] in completed.stderr
+    assert report["detector_runtimes"] == [] and report["detector_runtimes_source"] == "not known (remote server)"
 
 
 def test_no_server_is_a_clear_error_after_wait(sample_val, tmp_path):

@@ -79,7 +79,10 @@ def evaluated_build(yolov8n_build, val_subset, coco_class_names, tmp_path_factor
                                show_progress=False)
     metrics = evaluate(detections, CocoGroundTruth(true), manifest["class_names"])
     build = tmp_path_factory.mktemp("evaluated-build")
-    (build / "manifest.json").write_text(json.dumps({**manifest, "evaluation": {"fp32": metrics.as_dict()}}))
+    # What a build evaluated on these 16 records: verify reuses its number only for the same images and classes.
+    config = {**(manifest.get("config") or {}), "val_images": str(folder), "val_annotations": str(true), "data": None}
+    (build / "manifest.json").write_text(json.dumps({**manifest, "evaluation": {"fp32": metrics.as_dict()},
+                                                     "config": config}))
     return build, metrics
 
 
@@ -99,6 +102,8 @@ def test_mirrored_annotations_fail_a_single_precision(local_server, val_subset, 
     completed, report = _verify(local_server, folder, mirrored, tmp_path / "mirrored", "--build", str(build))
     assert completed.returncode == 1, completed.stderr
     assert "gate failed: --max-map-drift on yolov8n_fp32" in completed.stderr
+    # another file of the same images and classes: the build's own number, with both files named
+    assert f"not on this run's {mirrored.resolve()}" in completed.stderr
     served = report["accuracy"][0]["metrics"]["map50_95"]
     assert served < metrics.map50_95 / 2, (served, metrics.map50_95)
     # the same served model against the true annotations: equal to the build's own evaluation, exit 0

@@ -19,18 +19,28 @@ from packager.verify.run import run_verify
 MARKED_MAP = 0.1234  # a reference no real evaluation gives: it can only have come from the other build
 
 
-def _other_build(build: Path, folder: Path) -> Path:
+def _other_build(build: Path, folder: Path, sample_val) -> Path:
     """The session build's artifacts (links) under a manifest of its own that records other facts: half of the
-    INT8 MACs quantized, an fp32 mAP of MARKED_MAP on 8 images."""
+    INT8 MACs quantized, an fp32 mAP of MARKED_MAP on the first 8 sample images (its config names their annotation
+    file: verify reuses a recorded evaluation only for the images and classes it scores)."""
     (folder / "onnx").mkdir(parents=True)
     for path in build.rglob("*"):
         if path.is_file() and path.name != "manifest.json":
             (folder / path.relative_to(build)).symlink_to(path)
+    images, annotations = sample_val
+    data = json.loads(annotations.read_text())
+    first = data["images"][:8]
+    ids = {image["id"] for image in first}
+    evaluated = folder / "first8.json"
+    evaluated.write_text(json.dumps({**data, "images": first,
+                                     "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}))
     manifest = BuildManifest.load(build)
     coverage = manifest.quantization.conv_coverage["int8"]
     halved = replace(coverage, quantized_macs={**coverage.quantized_macs, "int8": coverage.total_macs // 2})
     manifest.quantization = replace(manifest.quantization, conv_coverage={"int8": halved}, int8_mac_coverage=0.5)
     manifest.evaluation = EvaluationRecord({"fp32": CocoMetrics(MARKED_MAP, 0.2, 0.1, 0.0, 0.1, 0.2, 8, 100)})
+    manifest.config = {**(manifest.config or {}), "val_images": str(images), "val_annotations": str(evaluated),
+                       "data": None}
     manifest.save(folder)
     return folder
 
@@ -38,7 +48,7 @@ def _other_build(build: Path, folder: Path) -> Path:
 @pytest.mark.slow
 def test_coverage_and_accuracy_reference_come_from_the_one_build(local_server, model_repository, yolov8n_build,
                                                                  sample_val, tmp_path, monkeypatch):
-    other = _other_build(yolov8n_build, tmp_path / "other-build")
+    other = _other_build(yolov8n_build, tmp_path / "other-build", sample_val)
     monkeypatch.setenv("YQPACK_HOME", str(tmp_path / "home"))  # the detached record names the session build
     write_state(ServerState(
         pid=local_server.process.pid, grpc_port=local_server.ports["grpc"], http_port=local_server.ports["http"],

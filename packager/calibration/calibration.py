@@ -192,13 +192,15 @@ class CalibrationPlan:
     """Which images calibrate and which tune a build, and their content hashes ({sha256: file name}): decided once,
     then the calibration tensor, the overlap check against validation images and the manifest all read it."""
 
-    source: Path  # the image folder, or the ready tensor file
+    source: Path  # the image folder, the ready tensor file, or a dataset YAML (with `split`)
     size: int  # images asked for
     calibration_files: tuple[Path, ...]  # empty for a tensor file
     tuning_files: tuple[Path, ...]
     calibration_image_hashes: dict[str, str]
     tuning_hashes: dict[str, str]
     from_tensor_file: bool = False  # --calib-data: a ready tensor, no images
+    split: str | None = None  # `source` is a dataset YAML and the images come from this split of it (train_split.py)
+    selection: str = ""  # how the images were chosen, for the manifest and the build's summary
 
     def used_images(self) -> dict[str, dict[str, str]]:
         """{role: {sha256: name}} of every image that shapes the recipe (what validation images must not be)."""
@@ -214,6 +216,8 @@ class CalibrationPlan:
             data = load_calibration_file(self.source, imgsz)[: self.size]
             return CalibrationResult(data, str(self.source.resolve()))
         result = build_calibration(self.source, imgsz, self.size, show_progress, files=list(self.calibration_files))
+        if self.split is not None:
+            result.source += f" [{self.split}]"  # as a dataset split is named in messages: data.yaml [train]
         result.image_sha256 = {digest: name for digest, name in self.calibration_image_hashes.items()
                                if name not in set(result.skipped)}  # an unreadable file is not in the tensor
         return result
@@ -245,6 +249,7 @@ def plan_calibration(calib_images: Path | None, calib_data: Path | None, calib_s
         calibration, tuning = [], (tune_files or [])[:max_tune]
     else:
         calibration, tuning = split_calibration_and_tuning(images, calib_size, tune_files, max_tune)
+    selection = "" if calib_data is not None else f"the first {len(calibration)} of {len(images)} images, by name"
     return CalibrationPlan(Path(calib_data if calib_data is not None else calib_images), calib_size,
                            tuple(calibration), tuple(tuning), image_hashes(calibration), image_hashes(tuning),
-                           from_tensor_file=calib_data is not None)
+                           from_tensor_file=calib_data is not None, selection=selection)

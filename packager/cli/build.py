@@ -43,7 +43,7 @@ def _click_defaults(values: dict) -> dict:
     """Config values in the forms the options parse: 'H,W', comma-joined lists, `--build`'s parameter name."""
     defaults = {}
     for key, value in values.items():
-        if key == "imgsz":
+        if key == "imgsz" and value is not None:
             value = ",".join(str(size) for size in value)
         elif key in ("calibration_eps", "precisions") and value is not None:
             value = ",".join(value)
@@ -60,18 +60,21 @@ def _from_command_line(ctx: click.Context, name: str) -> bool:
               help="Ultralytics .pt checkpoint, model .yaml (random init) or an existing .onnx export.")
 @click.option("--out", default=Path("build"), show_default=True, type=click.Path(path_type=Path),
               help="Build directory (replaced atomically when the build succeeds).")
-@click.option("--calib-images", type=click.Path(path_type=Path), help="Folder of calibration images.")
+@click.option("--calib-images", type=click.Path(path_type=Path),
+              help="Folder of calibration images (with --data: instead of its train split).")
 @click.option("--calib-data", type=click.Path(path_type=Path),
               help="Ready calibration tensor (.npy/.npz, N x 3 x H x W float32) instead of --calib-images.")
 @click.option("--calib-size", default=64, show_default=True, type=int, help="Calibration images to use.")
-@click.option("--imgsz", default="640", show_default=True, help="Input size: 640 or H,W (multiples of 32).")
+@click.option("--imgsz", default=None, help="Input size: 640 or H,W (multiples of 32). Default: the size a .pt was "
+              "trained at (its train_args), else 640.")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch served.")
 @click.option("--static-batch", is_flag=True, help="Export with a fixed batch of 1 instead of a dynamic batch.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset of the FP32 export.")
 @click.option("--end2end/--no-end2end", default=None,
               help="NMS-free one-to-one head (YOLO26) or the classic head + NMS. Default: NMS-free when the model has it.")
-@click.option("--preset", type=click.Choice(["mixed", "extreme", "auto"]), default="mixed", show_default=True,
-              help="mixed: head output convs, DFL/decode and residual Adds kept precise; "
+@click.option("--preset", type=click.Choice(["mixed", "extreme", "auto"]), default=None,
+              help="[default: mixed, then auto when mixed misses the accuracy gate] "
+                   "mixed: head output convs, DFL/decode and residual Adds kept precise; "
                    "extreme: quantize everything (stress test only, never deploy); auto: keep the most sensitive "
                    "units precise until --auto-target agreement with FP32 on the tuning images.")
 @click.option("--stride4-precise/--stride4-int8", default=True, show_default=True,
@@ -80,7 +83,8 @@ def _from_command_line(ctx: click.Context, name: str) -> bool:
 @click.option("--auto-target", default=0.97, show_default=True, type=float,
               help="auto: pseudo-mAP50-95 of INT8 vs FP32 detections on the tuning images to reach.")
 @click.option("--tune-images", type=click.Path(path_type=Path),
-              help="auto: tuning images [default: --calib-images after the first --calib-size].")
+              help="auto: tuning images [default: --calib-images after the first --calib-size; with --data, "
+                   "other train images].")
 @click.option("--max-tune-images", default=64, show_default=True, type=int, help="auto: tuning images to use.")
 @click.option("--calibration-method", type=click.Choice(["mse", "max", "entropy"]), default="mse", show_default=True,
               help="INT8 activation ranges. mse: ModelOpt max calibration, then each activation scale set to its "
@@ -102,6 +106,11 @@ def _from_command_line(ctx: click.Context, name: str) -> bool:
 @click.option("--trt-plugins", multiple=True, help="TensorRT plugin library (.so) passed to ModelOpt (repeatable).")
 @click.option("--val-images", type=click.Path(path_type=Path), help="Evaluate the ONNX variants on these images.")
 @click.option("--val-annotations", type=click.Path(path_type=Path), help="COCO instances JSON for --val-images.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Ultralytics dataset YAML: calibration (and auto's tuning) images spread over its train split, "
+                   "evaluation and gate on --split (instead of --val-images/--val-annotations).")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="With --data: the split that evaluates and gates the build.")
 @click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
               help="Gate: INT8 mAP50-95 must be at least this fraction of FP32.")
 @click.option("--repository", type=click.Path(path_type=Path),
@@ -141,7 +150,7 @@ def build(config_file, print_config, **values) -> None:
         raise ConfigError(f"--config {config_file.path} would rebuild {reproduced} in place, replacing the build it "
                           "repeats: pass --out DIR for the new build")
     result = run_build(options)
-    Console().print(summary_table(result))
+    Console().print(summary_table(result, options.runtime))
 
 
 @click.command()
@@ -178,8 +187,12 @@ def render(config_file, build_dir, repository, target, precisions, max_batch, pr
 @click.command("eval-onnx")
 @click.option("--build", "build_dir", default=Path("build"), show_default=True,
               type=click.Path(path_type=Path), help="Build directory made by yqpack build.")
-@click.option("--val-images", required=True, type=click.Path(path_type=Path))
-@click.option("--val-annotations", required=True, type=click.Path(path_type=Path))
+@click.option("--val-images", type=click.Path(path_type=Path), help="Images folder (with --val-annotations).")
+@click.option("--val-annotations", type=click.Path(path_type=Path), help="COCO instances JSON of --val-images.")
+@click.option("--data", "data_yaml", type=click.Path(path_type=Path),
+              help="Ultralytics dataset YAML (YOLO txt labels) instead of --val-images/--val-annotations.")
+@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="With --data: the split to score.")
 @click.option("--variants", default="fp32,fp16,int8-fp32", show_default=True,
               help="Comma-separated ONNX variants (fp32, fp16, int8, int8-fp32, fp8, fp8-fp32).")
 @click.option("--min-map-ratio", default=0.99, show_default=True, type=float,
@@ -188,8 +201,8 @@ def render(config_file, build_dir, repository, target, precisions, max_batch, pr
 @click.option("--allow-overlap", is_flag=True,
               help="Warn instead of refusing when a validation image is one of the build's calibration images.")
 @_runtime_options
-def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, json_path, allow_overlap, runtime,
-              precision_hint) -> None:
+def eval_onnx(build_dir, val_images, val_annotations, data_yaml, split, variants, min_map_ratio, json_path,
+              allow_overlap, runtime, precision_hint) -> None:
     """COCO mAP of a build's ONNX variants on CPU (OpenVINO or onnxruntime), ratios vs FP32 with 95 % intervals,
     quantized MAC coverage, gates."""
     import json
@@ -203,11 +216,16 @@ def eval_onnx(build_dir, val_images, val_annotations, variants, min_map_ratio, j
     names = [v.strip() for v in variants.split(",") if v.strip()]
     options = RuntimeOptions(runtime, precision_hint)
     evaluation = evaluate_build_detailed(build_dir, val_images, val_annotations, names, allow_overlap=allow_overlap,
-                                         runtime=options)
-    label = evaluation_label(options)  # what ran, fallbacks included
+                                         runtime=options, data=data_yaml, split=split)
+    click.echo(f"ground truth: {evaluation.dataset}")
+    if evaluation.unscored_classes:
+        click.echo(f"not scored: {len(evaluation.unscored_classes)} model class(es) the ground truth lacks, e.g. "
+                   f"{evaluation.unscored_classes[:10]} (their detections are left out)")
+    label = evaluation.runtime_label() or evaluation_label(options)  # what ran, fallbacks included
     Console().print(metrics_table(evaluation.metrics, label, evaluation.intervals, evaluation.coverage))
     if json_path is not None:
-        rows = {v: {**row, "runtime": variant_label(v, options)} for v, row in evaluation.as_dict().items()}
+        rows = {v: {**row, "runtime": evaluation.runtimes.get(v) or variant_label(v, options)}
+                for v, row in evaluation.as_dict().items()}
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
     for variant in ("int8-fp32", "fp8-fp32"):
         if min_map_ratio > 0 and "fp32" in evaluation.metrics and variant in evaluation.metrics:

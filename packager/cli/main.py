@@ -45,18 +45,21 @@ main.add_command(eval_onnx)
 # --- sensitivity (label-free INT8 sensitivity per unit) ---
 @main.command()
 @click.option("--build", "build_dir", default=Path("build"), show_default=True, type=click.Path(path_type=Path))
-@click.option("--images", required=True, type=click.Path(path_type=Path),
+@click.option("--images", type=click.Path(path_type=Path),
               help="Unlabelled tuning images (the build's calibration images are skipped if this is their folder).")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Ultralytics dataset YAML instead of --images: tuning images spread over its train split (the "
+                   "build's calibration images skipped).")
 @click.option("--max-images", default=64, show_default=True, type=int)
 @click.option("--refine", default=2, show_default=True, type=int,
               help="Split this many of the most sensitive units into their child blocks.")
 @click.option("--out", default=Path("sensitivity.json"), show_default=True, type=click.Path(path_type=Path),
               help="JSON result; the markdown table (.md) and bar chart (.png) are written beside it.")
-def sensitivity(build_dir, images, max_images, refine, out) -> None:
+def sensitivity(build_dir, images, data, max_images, refine, out) -> None:
     """Rank the model's units by how much INT8 hurts them, against FP32, with no labels."""
     from packager.quantize.sensitivity_command import run_sensitivity
 
-    outputs = run_sensitivity(build_dir, images, out, max_images, refine)
+    outputs = run_sensitivity(build_dir, images, out, max_images, refine, data=data)
     click.echo(outputs.markdown_path.read_text())
     click.echo(f"Wrote {outputs.json_path}, {outputs.markdown_path}, {outputs.plot_path}")
 
@@ -177,10 +180,15 @@ def _concurrency_levels(ctx, param, value: str) -> tuple[int, ...]:
 
 @main.command()
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Triton gRPC endpoint host:port.")
-@click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of encoded images (sent as they are).")
-@click.option("--annotations", required=True, type=click.Path(path_type=Path),
-              help="COCO instances JSON for the images.")
+@click.option("--images", "images_dir", default=None, type=click.Path(path_type=Path),
+              help="Folder of encoded images (sent as they are), with --annotations.")
+@click.option("--annotations", default=None, type=click.Path(path_type=Path),
+              help="COCO instances JSON for the --images.")
+@click.option("--data", default=None, type=click.Path(path_type=Path),
+              help="Ultralytics dataset YAML instead of --images/--annotations: served mAP, load-test images and "
+                   "the reference on its --split (YOLO txt labels, classes matched to the model's by name).")
+@click.option("--split", type=click.Choice(["val", "test"]), default=None,
+              help="With --data: the split to verify on [val].")
 @click.option("--models", default=None, help="Comma-separated ensembles to verify (default: every ready ensemble).")
 @click.option("--build", "build_dir", default=None, type=click.Path(path_type=Path),
               help="Build folder: manifest class names, used when the served configs carry none.")

@@ -158,6 +158,7 @@ class CalibrationRecord:
     tuning: TuningRecord = field(default_factory=TuningRecord)
     image_sha256: dict[str, str] = field(default_factory=dict)  # {sha256: file name} of the calibration images
     tuning_image_sha256: dict[str, str] = field(default_factory=dict)
+    selection: str = ""  # how the images were chosen, e.g. spread over a dataset YAML's train split
     other: dict = field(default_factory=dict)
 
     def used_images(self) -> dict[str, dict[str, str]]:
@@ -170,6 +171,7 @@ class CalibrationRecord:
             "source": self.source, "count": self.count, "skipped": list(self.skipped), "letterbox": self.letterbox,
             "tuning": self.tuning.to_dict(), "image_sha256": dict(self.image_sha256),
             "tuning_image_sha256": dict(self.tuning_image_sha256),
+            **({"selection": self.selection} if self.selection else {}),
         }, self.other)
 
     @classmethod
@@ -180,7 +182,7 @@ class CalibrationRecord:
             letterbox=fields.text("letterbox", LETTERBOX),
             tuning=fields.optional("tuning", TuningRecord.from_dict) or TuningRecord(),
             image_sha256=fields.names("image_sha256"), tuning_image_sha256=fields.names("tuning_image_sha256"),
-            other=fields.other(),
+            selection=fields.text("selection", ""), other=fields.other(),
         )
 
 
@@ -340,7 +342,7 @@ class GateRecord:
                    fields.flag("decidable", None))
 
 
-_EVALUATION_KEYS = ("format", "ratios_vs_fp32", "runtime", "gate", "gates")
+_EVALUATION_KEYS = ("format", "ratios_vs_fp32", "runtime", "gate", "gates", "attempts")
 
 
 @dataclass(frozen=True)
@@ -353,6 +355,7 @@ class EvaluationRecord:
     runtime: str = "onnxruntime"  # what ran the evaluation (builds before the runtime choice ran onnxruntime)
     min_ratio: float | None = None
     gates: tuple[GateRecord, ...] = ()  # the first is the INT8 gate
+    attempts: tuple[dict, ...] = ()  # each INT8 preset gated, in order (pipeline/gate.py GateAttempt.as_dict)
     other: dict = field(default_factory=dict)
 
     @property
@@ -373,6 +376,8 @@ class EvaluationRecord:
             data["gate"] = {"variant": first["variant"], "min_ratio": self.min_ratio, "ratio": first["ratio"],
                             "passed": first["passed"], "decidable": first["decidable"]}
             data["gates"] = [gate.to_dict() for gate in self.gates]
+        if self.attempts:
+            data["attempts"] = list(self.attempts)
         return _with_format(data, self.other)
 
     @classmethod
@@ -390,4 +395,6 @@ class EvaluationRecord:
             raise ManifestError(f"{where}: gate.min_ratio must be a number, got {min_ratio!r}")
         metrics = {variant: CocoMetrics.from_dict(value, f"{where}: {variant}")
                    for variant, value in data.items() if variant not in _EVALUATION_KEYS}
-        return cls(metrics, ratios, runtime, None if min_ratio is None else float(min_ratio), gates)
+        attempts = fields.take("attempts", [], lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v),
+                               "a list of objects")
+        return cls(metrics, ratios, runtime, None if min_ratio is None else float(min_ratio), gates, tuple(attempts))

@@ -30,6 +30,10 @@ ARTIFACT_FILES = {
     "fp16": "onnx/model.fp16.onnx",
     "int8": "onnx/model.int8.onnx",  # INT8 Q/DQ, FP16 elsewhere: TensorRT's input
     "int8-fp32": "onnx/model.int8-fp32.onnx",  # same scales, FP32 elsewhere: onnxruntime CPU and evaluation
+    # The same values with uint8 activations (zero point 128): OpenVINO on VNNI CPUs without AMX (inference/int8_cpu.py)
+    "int8-u8": "onnx/model.int8-u8.onnx",
+    # A few calibration images, letterboxed uint8: the runtime's INT8 self-check against onnxruntime
+    "int8-check": "int8_check_images.npy",
     "fp8": "onnx/model.fp8.onnx",
     "fp8-fp32": "onnx/model.fp8-fp32.onnx",
     "calib": "calib.npy",

@@ -19,12 +19,13 @@ from rich.progress import track
 from packager.metrics.intervals import DEFAULT_RESAMPLES, DEFAULT_SEED, PerImageResults, RatioInterval, paired_ratio
 from packager.calibration.calibration import check_no_overlap
 from packager.metrics.coco_eval import CocoGroundTruth, CocoMetrics, evaluate_images
+from packager.evaluate.ground_truth import ValidationSet, validation_files, validation_set  # noqa: F401 (re-exported)
 from packager.metrics.mac_coverage import conv_coverage
 from packager.inference.letterbox import preprocess, read_image
-from packager.core.contracts import AccuracyGateError, ConfigError, HeadFormat, MissingInputError
+from packager.core.contracts import AccuracyGateError, ConfigError, HeadFormat
 from packager.core.manifest import BuildManifest
 from packager.inference.postprocess import EVAL_THRESHOLDS, Thresholds, postprocess
-from packager.inference.runtime import RuntimeOptions, open_model
+from packager.inference.runtime import CompiledModel, RuntimeOptions, open_model
 
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8-fp32")
 GATED_VARIANT = "int8-fp32"
@@ -85,6 +86,20 @@ class BuildEvaluation:
     intervals: dict[str, RatioInterval] = field(default_factory=dict)
     coverage: dict[str, float] = field(default_factory=dict)
     overlaps: list[str] = field(default_factory=list)
+    # What ran each variant, as opened (an INT8 self-check can move one to onnxruntime), and its notes.
+    runtimes: dict[str, str] = field(default_factory=dict)
+    runtime_notes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    dataset: str = ""  # the ground truth and its images, one line
+    unscored_classes: list[str] = field(default_factory=list)  # model classes the ground truth lacks: not scored
+
+    def runtime_label(self) -> str:
+        """The first variant's runtime, then each variant that ran elsewhere, e.g. 'openvino (f32 hint); int8-fp32:
+        onnxruntime'."""
+        if not self.runtimes:
+            return ""
+        first = next(iter(self.runtimes.values()))
+        return "; ".join([first] + [f"{variant}: {label}" for variant, label in self.runtimes.items()
+                                    if label != first])
 
     def as_dict(self) -> dict:
         """{variant: metrics + ratio_vs_fp32 (with interval) + quantized_mac_coverage} (eval-onnx --json)."""
@@ -125,18 +140,27 @@ def detect_images(
     runtime: RuntimeOptions | None = None,
     head_format: HeadFormat = HeadFormat.RAW,
     optimize: bool = True,
+    int8_files: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}.
 
     `head_format` is the build's (`ModelSpec.head`): raw decodes + NMS, end2end selects the head's rows.
     `optimize=False` (FP8 Q/DQ): onnxruntime with graph optimizations off, whatever `runtime` says.
+    `int8_files`: an INT8 model's u8 twin and self-check images (`int8_runtime_files`), for OpenVINO.
     """
     options = (runtime or RuntimeOptions()) if optimize else RuntimeOptions("onnxruntime", graph_optimizations=False)
-    model = open_model(model_path, options)
+    return detect_with(open_model(model_path, options, **(int8_files or {})), image_files, imgsz, thresholds, label,
+                       show_progress, head_format)
+
+
+def detect_with(model: CompiledModel, image_files: list[Path], imgsz: tuple[int, int],
+                thresholds: Thresholds = EVAL_THRESHOLDS, label: str = "", show_progress: bool = True,
+                head_format: HeadFormat = HeadFormat.RAW) -> dict[str, np.ndarray]:
+    """`detect_images` with a model already opened (its runtime's notes are printed first)."""
     for note in model.choice.notes:
         Console(stderr=True).print(f"[yellow]{note}[/]")
     detections = {}
-    for path in track(image_files, description=f"Evaluating {label or Path(model_path).name}", disable=not show_progress):
+    for path in track(image_files, description=f"Evaluating {label or model.path.name}", disable=not show_progress):
         chw, info = preprocess(read_image(path), imgsz)
         detections[path.name] = postprocess(model.run(chw[None])[0], info, thresholds, HeadFormat(head_format).value)
     return detections
@@ -155,34 +179,31 @@ def evaluate_build(
     return evaluate_build_detailed(build_dir, images_dir, annotations, variants, show_progress, runtime=runtime).metrics
 
 
-def validation_files(images_dir: str | Path, annotations: str | Path) -> tuple[CocoGroundTruth, list[Path]]:
-    """The annotation file and the annotated images present in `images_dir` (what the evaluation uses)."""
-    ground_truth = CocoGroundTruth(annotations)
-    if not Path(images_dir).is_dir():
-        raise MissingInputError(f"validation image folder not found: {images_dir}")
-    image_files = ground_truth.image_files(images_dir)
-    if not image_files:
-        raise ConfigError(f"none of the images listed in {Path(annotations).name} are in {images_dir}")
-    return ground_truth, image_files
-
-
 def evaluate_build_detailed(
     build_dir: str | Path,
-    images_dir: str | Path,
-    annotations: str | Path,
+    images_dir: str | Path | None = None,
+    annotations: str | Path | None = None,
     variants=DEFAULT_VARIANTS,
     show_progress: bool = True,
     allow_overlap: bool = False,
     runtime: RuntimeOptions | None = None,
+    data: str | Path | None = None,
+    split: str = "val",
+    validation: ValidationSet | None = None,
 ) -> BuildEvaluation:
-    """Like `evaluate_build`, plus ratios vs fp32 with bootstrap intervals and MAC coverage. Refuses (or, with
-    `allow_overlap`, warns) when a validation image is one of the build's calibration images."""
+    """Like `evaluate_build`, plus ratios vs fp32 with bootstrap intervals and MAC coverage. The ground truth:
+    `validation` if given, else a dataset YAML's `split` (`data`) or `annotations` with the images in `images_dir`
+    (`ground_truth.validation_set`). Refuses (or, with `allow_overlap`, warns) when a validation image is one of
+    the build's calibration images."""
     manifest = BuildManifest.load(build_dir)
-    ground_truth, image_files = validation_files(images_dir, annotations)
+    validation = validation or validation_set(images_dir, annotations, data, split)
+    class_names = list(manifest.model.class_names)
+    unscored = validation.ground_truth.class_mapping(class_names).unscored  # refuses classes the model lacks, now
     used = manifest.calibration.used_images() if manifest.calibration is not None else {}
-    overlaps = check_no_overlap(image_files, used, allow=allow_overlap)
-    result = evaluate_variants(build_dir, manifest, ground_truth, image_files, variants, show_progress, runtime)
-    result.overlaps = overlaps
+    overlaps = check_no_overlap(validation.image_files, used, allow=allow_overlap)
+    result = evaluate_variants(build_dir, manifest, validation.ground_truth, validation.image_files, variants,
+                               show_progress, runtime)
+    result.overlaps, result.dataset, result.unscored_classes = overlaps, validation.description, unscored
     return result
 
 
@@ -192,20 +213,44 @@ def evaluate_variants(build_dir: str | Path, manifest: BuildManifest, ground_tru
     """COCO metrics of each variant on `image_files`, ratios vs fp32 with their intervals, MAC coverage (the
     caller has checked the images against the build's calibration images)."""
     imgsz = manifest.model.imgsz
-    metrics, per_image = {}, {}
+    metrics, per_image, runtimes, notes = {}, {}, {}, {}
     for variant in variants:
+        model = open_variant(build_dir, manifest, variant, runtime)
+        runtimes[variant], notes[variant] = model.label, model.choice.notes
         # One variant's detections and pycocotools evaluator alive at a time; what stays is the compact per-image
         # results (a few bytes per detection) the intervals need.
         evaluation = evaluate_images(
-            detect_images(manifest.artifact_path(build_dir, variant), image_files, imgsz, label=variant,
-                          show_progress=show_progress, runtime=runtime, head_format=manifest.model.head,
-                          optimize=variant not in UNOPTIMIZED_VARIANTS),
+            detect_with(model, image_files, imgsz, label=variant, show_progress=show_progress,
+                        head_format=manifest.model.head),
             ground_truth, list(manifest.model.class_names))
+        del model
         metrics[variant], per_image[variant] = evaluation.metrics, evaluation.per_image
-    result = BuildEvaluation(metrics, per_image)
+    result = BuildEvaluation(metrics, per_image, runtimes=runtimes, runtime_notes=notes)
     result.intervals = result.ratios()
     result.coverage = coverage_by_variant(build_dir, manifest, variants)
     return result
+
+
+def int8_runtime_files(build_dir: str | Path, manifest: BuildManifest, variant: str) -> dict:
+    """What `open_model` needs to run an INT8 variant on OpenVINO: the u8-activation twin and the self-check images
+    (empty for other variants, and for a build made before yqpack wrote them: onnxruntime then runs it)."""
+    if variant != "int8-fp32":
+        return {}
+    files = {}
+    if "int8-u8" in manifest.artifacts:
+        files["u8_twin"] = manifest.artifact_path(build_dir, "int8-u8")
+    if "int8-check" in manifest.artifacts:
+        files["check_images"] = np.load(manifest.artifact_path(build_dir, "int8-check"))
+    return files
+
+
+def open_variant(build_dir: str | Path, manifest: BuildManifest, variant: str,
+                 runtime: RuntimeOptions | None = None) -> CompiledModel:
+    """One build variant opened as evaluation runs it: FP8 Q/DQ on unoptimized onnxruntime, INT8 with its self-check."""
+    options = (RuntimeOptions("onnxruntime", graph_optimizations=False) if variant in UNOPTIMIZED_VARIANTS
+               else runtime or RuntimeOptions())
+    return open_model(manifest.artifact_path(build_dir, variant), options,
+                      **int8_runtime_files(build_dir, manifest, variant))
 
 
 def coverage_by_variant(build_dir: str | Path, manifest: BuildManifest, variants) -> dict[str, float]:

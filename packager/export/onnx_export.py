@@ -47,6 +47,26 @@ class ExportResult:
     stride: int = STRIDE  # the model's largest stride
 
 
+DEFAULT_IMGSZ = (640, 640)
+
+
+def model_imgsz(model: str | Path) -> tuple[int, int]:
+    """The input size a model was trained at, what a user serves it at unless told otherwise: an Ultralytics .pt
+    records its training `imgsz` (train_args); a model .yaml or a checkpoint without it gets 640."""
+    path = Path(model)
+    if path.suffix.lower() != ".pt" or not path.is_file():
+        return DEFAULT_IMGSZ
+    import torch
+
+    ultralytics_offline_env()  # unpickling imports Ultralytics' classes
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    trained = (checkpoint.get("train_args") or {}).get("imgsz") if isinstance(checkpoint, dict) else None
+    try:
+        return parse_imgsz(trained) if trained else DEFAULT_IMGSZ
+    except ConfigError:  # an odd recorded size (e.g. not a multiple of 32): the usual default
+        return DEFAULT_IMGSZ
+
+
 def parse_imgsz(value) -> tuple[int, int]:
     """'640', 640, '640,480', (640, 480) -> (h, w); each a positive multiple of the stride 32."""
     if isinstance(value, str):

@@ -5,12 +5,14 @@ so INT8 is slower than FP32 there; OpenVINO fuses the same Q/DQ pairs into integ
 Without VNNI or AMX (AVX2-only CPUs such as AMD EPYC 7003, Intel before Cascade Lake) OpenVINO's INT8 kernels
 multiply-add pairs of u8 x s8 products into saturating 16-bit sums (OpenVINO's documented "saturation issue"):
 ModelOpt's full-range INT8 weights then give wrong outputs (measured: YOLOv8n INT8 mAP50-95 0.0002 instead of
-0.43 on an AMD EPYC 7003), so quantized models run on onnxruntime there.
+0.43 on an AMD EPYC 7003), so quantized models run on onnxruntime there. With VNNI but no AMX, OpenVINO computes
+ModelOpt's s8 activations wrong and their u8 twin right; which file runs where, and the self-check against
+onnxruntime that guards every quantized model opened on OpenVINO: int8_cpu.py.
 OpenVINO's CPU default precision on AMX or AVX512-BF16 CPUs is bf16, so `f32` is always requested explicitly
 (FP32 must stay FP32); `bf16` is an opt-in.
 
-Standalone on purpose (numpy + the chosen runtime only): the served `local` detector copies this file beside its
-model.py and runs it in the server env.
+Standalone on purpose (numpy + the chosen runtime only): the served `local` detector copies this file and
+int8_cpu.py beside its model.py and runs them in the server env.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    from .int8_cpu import ACTIVATIONS_FOR, INT8_FLAGS, SelfCheck, check_images_as_float, int8_isa_in_effect, isa_cap
+    from .int8_cpu import output_distance
+except ImportError:  # served: copied flat next to model.py
+    from int8_cpu import ACTIVATIONS_FOR, INT8_FLAGS, SelfCheck, check_images_as_float, int8_isa_in_effect, isa_cap
+    from int8_cpu import output_distance
+
 RUNTIMES = ("onnxruntime", "openvino")
 # The default for evaluation and the served `local` detector, chosen from measurements (README, benchmarks/
 # runtime_bench.py): OpenVINO f32 is faster than onnxruntime on FP32, and INT8 runs on integer kernels.
@@ -30,8 +39,6 @@ PRECISION_HINTS = ("f32", "bf16")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # OpenVINO's documented CPU minimum; without it the plugin refuses to load.
 OPENVINO_REQUIRED_FLAGS = ("sse4_2",)
-# Dot-product instructions that make OpenVINO's INT8 kernels fast, best first (as named in /proc/cpuinfo).
-INT8_FLAGS = {"amx_int8": "AMX-INT8", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI"}
 BF16_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 
 
@@ -67,11 +74,22 @@ class RuntimeChoice:
     runtime: str
     precision_hint: str
     notes: tuple[str, ...] = ()
+    int8_activations: str | None = None  # a quantized model on OpenVINO: 's8' (model.int8-fp32) or 'u8' (the twin)
+    int8_isa: str | None = None  # the INT8 instruction set in effect that chose it
 
     @property
     def label(self) -> str:
-        """e.g. 'openvino (f32 hint)' or 'onnxruntime': what produced a number, for reports."""
-        return f"openvino ({self.precision_hint} hint)" if self.runtime == "openvino" else "onnxruntime"
+        """e.g. 'openvino (f32 hint)', 'openvino (f32 hint, INT8 u8 activations on AVX512-VNNI)' or 'onnxruntime':
+        what produced a number, for reports."""
+        if self.runtime != "openvino":
+            return "onnxruntime"
+        if self.int8_activations is None or self.int8_isa is None:
+            return f"openvino ({self.precision_hint} hint)"
+        return f"openvino ({self.precision_hint} hint, INT8 {self.int8_activations} activations on {self.int8_isa})"
+
+    def on_onnxruntime(self, *notes: str) -> "RuntimeChoice":
+        """The fallback: onnxruntime, this choice's notes kept and `notes` added."""
+        return RuntimeChoice("onnxruntime", "f32", (*self.notes, *notes))
 
 
 def _first_processor_field(cpuinfo_text: str, name: str) -> str | None:
@@ -109,39 +127,38 @@ def read_cpu(path: str = "/proc/cpuinfo") -> tuple[frozenset[str], str | None]:
     return cpu_flags(text), cpu_vendor(text)
 
 
-def int8_isa(flags: frozenset[str]) -> str | None:
-    """The best integer dot-product instruction set present, e.g. 'AMX-INT8', or None."""
-    return next((name for flag, name in INT8_FLAGS.items() if flag in flags), None)
+def int8_isa(flags: frozenset[str], cap: str | None = None) -> str | None:
+    """The best integer dot-product instruction set OpenVINO will use, e.g. 'AMX-INT8', or None (`cap`: a oneDNN
+    `ONEDNN_MAX_CPU_ISA` value limiting it)."""
+    return int8_isa_in_effect(flags, cap)
 
 
 SATURATION_NOTE = (
-    "this CPU has no VNNI/AMX: OpenVINO's INT8 kernels saturate 16-bit intermediate sums there (its documented "
-    "saturation issue) and give wrong outputs for ModelOpt's full-range INT8 weights, so this quantized model runs "
-    "on onnxruntime (exact INT8 emulation, slower than FP32).")
-
-
-# OpenVINO's INT8 CPU kernels are validated on Intel only (its maintainers: "AMD EPYC processors are not officially
-# supported", openvinotoolkit/openvino#35943). Measured with yolov8n's default INT8 build, OpenVINO 2026.4.1, 640
-# val2017-dev images: an AMD EPYC 9004 (Zen 4, KVM) that reports AVX512-VNNI still gets OpenVINO's plain-AVX-512
-# int8 kernels (brgconv_avx512_I8) and INT8/FP32 mAP50-95 0.008; onnxruntime 0.986 there, OpenVINO 0.9945 on an
-# AMX Xeon (docs/cpu-openvino.md). So VNNI flags count only on Intel.
-INT8_VENDORS = ("GenuineIntel",)
-VENDOR_NOTE = (
-    "OpenVINO's INT8 kernels give wrong outputs on this {vendor} CPU even though it reports {isa} (measured on an "
-    "AMD EPYC 9004: INT8 mAP 0.008 of FP32's; OpenVINO validates INT8 on Intel only), so this quantized model runs "
-    "on onnxruntime (exact INT8 emulation, slower than FP32).")
+    "no VNNI/AMX instructions in effect on this CPU: OpenVINO's INT8 kernels saturate 16-bit intermediate sums there "
+    "(its documented saturation issue) and give wrong outputs for ModelOpt's full-range INT8 weights, so this "
+    "quantized model runs on onnxruntime (exact INT8 emulation, slower than FP32).")
+NO_U8_TWIN_NOTE = (
+    "OpenVINO's {isa} INT8 kernels need the u8-activation twin (model.int8-u8.onnx), which this build or repository "
+    "lacks (made before yqpack wrote it): this quantized model runs on onnxruntime; rebuild to run it on OpenVINO.")
+NO_CHECK_IMAGES_NOTE = (
+    "no INT8 self-check images came with this quantized model (int8_check_images.npy, written by yqpack build), so "
+    "OpenVINO's INT8 cannot be checked against onnxruntime here: it runs on onnxruntime; rebuild to run it on "
+    "OpenVINO.")
+SELF_CHECK_FAILED_NOTE = "{check}: this quantized model runs on onnxruntime instead."
 
 
 def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_installed: bool = True,
-                    quantized: bool = False, vendor: str | None = None) -> RuntimeChoice:
+                    quantized: bool = False, cap: str | None = None) -> RuntimeChoice:
     """Decide what runs on this CPU: fall back to onnxruntime / f32 (with a note saying why) when needed.
-    `quantized`: the model holds INT8 Q/DQ (see `is_quantized`). `vendor`: /proc/cpuinfo's vendor_id (None: unknown,
-    the flags alone decide)."""
+    `quantized`: the model holds INT8 Q/DQ (see `is_quantized`); it then runs on OpenVINO only where a VNNI or AMX
+    instruction set is in effect (`cap`: a oneDNN `ONEDNN_MAX_CPU_ISA` value limiting the flags), with the file
+    that instruction set computes right (`int8_activations`, int8_cpu.ACTIVATIONS_FOR)."""
     if options.runtime == "onnxruntime":
         return RuntimeChoice("onnxruntime", "f32")
     if not flags:  # not x86 Linux (e.g. ARM lists "Features"): nothing to check, OpenVINO decides itself
         return RuntimeChoice("openvino", options.precision_hint, (
-            "no x86 instruction-set flags in /proc/cpuinfo: OpenVINO picks its kernels itself.",))
+            "no x86 instruction-set flags in /proc/cpuinfo: OpenVINO picks its kernels itself.",),
+            "s8" if quantized else None)
     missing = [flag for flag in OPENVINO_REQUIRED_FLAGS if flag not in flags]
     if missing:
         return RuntimeChoice("onnxruntime", "f32", (
@@ -156,24 +173,28 @@ def resolve_runtime(options: RuntimeOptions, flags: frozenset[str], openvino_ins
     if precision == "bf16" and not any(flag in flags for flag in BF16_FLAGS):
         precision = "f32"
         notes.append("bf16 was requested but this CPU has neither AMX-BF16 nor AVX512-BF16: running f32.")
-    if quantized and int8_isa(flags) is None:
+    if not quantized:
+        return RuntimeChoice("openvino", precision, tuple(notes))
+    isa = int8_isa_in_effect(flags, cap)
+    if isa is None:
         return RuntimeChoice("onnxruntime", "f32", (*notes, SATURATION_NOTE))
-    if quantized and vendor is not None and vendor not in INT8_VENDORS:
-        return RuntimeChoice("onnxruntime", "f32", (*notes, VENDOR_NOTE.format(vendor=vendor, isa=int8_isa(flags))))
-    return RuntimeChoice("openvino", precision, tuple(notes))
+    return RuntimeChoice("openvino", precision, tuple(notes), ACTIVATIONS_FOR[isa], isa)
 
 
 def runtime_on_this_machine(options: RuntimeOptions, quantized: bool = False) -> RuntimeChoice:
     """What `open_model` will run here for `options` and a model that is (not) `quantized`, fallbacks included,
-    without opening a model."""
-    flags, vendor = read_cpu()
-    return resolve_runtime(options, flags, options.runtime != "openvino" or openvino_installed(), quantized, vendor)
+    without opening a model (the INT8 self-check, which needs the model, can still send it to onnxruntime)."""
+    return resolve_runtime(options, read_cpu_flags(), options.runtime != "openvino" or openvino_installed(),
+                           quantized, isa_cap())
 
 
 def evaluation_label(options: RuntimeOptions) -> str:
     """What runs a build's variants here, for reports: one runtime, or the float one and the quantized one."""
-    plain, quantized = runtime_on_this_machine(options).label, runtime_on_this_machine(options, quantized=True).label
-    return plain if plain == quantized else f"{plain}; quantized variants on {quantized} (OpenVINO INT8 unsafe here)"
+    plain, quantized = runtime_on_this_machine(options), runtime_on_this_machine(options, quantized=True)
+    if plain.label == quantized.label:
+        return plain.label
+    unsafe = " (OpenVINO INT8 unsafe here)" if quantized.runtime != plain.runtime else ""
+    return f"{plain.label}; quantized variants on {quantized.label}{unsafe}"
 
 
 def variant_label(variant: str, options: RuntimeOptions) -> str:
@@ -206,6 +227,7 @@ class CompiledModel:
     output_name: str
     compile_seconds: float
     static_batch: int | None  # a fixed-batch ONNX runs a larger batch in slices
+    self_check: SelfCheck | None = None  # a quantized model first opened on OpenVINO: its check against onnxruntime
     _infer: object = field(repr=False, default=None)
     _compiled: object = field(repr=False, default=None)
 
@@ -249,22 +271,81 @@ class CompiledModel:
 
 
 def open_model(path: str | Path, options: RuntimeOptions = RuntimeOptions(),
-               flags: frozenset[str] | None = None, vendor: str | None = None) -> CompiledModel:
+               flags: frozenset[str] | None = None, cap: str | None = None, u8_twin: str | Path | None = None,
+               check_images: np.ndarray | None = None) -> CompiledModel:
     """Open `path` with the runtime `options` ask for, or the fallback `resolve_runtime` picks on this CPU
-    (`flags` / `vendor` given: as on a CPU with those; flags without a vendor: the flags alone decide)."""
+    (`flags` given: decide as on a CPU with those flags and oneDNN cap `cap`; None: this machine's, and its
+    `ONEDNN_MAX_CPU_ISA`).
+
+    A quantized model (`path`: the s8 `model.int8-fp32.onnx`) runs on OpenVINO only after a self-check: OpenVINO
+    opens `path` or its u8-activation twin `u8_twin` (as the instruction set in effect requires), runs
+    `check_images` (uint8 letterboxed N x 3 x H x W, kept in the build), and must agree with onnxruntime's exact Q/DQ
+    emulation of `path` on them; otherwise - or without the twin or the images - onnxruntime runs it, with a note."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model not found: {path}")
     installed = options.runtime != "openvino" or openvino_installed()
     quantized = options.runtime == "openvino" and is_quantized(path)
     if flags is None:
-        flags, vendor = read_cpu()
-    choice = resolve_runtime(options, flags, installed, quantized, vendor)
+        flags, cap = read_cpu_flags(), isa_cap()
+    choice = resolve_runtime(options, flags, installed, quantized, cap)
+    source = path
+    if quantized and choice.runtime == "openvino":
+        if choice.int8_activations == "u8":
+            source = Path(u8_twin) if u8_twin is not None else None
+            if source is None or not source.is_file():
+                choice, source = choice.on_onnxruntime(NO_U8_TWIN_NOTE.format(isa=choice.int8_isa)), path
+        if choice.runtime == "openvino" and check_images is None:
+            choice = choice.on_onnxruntime(NO_CHECK_IMAGES_NOTE)
     start = time.perf_counter()
     opener = _open_openvino if choice.runtime == "openvino" else _open_onnxruntime
-    model = opener(path, options, choice)
+    model = opener(source, options, choice)
+    if quantized and model.runtime == "openvino":
+        model.self_check = run_self_check(model, path, check_images, options)
+        if not model.self_check.passed:
+            check = model.self_check
+            model = _open_onnxruntime(path, options, choice.on_onnxruntime(
+                SELF_CHECK_FAILED_NOTE.format(check=check.sentence())))
+            model.self_check = check
     model.compile_seconds = time.perf_counter() - start
     return model
+
+
+# Beside a served INT8 detector's model.onnx (render copies them there from the build; repository/targets.py).
+SERVED_U8_TWIN, SERVED_CHECK_IMAGES = "model.u8.onnx", "int8_check_images.npy"
+
+
+def open_served_model(version_dir: str | Path, filename: str = "model.onnx",
+                      options: RuntimeOptions = RuntimeOptions()) -> CompiledModel:
+    """A served detector's model, opened as `open_model` opens a build's: an INT8 one with the u8 twin and
+    self-check images that lie beside it (the `local` target's detector, and tests that must match it)."""
+    version_dir = Path(version_dir)
+    u8_twin, check_images = version_dir / SERVED_U8_TWIN, version_dir / SERVED_CHECK_IMAGES
+    return open_model(version_dir / filename, options, u8_twin=u8_twin if u8_twin.is_file() else None,
+                      check_images=np.load(check_images) if check_images.is_file() else None)
+
+
+def run_self_check(model: CompiledModel, reference_path: Path, check_images: np.ndarray,
+                   options: RuntimeOptions) -> SelfCheck:
+    """Run `check_images` through `model` and through onnxruntime's exact Q/DQ emulation of `reference_path`."""
+    images = check_images_as_float(check_images)
+    reference = _open_onnxruntime(reference_path, RuntimeOptions("onnxruntime", threads=options.threads),
+                                  RuntimeChoice("onnxruntime", "f32"))
+    # One image at a time: the same call shape as serving at batch 1, and any static batch of 1 is met.
+    expected = np.concatenate([reference.run(images[i : i + 1]) for i in range(len(images))])
+    try:
+        candidate = np.concatenate([model.run(images[i : i + 1]) for i in range(len(images))])
+    except Exception:  # noqa: BLE001  (a runtime that cannot even run the check fails it: onnxruntime serves)
+        return SelfCheck(len(images), float("inf"))
+    return SelfCheck(len(images), output_distance(candidate, expected))
+
+
+def open_exactly(path: str | Path, options: RuntimeOptions) -> CompiledModel:
+    """`path` on exactly the runtime `options` name: no fallback, no INT8 self-check. For benchmarks and tests that
+    measure a runtime itself (OpenVINO's INT8 where it is wrong included); never for serving or evaluation."""
+    choice = RuntimeChoice(options.runtime, options.precision_hint if options.runtime == "openvino" else "f32")
+    opener = _open_openvino if options.runtime == "openvino" else _open_onnxruntime
+    return opener(Path(path), options, choice)
 
 
 def _open_onnxruntime(path: Path, options: RuntimeOptions, choice: RuntimeChoice) -> CompiledModel:
@@ -285,7 +366,7 @@ def _open_onnxruntime(path: Path, options: RuntimeOptions, choice: RuntimeChoice
         return session.run([output_name], {input_name: batch})[0]
 
     return CompiledModel(path, choice, input_name, output_name, 0.0,
-                         batch_dim if isinstance(batch_dim, int) else None, infer, session)
+                         batch_dim if isinstance(batch_dim, int) else None, _infer=infer, _compiled=session)
 
 
 def _open_openvino(path: Path, options: RuntimeOptions, choice: RuntimeChoice) -> CompiledModel:
@@ -315,4 +396,4 @@ def _open_openvino(path: Path, options: RuntimeOptions, choice: RuntimeChoice) -
         return output.copy() if copy else output
 
     return CompiledModel(path, choice, compiled.input(0).get_any_name(), compiled.output(0).get_any_name(), 0.0,
-                         None if batch_dim.is_dynamic else batch_dim.get_length(), infer, compiled)
+                         None if batch_dim.is_dynamic else batch_dim.get_length(), _infer=infer, _compiled=compiled)

@@ -19,7 +19,8 @@ from typing import Any
 from packager.pipeline.result import BuildOptions
 from packager.core.contracts import ConfigError, MissingInputError
 from packager.core.manifest import MANIFEST_NAME, BuildManifest
-from packager.export.onnx_export import DEFAULT_OPSET, parse_imgsz
+from packager.evaluate.ground_truth import EVAL_SPLITS
+from packager.export.onnx_export import DEFAULT_OPSET, model_imgsz, parse_imgsz
 from packager.inference.runtime import DEFAULT_RUNTIME, RUNTIMES, RuntimeOptions
 from packager.quantize.int8 import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD, PRESETS, QuantizeOptions
 from packager.repository.targets import TARGETS
@@ -44,12 +45,12 @@ BUILD_KEYS = {
     "calib_images": ConfigKey("path", optional=True),
     "calib_data": ConfigKey("path", optional=True),
     "calib_size": ConfigKey("int", 64),
-    "imgsz": ConfigKey("imgsz", [640, 640]),
+    "imgsz": ConfigKey("imgsz", None, optional=True),  # null: the size the model was trained at
     "max_batch": ConfigKey("int", 8),
     "static_batch": ConfigKey("bool", False),
     "opset": ConfigKey("int", DEFAULT_OPSET),
     "end2end": ConfigKey("bool", None, optional=True),
-    "preset": ConfigKey("text", "mixed", choices=PRESETS),
+    "preset": ConfigKey("text", None, optional=True, choices=PRESETS),  # null: mixed, then auto if the gate fails
     "stride4_precise": ConfigKey("bool", True),
     "auto_target": ConfigKey("float", 0.97),
     "tune_images": ConfigKey("path", optional=True),
@@ -66,6 +67,8 @@ BUILD_KEYS = {
     "trt_plugins": ConfigKey("texts", []),
     "val_images": ConfigKey("path", optional=True),
     "val_annotations": ConfigKey("path", optional=True),
+    "data": ConfigKey("path", optional=True),
+    "split": ConfigKey("text", "val", choices=EVAL_SPLITS),
     "min_map_ratio": ConfigKey("float", 0.99),
     "repository": ConfigKey("path", optional=True),
     "target": ConfigKey("text", "local", choices=TARGETS),
@@ -206,10 +209,10 @@ def options_from_config(config: dict[str, Any], show_progress: bool = True) -> B
 
     return BuildOptions(
         model=path("model"), out=path("out"), calib_images=path("calib_images"), calib_data=path("calib_data"),
-        calib_size=value["calib_size"], imgsz=parse_imgsz(value["imgsz"]), max_batch=value["max_batch"],
+        calib_size=value["calib_size"], imgsz=parse_imgsz(value["imgsz"]) if value["imgsz"] is not None else None, max_batch=value["max_batch"],
         dynamic_batch=not value["static_batch"], opset=value["opset"], end2end=value["end2end"],
         quantize=QuantizeOptions(
-            preset=value["preset"], calibration_method=value["calibration_method"],
+            preset=value["preset"] or "mixed", calibration_method=value["calibration_method"],
             calibration_eps=list(value["calibration_eps"]), dq_only=value["dq_only"],
             exclude_nodes=list(value["exclude_nodes"]), exclude_ops=list(value["exclude_ops"]),
             calibrate_per_node=value["calibrate_per_node"], trt_plugins=list(value["trt_plugins"]),
@@ -218,6 +221,7 @@ def options_from_config(config: dict[str, Any], show_progress: bool = True) -> B
         ),
         tune_images=path("tune_images"), max_tune_images=value["max_tune_images"],
         val_images=path("val_images"), val_annotations=path("val_annotations"), min_map_ratio=value["min_map_ratio"],
+        data=path("data"), split=value["split"], auto_fallback=value["preset"] is None,
         repository=path("repository"), repository_target=value["target"],
         runtime=RuntimeOptions(value["runtime"], value["precision_hint"]), fp8=value["fp8"],
         allow_overlap=value["allow_overlap"], show_progress=show_progress,
@@ -235,15 +239,18 @@ def config_from_options(options: BuildOptions) -> dict[str, Any]:
     return {
         "model": path(options.model), "out": path(options.out), "calib_images": path(options.calib_images),
         "calib_data": path(options.calib_data), "calib_size": options.calib_size,
-        "imgsz": list(options.imgsz), "max_batch": options.max_batch,
+        "imgsz": list(options.imgsz if options.imgsz is not None else model_imgsz(options.model)), "max_batch": options.max_batch,
         "static_batch": not options.dynamic_batch, "opset": options.opset, "end2end": options.end2end,
-        "preset": quantize.preset, "stride4_precise": quantize.stride4_precise, "auto_target": quantize.auto_target, "tune_images": path(options.tune_images),
+        "preset": None if options.auto_fallback and quantize.preset == "mixed" else quantize.preset,
+        "stride4_precise": quantize.stride4_precise, "auto_target": quantize.auto_target,
+        "tune_images": path(options.tune_images),
         "max_tune_images": options.max_tune_images, "calibration_method": quantize.calibration_method,
         "calibration_eps": list(quantize.calibration_eps), "dq_only": quantize.dq_only,
         "exclude_nodes": list(quantize.exclude_nodes), "exclude_ops": list(quantize.exclude_ops),
         "calibrate_per_node": quantize.calibrate_per_node, "trt_plugins": list(quantize.trt_plugins),
         "adaround": quantize.adaround, "adaround_iterations": quantize.adaround_iterations,
         "adaround_device": quantize.adaround_device, "val_images": path(options.val_images), "val_annotations": path(options.val_annotations),
+        "data": path(options.data), "split": options.split,
         "min_map_ratio": options.min_map_ratio, "repository": path(options.repository),
         "target": options.repository_target, "fp8": options.fp8, "allow_overlap": options.allow_overlap,
         "runtime": options.runtime.runtime, "precision_hint": options.runtime.precision_hint,

@@ -78,6 +78,7 @@ def calibration_record(plan: CalibrationPlan, calibration: CalibrationResult, us
         # Tuning images (preset auto): never calibration images, see split_calibration_and_tuning.
         tuning=TuningRecord(len(tuning), tuple(p.name for p in tuning), "preset auto" if used_by_auto else None),
         image_sha256=dict(calibration.image_sha256), tuning_image_sha256=dict(plan.tuning_hashes),
+        selection=plan.selection,
     )
 
 
@@ -110,11 +111,12 @@ def quantization_record(quantization: QuantizeResult, options: QuantizeOptions, 
 
 
 def evaluation_record(evaluation: BuildEvaluation, gates: list[BuildGateResult], min_ratio: float,
-                      runtime_label: str) -> EvaluationRecord:
-    """What the build's accuracy gate measured and decided (every gate in `gates` passed)."""
+                      runtime_label: str, attempts: list[dict] = ()) -> EvaluationRecord:
+    """What the build's accuracy gate measured and decided (`attempts`: each INT8 preset gated, in order)."""
     return EvaluationRecord(
         metrics=dict(evaluation.metrics), ratios_vs_fp32=dict(evaluation.intervals), runtime=runtime_label,
-        min_ratio=min_ratio, gates=tuple(GateRecord(g.variant, g.ratio, True, g.decidable) for g in gates),
+        min_ratio=min_ratio, gates=tuple(GateRecord(g.variant, g.ratio, g.passed, g.decidable) for g in gates),
+        attempts=tuple(attempts),
     )
 
 

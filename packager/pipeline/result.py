@@ -25,7 +25,7 @@ class BuildOptions:
     calib_size: int = DEFAULT_CALIB_SIZE
     tune_images: Path | None = None  # preset auto: tuning images (default: --calib-images after the first calib_size)
     max_tune_images: int = 64
-    imgsz: tuple[int, int] = (640, 640)
+    imgsz: tuple[int, int] | None = None  # None: the size the model was trained at (export.model_imgsz)
     max_batch: int = 8
     dynamic_batch: bool = True
     opset: int = DEFAULT_OPSET
@@ -33,6 +33,11 @@ class BuildOptions:
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     val_images: Path | None = None
     val_annotations: Path | None = None
+    # A dataset YAML: calibration (and tuning) images spread over its train split, evaluation on its `split`.
+    data: Path | None = None
+    split: str = "val"
+    # --preset not given: `mixed`, then `auto` when mixed misses the accuracy gate (pipeline/gate.py).
+    auto_fallback: bool = False
     min_map_ratio: float = DEFAULT_MIN_MAP_RATIO
     repository: Path | None = None  # render a Triton model repository from the finished build
     repository_target: str = "local"
@@ -62,3 +67,4 @@ class BuildResult:
     fp8: Fp8Result | None = None
     intervals: dict[str, RatioInterval] = field(default_factory=dict)  # variant -> ratio vs fp32 with interval
     gates: list[BuildGateResult] = field(default_factory=list)
+    attempts: list = field(default_factory=list)  # pipeline/gate.py GateAttempt per INT8 preset gated

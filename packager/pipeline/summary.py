@@ -3,10 +3,12 @@ coverage) and the build's summary."""
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from packager.pipeline.result import BuildResult
 from packager.core.build_records import CocoMetrics, RatioInterval
+from packager.inference.runtime import RuntimeOptions, runtime_on_this_machine
 
 
 def metrics_table(metrics: dict[str, CocoMetrics], runtime_label: str = "onnxruntime",
@@ -35,7 +37,19 @@ def metrics_table(metrics: dict[str, CocoMetrics], runtime_label: str = "onnxrun
     return table
 
 
-def summary_table(result: BuildResult) -> Table:
+def int8_cpu_line(runtime: RuntimeOptions) -> str:
+    """What runs this build's INT8 on this machine's CPU, said plainly where it is emulated (slower than FP32)."""
+    choice = runtime_on_this_machine(runtime, quantized=True)
+    if choice.runtime == "openvino":
+        return (f"INT8 on this CPU: {choice.label} (integer kernels, checked against onnxruntime on "
+                "the build's check images whenever it is opened)")
+    if runtime.runtime == "onnxruntime":
+        return "INT8 on this CPU: onnxruntime, as asked (exact Q/DQ emulation, slower than FP32)"
+    return ("INT8 on this CPU: EMULATED by onnxruntime, correct but SLOWER than FP32 here: no VNNI/AMX instructions "
+            "in effect. INT8 speed needs a CPU with AVX512-VNNI, AVX-VNNI or AMX, or a GPU (--target gpu).")
+
+
+def summary_table(result: BuildResult, runtime: RuntimeOptions | None = None) -> Table:
     manifest = result.manifest
     table = Table(title=f"yqpack build: {manifest.model.name} ({manifest.model.head.value} head) -> {result.build_dir}")
     table.add_column("artifact")
@@ -47,10 +61,13 @@ def summary_table(result: BuildResult) -> Table:
     quant = manifest.quantization
     table.caption = (
         f"preset {quant.preset}, {quant.calibration_method} calibration on {manifest.calibration.count} "
-        f"images, {quant.quantized_nodes} quantized nodes, {len(quant.excluded_nodes)} kept precise, "
+        f"images of {escape(manifest.calibration.source)}, {quant.quantized_nodes} quantized nodes, "
+        f"{len(quant.excluded_nodes)} kept precise, "
         + (f"auto: {result.quantization.auto.reason()}; " if result.quantization.auto else "")
         + ", ".join(f"{k} {c.share(k):.1%} of conv MACs in {k.upper()}" for k, c in result.coverage.items()) + "; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items())
         + "".join(f"; gate {gate.message()}" for gate in (result.gates or ([result.gate] if result.gate else [])))
+        + ("; gate attempts: " + ", ".join(a.describe() for a in result.attempts) if len(result.attempts) > 1 else "")
+        + f"; {int8_cpu_line(runtime or RuntimeOptions())}"
     )
     return table

@@ -31,6 +31,7 @@ from packager.core.contracts import ConfigError, MissingInputError, Quantization
 from packager.quantize.activation_scales import ActivationScaleRecord, refine_activation_scales
 from packager.quantize.adaround import AdaRoundRecord
 from packager.quantize.early_stage import stride4_stage_convs
+from packager.quantize.u8_activations import U8_TWIN_FILE, to_u8_activations
 
 log = logging.getLogger(__name__)
 
@@ -294,13 +295,15 @@ def modelopt_calibration_method(method: str) -> str:
 
 def write_int8_twins(quantized, out_dir: Path) -> tuple[Path, Path]:
     """Save the FP32-elsewhere twin and derive the FP16-elsewhere twin from it (same scales, FP32 I/O kept: what
-    TensorRT builds the engine from). Returns (int8-fp32 path, int8 path)."""
+    TensorRT builds the engine from), and the u8-activation twin OpenVINO's VNNI kernels need (u8_activations.py).
+    Returns (int8-fp32 path, int8 path)."""
     import onnx
     from modelopt.onnx.autocast import convert_to_f16
 
     int8_fp32_path, int8_path = out_dir / "model.int8-fp32.onnx", out_dir / "model.int8.onnx"
     onnx.save(quantized, str(int8_fp32_path))
     onnx.save(convert_to_f16(quantized, low_precision_type="fp16", keep_io_types=True), str(int8_path))
+    onnx.save(to_u8_activations(quantized), str(out_dir / U8_TWIN_FILE))
     return int8_fp32_path, int8_path
 
 

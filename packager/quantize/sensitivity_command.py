@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from packager.calibration.calibration import list_images, split_calibration_and_tuning
+from packager.calibration.train_split import train_tuning_images
 from packager.core.contracts import ConfigError, ManifestError
 from packager.core.manifest import BuildManifest
+from packager.datasets.data_yaml import read_data_yaml
 from packager.quantize.sensitivity import AgreementScorer, SensitivityResult, analyze
 
 DEFAULT_MAX_IMAGES = 64
@@ -26,13 +28,15 @@ class SensitivityOutputs:
     plot_path: Path
 
 
-def run_sensitivity(build_dir: str | Path, images_dir: str | Path, out: str | Path = "sensitivity.json",
-                    max_images: int = DEFAULT_MAX_IMAGES, refine: int = 2, show_progress: bool = True
-                    ) -> SensitivityOutputs:
-    """Sensitivity of a build's model on unlabelled `images_dir`, recalibrated once from the build's calib.npy.
+def run_sensitivity(build_dir: str | Path, images_dir: str | Path | None = None,
+                    out: str | Path = "sensitivity.json", max_images: int = DEFAULT_MAX_IMAGES, refine: int = 2, show_progress: bool = True,
+                    data: str | Path | None = None) -> SensitivityOutputs:
+    """Sensitivity of a build's model on unlabelled `images_dir`, or on `max_images` images spread over the train
+    split of the dataset YAML `data`, recalibrated once from the build's calib.npy.
 
-    When `images_dir` is the build's calibration folder, its first calibration-count images are skipped
-    (the same split as `yqpack build`): the tuning images never include calibration images.
+    The tuning images never include calibration images: when `images_dir` is the build's calibration folder, its
+    first calibration-count images are skipped (the same split as `yqpack build`); from `data`, every train image
+    with the bytes of one of the build's calibration images is.
     """
     import onnx
 
@@ -45,11 +49,19 @@ def run_sensitivity(build_dir: str | Path, images_dir: str | Path, out: str | Pa
     calibration, quantization = manifest.calibration, manifest.quantization
     if calibration is None or quantization is None:
         raise ManifestError(f"{build_dir} records no calibration or quantization: was it made by `yqpack build`?")
-    files = list_images(images_dir)
-    same_folder = Path(calibration.source).resolve() == Path(images_dir).resolve()
-    _, tuning = split_calibration_and_tuning(files, calibration.count if same_folder else 0, max_tune=max_images)
+    if (images_dir is None) == (data is None):
+        raise ConfigError("sensitivity needs tuning images: --images DIR or --data PATH/data.yaml (its train split), "
+                          "one of the two")
+    if data is not None:
+        tuning = train_tuning_images(read_data_yaml(data), max_images, calibration.image_sha256)
+        source = f"the train split of {data}"
+    else:
+        files = list_images(images_dir)
+        same_folder = Path(calibration.source).resolve() == Path(images_dir).resolve()
+        _, tuning = split_calibration_and_tuning(files, calibration.count if same_folder else 0, max_tune=max_images)
+        source = str(images_dir)
     if not tuning:
-        raise ConfigError(f"no tuning images left in {images_dir} after the {calibration.count} calibration images")
+        raise ConfigError(f"no tuning images left in {source} after the {calibration.count} calibration images")
     started, cpu_started = time.perf_counter(), time.process_time()
     options = QuantizeOptions(preset="auto", calibration_method=quantization.calibration_method)
     with tempfile.TemporaryDirectory(prefix="yqpack-sensitivity-") as tmp:

@@ -18,6 +18,7 @@ from packager.inference import letterbox as letterbox_module
 from packager.inference import image_header as image_header_module
 from packager.inference import postprocess as postprocess_module
 from packager.inference import runtime as runtime_module
+from packager.inference import int8_cpu as int8_cpu_module
 from packager.inference import request_params as request_params_module
 from packager.core.paths import TEMPLATES_DIR
 from packager.core.contracts import (
@@ -44,6 +45,7 @@ from packager.repository.targets import (
     HOST_SIZED_TARGETS,
     IMAGE_TENSOR,
     LABELS_FILE,
+    LOCAL_INT8_COMPANIONS,
     MAX_QUEUE_DELAY_US,
     ONNX_VARIANT,
     PIXEL_INPUT_TARGETS,
@@ -175,6 +177,9 @@ class _Plan:
     plans: dict[Precision, Path]
     preprocess: str = "python"
     nms: dict | None = None  # NmsSpec.served(...) when the detector's graph ends in NMS
+    # Files served beside the `local` INT8 detector's model.onnx: its u8-activation twin and self-check images,
+    # from which the runtime picks what this CPU computes right (inference/int8_cpu.py).
+    int8_companions: dict[str, Path] = field(default_factory=dict)
 
     @property
     def head_output(self) -> TensorSpec:
@@ -216,6 +221,13 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
     unknown = [p for p in requested if p not in PRECISIONS]
     if unknown:
         raise ConfigError(f"unknown precision(s) {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
+    failed = [gate for gate in (manifest.evaluation.gates if manifest.evaluation is not None else ())
+              if not gate.passed and gate.variant.split("-")[0] in requested]
+    if failed:  # a build kept after a failed gate (<out>.failed-gate): its quantized models are not to be served
+        ratios = ", ".join(f"{gate.variant} ratio {gate.ratio:.4f}" for gate in failed)
+        precisions = ", ".join(sorted({gate.variant.split("-")[0] for gate in failed}))
+        raise ConfigError(f"the build in {build_dir} failed its accuracy gate ({ratios}): its {precisions} model is "
+                          "not served; render --precisions without it, or rebuild until the gate holds")
     unservable = [p for p in requested if p not in ONNX_VARIANT[target]]
     if unservable:
         raise ConfigError(f"{', '.join(unservable)} is served only on the {', '.join(FP8_TARGETS)} target (TensorRT, "
@@ -254,7 +266,11 @@ def _plan(build_dir: Path, manifest: BuildManifest, options: RenderOptions, engi
     nms = None
     if nms_choice == "graph" and spec.head is HeadFormat.RAW:  # an end2end head has no NMS to move
         nms = options.nms_spec.served(spec.output.dims[0] - 4, spec.output.dims[1])
-    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans, preprocess, nms)
+    companions = {}
+    if DETECTOR_PLATFORM[target] == "python" and Precision.INT8 in precisions:
+        companions = {served: manifest.artifact_path(build_dir, variant)
+                      for variant, served in LOCAL_INT8_COMPANIONS.items() if variant in manifest.artifacts}
+    return _Plan(spec, options, precisions, max_batch, preferred, delay, sources, plans, preprocess, nms, companions)
 
 
 # A checkout tracks model_repository/README.md (it says the folder is generated output); a re-render keeps it.
@@ -346,7 +362,8 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
         }
         if DETECTOR_PLATFORM[template] == "python":  # the local target: opens the model with yqpack's runtime.py
             _python_model(env, staging / detector, f"detector/{template}",
-                          [runtime_module.__file__, letterbox_module.__file__, image_header_module.__file__], context)
+                          [runtime_module.__file__, int8_cpu_module.__file__, letterbox_module.__file__,
+                           image_header_module.__file__], context)
         else:
             (staging / detector / "1").mkdir(parents=True)
             _render(env, f"detector/{template}/config.pbtxt.j2", context, staging / detector / "config.pbtxt")
@@ -358,6 +375,9 @@ def _render_precisions(env: jinja2.Environment, staging: Path, plan: _Plan) -> l
             shutil.copy2(plan.sources[precision], version_dir / "model.onnx")
         if precision in plan.plans:
             shutil.copy2(plan.plans[precision], version_dir / "model.plan")
+        if precision is Precision.INT8:
+            for served, source in plan.int8_companions.items():
+                shutil.copy2(source, version_dir / served)
         ensemble = ensemble_name(spec.name, precision.value)
         (staging / ensemble / "1").mkdir(parents=True)  # Triton wants a version folder, even empty
         _render(

@@ -11,11 +11,16 @@ PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 ONNX_VARIANT = {
     "local": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
     "cpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
-    "cpu-openvino": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"},
+    # Triton's openvino backend cannot pick a file per CPU: the u8-activation twin is right on every VNNI and AMX
+    # CPU, the s8 file only on AMX (docs/cpu-openvino.md).
+    "cpu-openvino": {"fp32": "fp32", "fp16": "fp16", "int8": "int8-u8"},
     # gpu-ort: the FP16 graph itself, so FP16 needs no builder flag (TensorRT 11 removed them; docs/gpu.md).
     "gpu-ort": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},
     "gpu": {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8"},
 }
+# Build artifacts served beside the `local` INT8 detector's model.onnx, by the names its runtime looks for
+# (inference/runtime.py: SERVED_U8_TWIN, SERVED_CHECK_IMAGES; a test checks they agree).
+LOCAL_INT8_COMPANIONS = {"int8-u8": "model.u8.onnx", "int8-check": "int8_check_images.npy"}
 # FP8 is served by TensorRT only: onnxruntime CPU runs ModelOpt's float8 Q/DQ only with graph optimizations off
 # (several times slower than FP32); the CPU-side fp8-fp32 twin exists to measure accuracy, not to serve.
 FP8_TARGETS = ("gpu",)

@@ -5,7 +5,8 @@ annotation file, mirrored boxes or shifted category ids score equally low on bot
 the served model instead: its confident detections (score >= 0.5) should land on annotated boxes (class-agnostic
 IoU >= 0.5) and, where they do, name the annotated category. When they don't, each known mistake is undone in turn
 (mirrored boxes, corner or centre boxes written as x,y,width,height, normalised coordinates, resized images;
-category ids shifted by one or written as class indices); the one that restores agreement names the cause.
+category ids shifted by one or written as class indices); the one that restores agreement names the cause. Each
+label format names its own mistakes (`KnownMistakes`: COCO JSON here, YOLO txt labels in annotation_labels.py).
 
 Pure functions over numpy arrays and plain records: the caller supplies detections, boxes and image sizes.
 """
@@ -15,22 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from packager.metrics.coco_eval import CocoGroundTruth
-
-
-class Ensemble(Protocol):
-    """What the check needs of a served ensemble (verify's ServedEnsemble has it; gates and the report import
-    this module, so it names no class of verify's)."""
-
-    name: str
-    family: str
-    precision: str
-    class_names: list[str]
 
 CONFIDENT_SCORE = 0.5  # detections the check trusts
 MATCH_IOU = 0.5
@@ -63,7 +50,7 @@ class AnnotatedImage:
     height: int
     listed_width: int | None  # what the annotation file says
     listed_height: int | None
-    boxes: np.ndarray  # (n, 4) x, y, width, height as written in the file
+    boxes: np.ndarray  # (n, 4) x, y, width, height as written in the file (YOLO: its boxes in pixels, unclipped)
     category_ids: np.ndarray  # (n,) int
     crowd: np.ndarray  # (n,) bool
 
@@ -106,6 +93,8 @@ class AnnotationCheck:
     classes: list[ClassAgreement] = field(default_factory=list)  # as given first, then each fix
     confusions: list[str] = field(default_factory=list)  # most frequent disagreeing pairs, as words
     swapped: list[str] = field(default_factory=list)  # classes whose boxes mostly carry one other category
+    ids: str = "category ids"  # what the label format calls its class numbers, for the report
+    unjudged_detections: int = 0  # confident detections of model classes the labels lack: not judged
 
     @property
     def passed(self) -> bool:
@@ -165,7 +154,7 @@ BOX_FIXES: dict[str, BoxFix] = {
 }
 
 
-def _category_fixes(class_category_ids: Sequence[int]) -> dict[str, Callable[[int], int | None]]:
+def _category_fixes(class_category_ids: Sequence[int | None]) -> dict[str, Callable[[int], int | None]]:
     """Fixes of a category id as written; each maps it to the id the model's classes use (None: no such id)."""
     by_index = list(class_category_ids)
     return {
@@ -176,6 +165,19 @@ def _category_fixes(class_category_ids: Sequence[int]) -> dict[str, Callable[[in
         "category ids are 1-based class indices, not the file's category ids":
             lambda a: by_index[a - 1] if 1 <= a <= len(by_index) else None,
     }
+
+
+@dataclass(frozen=True)
+class KnownMistakes:
+    """The mistakes one label format invites, as the fixes the check tries, and its words for the rest."""
+
+    boxes: dict[str, BoxFix]
+    categories: Callable[[Sequence[int | None]], dict[str, Callable[[int], int | None]]]
+    ids: str  # "category ids" (COCO) or "class ids" (YOLO)
+    unexplained: str  # boxes that no fix explains: what that usually means
+
+
+COCO_MISTAKES = KnownMistakes(BOX_FIXES, _category_fixes, "category ids", "annotations of another image set?")
 
 
 def confident_rows(detections: np.ndarray) -> np.ndarray:
@@ -239,10 +241,11 @@ def _box_agreement(fix: str, images: Sequence[AnnotatedImage], detections: Mappi
                         matched / boxes if boxes else 0.0), pairs
 
 
-def _class_agreements(pairs: list[tuple[int, int]], class_category_ids: Sequence[int]) -> list[ClassAgreement]:
+def _class_agreements(pairs: list[tuple[int, int]], class_category_ids: Sequence[int | None],
+                      mistakes: KnownMistakes) -> list[ClassAgreement]:
     expected = [(class_category_ids[cls] if 0 <= cls < len(class_category_ids) else None, ann) for cls, ann in pairs]
     results = [_agreement("as given", [(e, ann) for e, ann in expected])]
-    for fix, undo in _category_fixes(class_category_ids).items():
+    for fix, undo in mistakes.categories(class_category_ids).items():
         results.append(_agreement(fix, [(e, undo(ann)) for e, ann in expected]))
     return results
 
@@ -256,25 +259,36 @@ def check_annotations(
     model: str,
     detections: Mapping[str, np.ndarray],
     images: Sequence[AnnotatedImage],
-    class_category_ids: Sequence[int],
+    class_category_ids: Sequence[int | None],
     category_names: Mapping[int, str] | None = None,
+    mistakes: KnownMistakes = COCO_MISTAKES,
 ) -> AnnotationCheck:
     """Judge `images`' annotations by `model`'s `detections` ({image name: (n, 6) x1, y1, x2, y2, score, class}
     in the image's pixels, any score: the confident ones are kept here). `class_category_ids[c]` is the annotation
-    file's category id of model class c; `category_names` (id -> name) makes the confusions readable."""
+    file's category id of model class c (None: the labels lack that class, its detections are not judged);
+    `category_names` (id -> name) makes the confusions readable; `mistakes`, those the label format invites."""
     names = dict(category_names or {})
     known = set(names) if names else None
     rows = {image.name: confident_rows(detections.get(image.name, np.zeros((0, 6)))) for image in images}
+    # A class the labels do not have would count as a detection on no box: the labels cannot be judged by it.
+    unlabelled = [c for c, category in enumerate(class_category_ids) if category is None]
+    unjudged = 0
+    if unlabelled:
+        for name, image_rows in rows.items():
+            keep = ~np.isin(image_rows[:, 5].astype(np.int64), unlabelled)
+            unjudged += int((~keep).sum())
+            rows[name] = image_rows[keep]
     check = AnnotationCheck(
         model=model, verdict="pass", cause="", images=len(images),
         size_mismatches=sum(image.size_mismatch for image in images),
         unknown_category_annotations=0 if known is None else sum(
             int(sum(int(c) not in known for c in image.category_ids)) for image in images),
+        ids=mistakes.ids, unjudged_detections=unjudged,
     )
     as_given, pairs = _box_agreement("as given", images, rows, None)
     check.boxes = [as_given]
     fixed_pairs = {}
-    for fix, transform in BOX_FIXES.items():
+    for fix, transform in mistakes.boxes.items():
         if transform is _resized and not check.size_mismatches:
             continue  # nothing to rescale
         agreement, fix_pairs = _box_agreement(fix, images, rows, transform)
@@ -285,10 +299,10 @@ def check_annotations(
         check.verdict = "too few"
         check.cause = (f"too few images to judge: {len(images)} images with {confident} confident detections "
                        f"(needs {MIN_IMAGES} images and {MIN_DETECTIONS} detections)")
-        check.classes = _class_agreements(pairs, class_category_ids)
+        check.classes = _class_agreements(pairs, class_category_ids, mistakes)
         return check
-    box_cause, class_pairs = _box_verdict(check, pairs, fixed_pairs)
-    check.classes = _class_agreements(class_pairs, class_category_ids)
+    box_cause, class_pairs = _box_verdict(check, pairs, fixed_pairs, mistakes)
+    check.classes = _class_agreements(class_pairs, class_category_ids, mistakes)
     check.confusions = _confusions(class_pairs, class_category_ids, names)
     check.swapped = _swapped(class_pairs, class_category_ids, names)
     class_cause = _class_verdict(check)
@@ -302,7 +316,8 @@ def check_annotations(
     return check
 
 
-def _box_verdict(check: AnnotationCheck, pairs, fixed_pairs) -> tuple[str, list[tuple[int, int]]]:
+def _box_verdict(check: AnnotationCheck, pairs, fixed_pairs, mistakes: KnownMistakes
+                 ) -> tuple[str, list[tuple[int, int]]]:
     """The box cause ("" when the boxes agree) and the matched pairs to judge classes on."""
     as_given = check.as_given
     best = max(check.boxes[1:], key=lambda agreement: agreement.matched)
@@ -314,8 +329,8 @@ def _box_verdict(check: AnnotationCheck, pairs, fixed_pairs) -> tuple[str, list[
                 if check.size_mismatches else "")
         return (f"the annotated boxes do not match what the model detects: only {as_given.precision:.0%} of "
                 f"{as_given.detections} confident detections lie on an annotated box (at least "
-                f"{MIN_BOX_PRECISION:.0%} expected) and no known mistake explains it - annotations of another image "
-                f"set?{hint}"), pairs
+                f"{MIN_BOX_PRECISION:.0%} expected) and no known mistake explains it - {mistakes.unexplained}"
+                f"{hint}"), pairs
     return "", pairs
 
 
@@ -329,12 +344,12 @@ def _class_verdict(check: AnnotationCheck) -> str:
     if best.agreement >= MIN_CLASS_AGREEMENT and best.agreement >= given.agreement + CLASS_FIX_MARGIN:
         return f"{best.fix}: {text} as given, {best.agreement:.0%} once undone"
     if check.swapped:
-        return f"category ids are swapped between classes: {', '.join(check.swapped[:3])} ({text})"
+        return f"{check.ids} are swapped between classes: {', '.join(check.swapped[:3])} ({text})"
     if given.agreement >= MIN_CLASS_AGREEMENT:
         return ""
     text += f" (at least {MIN_CLASS_AGREEMENT:.0%} expected)"
     confused = f"; most often {', '.join(check.confusions[:3])}" if check.confusions else ""
-    return f"category ids do not match the model's class names: {text}{confused}"
+    return f"{check.ids} do not match the model's class names: {text}{confused}"
 
 
 def _swapped(pairs: list[tuple[int, int]], class_category_ids: Sequence[int], names: Mapping[int, str]) -> list[str]:
@@ -361,54 +376,3 @@ def _confusions(pairs: list[tuple[int, int]], class_category_ids: Sequence[int],
         detected = class_category_ids[cls] if 0 <= cls < len(class_category_ids) else None
         words.append(f"'{names.get(detected, cls)}' annotated as {ann} '{names.get(ann, '?')}' ({count}x)")
     return words
-
-
-def annotated_images(dataset: Mapping, sizes: Mapping[str, tuple[int, int]]) -> list[AnnotatedImage]:
-    """The images of a COCO instances `dataset` (the parsed JSON) that `sizes` ({file name: (width, height)} of
-    the decoded image files) covers, in `sizes`' order."""
-    by_name = {image["file_name"]: image for image in dataset.get("images", [])}
-    per_image: dict[object, list[dict]] = {}
-    for annotation in dataset.get("annotations", []):
-        per_image.setdefault(annotation.get("image_id"), []).append(annotation)
-    result = []
-    for name, (width, height) in sizes.items():
-        listed = by_name.get(name)
-        if listed is None:
-            continue
-        annotations = [a for a in per_image.get(listed.get("id"), []) if len(a.get("bbox") or []) == 4]
-        result.append(AnnotatedImage(
-            name=name, width=int(width), height=int(height),
-            listed_width=listed.get("width"), listed_height=listed.get("height"),
-            boxes=np.array([a["bbox"] for a in annotations], np.float64).reshape(-1, 4),
-            category_ids=np.array([int(a.get("category_id", -1)) for a in annotations], np.int64),
-            crowd=np.array([bool(a.get("iscrowd", 0)) for a in annotations], bool),
-        ))
-    return result
-
-
-# The ensemble of a model family whose detections judge the annotations: the most precise one served.
-PREFERRED_PRECISIONS = ("fp32", "fp16")
-
-
-def check_served_annotations(models: Sequence[Ensemble], confident: Mapping[str, Mapping[str, np.ndarray]],
-                             ground_truth: "CocoGroundTruth", sizes: Mapping[str, tuple[int, int]],
-                             unfit_judge: str | None = None) -> list[AnnotationCheck]:
-    """One check per model family on the detections of its most precise served ensemble (`confident`: ensemble ->
-    image name -> rows, from the accuracy pass; `sizes`: the scored images' decoded (width, height)).
-    `unfit_judge`, why the served model cannot judge (its build has random weights): the numbers are still
-    measured and shown, the verdict is "unfit judge"."""
-    dataset = ground_truth.coco.dataset
-    images = annotated_images(dataset, sizes)
-    names = {int(category["id"]): str(category["name"]) for category in dataset.get("categories", [])}
-    order = {precision: rank for rank, precision in enumerate(PREFERRED_PRECISIONS)}
-    checks = []
-    for family in dict.fromkeys(model.family for model in models):
-        members = [model for model in models if model.family == family and model.name in confident]
-        if members:
-            judge = min(members, key=lambda model: order.get(model.precision, len(order)))
-            check = check_annotations(judge.name, confident[judge.name], images,
-                                      ground_truth.category_ids_for(judge.class_names), names)
-            if unfit_judge is not None:
-                check.verdict, check.cause = "unfit judge", unfit_judge
-            checks.append(check)
-    return checks

@@ -36,6 +36,13 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
     if not images_dir.is_dir():
         raise MissingInputError(f"image folder not found: {images_dir}")
     files = sorted(path for path in images_dir.iterdir() if path.is_file() and not path.name.startswith("."))
+    return scan_files(files, ground_truth, max_images, str(images_dir))
+
+
+def scan_files(files: list[Path], ground_truth: coco_eval.CocoGroundTruth, max_images: int | None,
+               where: str) -> ImageSet:
+    """`scan_images` of a list of image files (a dataset YAML's split: `where` names it in messages)."""
+    by_name = {path.name: path for path in files}
     skipped: list[SkippedImage] = []
     readable: dict[str, bytes] = {}
     sizes: dict[str, tuple[int, int]] = {}
@@ -55,12 +62,12 @@ def scan_images(images_dir: Path, ground_truth: coco_eval.CocoGroundTruth, max_i
         annotated = annotated[:max_images]
     if not annotated:
         raise VerifyError(
-            f"no readable image of {ground_truth.path.name} in {images_dir} "
+            f"no readable image of {ground_truth.path.name} in {where} "
             f"({len(files)} file(s), {len(readable)} readable)"
         )
     return ImageSet(
         load_payloads=list(readable.values()),
-        accuracy_files=[images_dir / name for name in annotated],
+        accuracy_files=[by_name[name] for name in annotated],
         accuracy_payloads=[readable[name] for name in annotated],
         folder_files=len(files),
         skipped=skipped,

@@ -5,14 +5,15 @@ none), the quantized MAC coverage of each precision and the accuracy references 
 An accuracy reference is the mAP a served ensemble must reproduce: the build's own `eval-onnx` of the ONNX it
 serves. Served pre/post are the package's own code and the detector runs the same ONNX, so served mAP equals the
 local evaluation to 4 decimals on CPU (a GPU engine drifts a little: `--max-map-drift`). The reference comes
-from the build manifest's `evaluation` when it covered as many images as verify scores (independent of the
-annotation file verify was given: mirrored annotations cannot pass), else it is computed here on exactly the
-images verify scored.
+from the build manifest's `evaluation` when it scored the same images with labels of the same kind and classes
+(labels.py `compare_sources`: then independent of the label file verify was given, so a mirrored copy cannot pass;
+the report names both files), else it is computed here on exactly the images and labels verify scored.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from packager.core.contracts import MissingInputError, StateFileError, YqpackError
@@ -20,6 +21,7 @@ from packager.core.manifest import MANIFEST_NAME, BuildManifest
 from packager.core.repository_index import RepositoryIndex
 from packager.metrics import coco_eval
 from packager.verify.gates import AccuracyReference
+from packager.verify.labels import LabelSource, compare_sources, recorded_source
 
 # The ONNX each served precision is evaluated from (as `eval-onnx`; the fp32 INT8 twin has the served scales).
 REFERENCE_VARIANT = {"fp32": "fp32", "fp16": "fp16", "int8": "int8-fp32"}
@@ -63,34 +65,45 @@ class ReferenceBuild:
                 coverage[precision] = conv_coverage(self.manifest.artifact_path(self.path, variant)).share(precision)
         return coverage
 
+    @cached_property
+    def evaluated(self) -> tuple[LabelSource | None, str]:
+        """What the manifest's evaluation scored (read once a run), and what could not be known about it."""
+        return recorded_source(self.manifest.config)
+
     def accuracy_reference(self, model: str, precision: str, files: list[Path],
                            ground_truth: coco_eval.CocoGroundTruth, class_names: list[str],
-                           show_progress: bool = False) -> AccuracyReference | None:
-        """Reference mAP50-95 of `model` (one served precision) for the images `files`; None if the build lacks it."""
+                           scored: LabelSource, show_progress: bool = False) -> AccuracyReference | None:
+        """Reference mAP50-95 of `model` (one served precision) for the images `files` with the labels `scored`;
+        None if the build lacks it."""
         variant = REFERENCE_VARIANT.get(precision)
         if variant is None:
             return None
         evaluation = self.manifest.evaluation
         recorded = evaluation.map50_95(variant, len(files)) if evaluation is not None else None
+        note = ""
         if recorded is not None:
-            return AccuracyReference(model, variant, recorded, len(files),
-                                     f"the manifest's evaluation of {variant} ({len(files)} images) of build "
-                                     f"{self.path}")
+            reuse, note = compare_sources(*self.evaluated, scored)
+            if reuse:
+                return AccuracyReference(model, variant, recorded, len(files),
+                                         f"the manifest's evaluation of {variant} ({len(files)} images) of build "
+                                         f"{self.path}" + (f" ({note})" if note else ""))
         if variant not in self.manifest.artifacts:
             return None
         onnx = self.manifest.artifact_path(self.path, variant)
-        metrics = self._evaluate_onnx(onnx, files, ground_truth, class_names, show_progress)
+        metrics = self._evaluate_onnx(variant, files, ground_truth, class_names, show_progress)
         return AccuracyReference(model, variant, metrics.map50_95, len(files),
-                                 f"eval-onnx of {onnx.name} of build {self.path} on the same {len(files)} images",
+                                 f"eval-onnx of {onnx.name} of build {self.path} on the same {len(files)} images"
+                                 + (f" (not the manifest's evaluation: {note})" if note else ""),
                                  str(ground_truth.path))
 
-    def _evaluate_onnx(self, onnx: Path, files, ground_truth, class_names, show_progress) -> coco_eval.CocoMetrics:
-        from packager.evaluate.onnx_eval import detect_images
+    def _evaluate_onnx(self, variant: str, files, ground_truth, class_names, show_progress) -> coco_eval.CocoMetrics:
+        from packager.evaluate.onnx_eval import detect_with, open_variant
 
         # The default runtime, as the `local` target serves (another runtime's drift stays within --max-map-drift).
         spec = self.manifest.model
-        detections = detect_images(onnx, files, spec.imgsz, label=f"reference {onnx.name}",
-                                   show_progress=show_progress, head_format=spec.head)
+        model = open_variant(self.path, self.manifest, variant)
+        detections = detect_with(model, files, spec.imgsz, label=f"reference {model.path.name}",
+                                 show_progress=show_progress, head_format=spec.head)
         return coco_eval.evaluate(detections, ground_truth, class_names)
 
 

@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from packager.verify.report_labels import labels_section
+
 if TYPE_CHECKING:
     from packager.verify.result import VerifyResult
 
@@ -98,6 +100,9 @@ def render_markdown(result: "VerifyResult", plots: dict[str, str] | None = None)
     sections = [
         _summary_section(result),
         _gates_section(result),
+        _recommendation_section(result),
+        _runtime_section(result),
+        labels_section(result),
         _reference_section(result),
         _annotation_section(result),
         _accuracy_section(result, plots),
@@ -145,6 +150,40 @@ def _gates_section(result: "VerifyResult") -> list[str]:
     )
 
 
+def _recommendation_section(result: "VerifyResult") -> list[str]:
+    if not result.recommendations:
+        return []
+    lines = ["## Precision to serve", ""]
+    for recommendation in result.recommendations:
+        lines += [f"**{recommendation.sentence}.**", ""]
+        lines += _table(["precision", "model", "peak img/s", "at concurrency", "gates"],
+                        [[c.precision, c.model, _num(c.peak_throughput), str(c.peak_concurrency or "-"),
+                          "held" if c.passed else "**failed** " + ", ".join(dict.fromkeys(g.gate for g in
+                                                                                         c.failed_gates))]
+                         for c in recommendation.candidates])
+    return lines + ["Peak images/s of the ensemble over the load levels of this one run; the fastest precision "
+                    "that holds every gate it faces is the one to serve.", ""]
+
+
+def _runtime_section(result: "VerifyResult") -> list[str]:
+    """What the server really runs: a fallback (INT8 moved to onnxruntime, say) stands out in bold."""
+    lines = ["## What runs each detector", ""]
+    if not result.detector_runtimes:
+        return lines + [result.detector_runtimes_source, ""]
+    rows = []
+    for item in result.detector_runtimes:
+        notes = "; ".join(f"**{note}**" for note in item.notes) or "-"
+        check = item.self_check
+        check_cell = "-" if check is None else (
+            ("passed" if check.get("passed") else "**failed**") + f": distance {check.get('distance')} "
+            f"(tolerance {check.get('tolerance')}) on {check.get('images')} images")
+        rows.append([item.ensemble, item.detector,
+                     item.label or item.runtime or "not in the server log (its detector does not log its runtime)",
+                     notes.replace("|", "/"), check_cell])
+    return lines + [f"From the server log {result.detector_runtimes_source}.", ""] + _table(
+        ["ensemble", "detector", "runtime", "notes (fallbacks)", "INT8 self-check"], rows)
+
+
 def _reference_section(result: "VerifyResult") -> list[str]:
     """What each served mAP was held to: a wrong annotation file fools a reference scored with the same file."""
     if not result.accuracy:
@@ -181,7 +220,7 @@ def _annotation_section(result: "VerifyResult") -> list[str]:
         lines += _table(["boxes", "detections", "annotated boxes", "matched", "precision", "recall"],
                         [[b.fix, str(b.detections), str(b.boxes), str(b.matched), _num(b.precision, 3),
                           _num(b.recall, 3)] for b in check.boxes])
-        lines += _table(["category ids", "matched pairs", "same category", "agreement"],
+        lines += _table([check.ids, "matched pairs", "same category", "agreement"],
                         [[c.fix, str(c.pairs), str(c.agreeing), _num(c.agreement, 3)] for c in check.classes])
         notes = []
         if check.size_mismatches:

@@ -11,14 +11,18 @@ from packager.verify.annotation_check import AnnotationCheck
 from packager.verify.gates import AbsoluteGates, AccuracyReference, Comparison, GateResult, GateThresholds, ServedAccuracy
 from packager.verify.loadtest import LevelResult
 from packager.verify.inputs import SkippedImage
+from packager.verify.recommend import Recommendation
+from packager.verify.runtime_log import NOT_KNOWN_REMOTE, DetectorRuntime
 
 EXIT_CODES = {"pass": 0, "fail": 1, "incomplete": 3}
 
 
 @dataclass
 class VerifyOptions:
-    images_dir: Path
-    annotations: Path
+    images_dir: Path | None = None  # with annotations (a COCO file) ...
+    annotations: Path | None = None
+    data: Path | None = None  # ... or a dataset YAML, its `split` verified (YOLO txt labels)
+    split: str | None = None  # val unless given; only with data
     url: str = "127.0.0.1:8001"
     models: Sequence[str] | None = None  # ensemble names; default: every ready ensemble
     build_dir: Path | None = None  # the build to compare with [the detached yqpack serve's]
@@ -35,6 +39,7 @@ class VerifyOptions:
     gates: GateThresholds = field(default_factory=GateThresholds)
     progress: bool = True
     absolute: AbsoluteGates = field(default_factory=AbsoluteGates)  # served mAP == the build's own eval
+    server_log: Path | None = None  # the server's log when no yqpack serve record names it (the test server's)
 
 
 @dataclass
@@ -76,6 +81,10 @@ class VerifyResult:
     references: dict[str, AccuracyReference | None] = field(default_factory=dict)
     build: str | None = None  # the one build the run compared with (its path and how it was found)
     annotation_checks: list[AnnotationCheck] = field(default_factory=list)  # one per model family
+    recommendations: list[Recommendation] = field(default_factory=list)  # the precision to serve, per family
+    detector_runtimes: list[DetectorRuntime] = field(default_factory=list)  # from the server log
+    detector_runtimes_source: str = NOT_KNOWN_REMOTE  # the log read, or why what runs is not known
+    labels: dict = field(default_factory=dict)  # the ground truth: source, format, classes, unscored per ensemble
 
     @property
     def exit_code(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from packager.metrics import coco_eval
-from packager.core.contracts import ConfigError, MissingInputError
+from packager.core.contracts import ConfigError
 from packager.verify.gates import (
     absolute_accuracy_gates,
     annotation_gates,
@@ -24,10 +24,13 @@ from packager.verify.gates import (
     evaluate_gates,
     readiness_gates,
 )
-from packager.verify.annotation_check import check_served_annotations
+from packager.verify.annotation_labels import check_served_annotations
 from packager.verify.report import collect_versions, write_report
-from packager.verify.inputs import ImageSet, scan_images
+from packager.verify.inputs import ImageSet
+from packager.verify.labels import VerifyLabels, load_labels
+from packager.verify.recommend import recommend_precisions
 from packager.verify.reference import ReferenceBuild, resolve_build
+from packager.verify.runtime_log import detector_runtimes
 from packager.verify.result import VerifyOptions, VerifyResult
 from packager.verify.session import EVAL_PARAMETERS, Measurements, VerifySession
 
@@ -37,8 +40,9 @@ def run_verify(options: VerifyOptions, console: Console | None = None) -> Verify
     gate failures or a server that disappears mid-run - those are the result's status)."""
     console = console or Console(stderr=True)
     _check_options(options)
-    ground_truth = coco_eval.CocoGroundTruth(options.annotations)
-    images = scan_images(Path(options.images_dir), ground_truth, options.max_images)
+    labels = load_labels(options.images_dir, options.annotations, options.data, options.split)
+    console.print(f"labels: {labels.description}")
+    images = labels.scan(options.images_dir, options.max_images)
     for skipped in images.skipped:
         console.print(f"[yellow]image {skipped.file}: {skipped.reason}[/yellow]")
     _warn_decoder_mismatch(console)
@@ -47,9 +51,11 @@ def run_verify(options: VerifyOptions, console: Console | None = None) -> Verify
     console.print(f"build: {build.describe()}" if build else "build: none (no --build, no detached yqpack serve "
                   "record for this URL): no MAC coverage or accuracy reference from a build")
     started, began = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
-    measured = asyncio.run(_measure(options, console, images, ground_truth, build))
-    result = _judge(options, measured, images, ground_truth, build, started, began)
+    measured = asyncio.run(_measure(options, console, images, labels.ground_truth, build))
+    result = _judge(options, measured, images, labels, build, started, began)
     result.report_files = write_report(result, Path(options.report_dir))
+    for recommendation in result.recommendations:
+        console.print(recommendation.sentence, markup=False, highlight=False, soft_wrap=True)  # one greppable line
     return result
 
 
@@ -59,25 +65,28 @@ async def _measure(options: VerifyOptions, console: Console, images: ImageSet,
     return await VerifySession(options, console, build).measure(images, ground_truth)
 
 
-def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
-           ground_truth: coco_eval.CocoGroundTruth, build: ReferenceBuild | None, started: str,
-           began: float) -> VerifyResult:
+def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet, labels: VerifyLabels,
+           build: ReferenceBuild | None, started: str, began: float) -> VerifyResult:
     """Comparisons and gates over what was measured. An incomplete run gets no accuracy reference: the build is
     not evaluated again for numbers that prove nothing."""
     comparisons = compare_precisions(measured.accuracy, measured.load, measured.per_image,
                                      build.coverage() if build else {})
     gates = evaluate_gates(options.gates, measured.accuracy, comparisons, measured.load, measured.detector_load)
     references = {}
+    ground_truth = labels.ground_truth
     if build is not None and measured.incomplete is None:
+        scored = labels.source(images.accuracy_files)
         references = {model.name: build.accuracy_reference(model.name, model.precision, images.accuracy_files,
-                                                           ground_truth, model.class_names, options.progress)
+                                                           ground_truth, model.class_names, scored, options.progress)
                       for model in measured.models}
     gates += absolute_accuracy_gates(options.absolute, measured.accuracy, references)
-    annotation_checks = (check_served_annotations(measured.models, measured.confident, ground_truth, images.sizes,
+    annotation_checks = (check_served_annotations(measured.models, measured.confident,
+                                                  labels.label_set(images.accuracy_files, images.sizes),
                                                   build.random_weights() if build else None)
                          if measured.incomplete is None else [])
     gates += annotation_gates(annotation_checks)
     gates += readiness_gates(measured.not_ready)
+    runtimes, runtimes_source = detector_runtimes(measured.models, options.url, options.server_log)
     return VerifyResult(
         status=decide_status(gates, measured.incomplete),
         incomplete_reason=measured.incomplete,
@@ -89,7 +98,7 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
         detector_load=measured.detector_load,
         comparisons=comparisons,
         gates=gates,
-        images=_image_counts(options, images),
+        images=_image_counts(options, images, labels),
         skipped_images=images.skipped,
         settings=_settings(options),
         versions=collect_versions(),
@@ -99,16 +108,36 @@ def _judge(options: VerifyOptions, measured: Measurements, images: ImageSet,
         references=references,
         build=build.describe() if build else None,
         annotation_checks=annotation_checks,
+        recommendations=recommend_precisions(measured.accuracy, measured.load, gates,
+                                             {model.name: model.steps for model in measured.models},
+                                             measured.incomplete),
+        detector_runtimes=runtimes,
+        detector_runtimes_source=runtimes_source,
+        labels=_labels_record(labels, measured),
     )
 
 
-def _image_counts(options: VerifyOptions, images: ImageSet) -> dict:
+def _image_counts(options: VerifyOptions, images: ImageSet, labels: VerifyLabels) -> dict:
     return {
         "folder_files": images.folder_files,
         "accuracy": len(images.accuracy_files),
         "load_payloads": len(images.load_payloads),
-        "annotations": str(options.annotations),
-        "images_dir": str(options.images_dir),
+        "annotations": str(options.annotations) if options.annotations else None,
+        "images_dir": str(options.images_dir) if options.images_dir else labels.where,
+        "data": str(options.data) if options.data else None,
+        "split": labels.split,
+    }
+
+
+def _labels_record(labels: VerifyLabels, measured: Measurements) -> dict:
+    """The ground truth of the run and, per ensemble, its classes the labels lack (left out of scoring)."""
+    return {
+        "format": labels.format,
+        "source": labels.where,
+        "description": labels.description,
+        "classes": list(labels.names),
+        "unscored": {model.name: labels.ground_truth.class_mapping(model.class_names).unscored
+                     for model in measured.models},
     }
 
 
@@ -133,8 +162,6 @@ def _check_options(options: VerifyOptions) -> None:
         raise ConfigError(f"--duration must be positive, got {options.duration_s}")
     if options.timeout_s is not None and options.timeout_s <= 0:
         raise ConfigError(f"--timeout must be positive, got {options.timeout_s}")
-    if not Path(options.annotations).is_file():
-        raise MissingInputError(f"annotation file not found: {options.annotations}")
 
 
 def _settings(options: VerifyOptions) -> dict:
@@ -150,4 +177,6 @@ def _settings(options: VerifyOptions) -> dict:
         "absolute_gates": asdict(options.absolute),
         "models": list(options.models) if options.models else None,
         "build_dir": str(options.build_dir) if options.build_dir else None,
+        "data": str(options.data) if options.data else None,
+        "split": options.split,
     }

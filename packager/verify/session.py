@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tritonclient.utils import InferenceServerException
 
 from packager.metrics import coco_eval
-from packager.core.contracts import Precision, ServerGoneError, VerifyError
+from packager.core.contracts import ConfigError, Precision, ServerGoneError, VerifyError
 from packager.verify.annotation_check import confident_rows
 from packager.verify.gates import ServedAccuracy
 from packager.inference.letterbox import preprocess_bytes
@@ -76,6 +76,8 @@ class VerifySession:
             await self.wait_ready()
             measured.server = await self.server_metadata()
             measured.models = await self.discover()
+            for model in measured.models:  # before any request: a class it cannot detect is a setup problem
+                _check_classes(model, ground_truth)
             self.console.print(f"verifying {', '.join(m.name for m in measured.models)} on {self.options.url} "
                                f"({measured.server.get('name')} {measured.server.get('version')})")
             with self.progress() as progress:
@@ -275,6 +277,14 @@ class VerifySession:
             )
             levels.append(level)
         return levels
+
+
+def _check_classes(model: ServedEnsemble, ground_truth: coco_eval.CocoGroundTruth) -> None:
+    """Labels are matched to the model's classes by name; a labelled class the model lacks is refused."""
+    try:
+        ground_truth.class_mapping(model.class_names)
+    except ConfigError as error:
+        raise ConfigError(f"{model.name} (class names from {model.class_names_source}): {error}") from None
 
 
 def _real_rows(output: np.ndarray) -> np.ndarray:

@@ -16,7 +16,9 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from letterbox import normalize_into  # noqa: E402  (copied next to this file)
-from runtime import RuntimeOptions, open_model  # noqa: E402
+from runtime import RuntimeOptions, open_served_model  # noqa: E402
+
+RUNTIME_LOG_TAG = "yqpack-runtime "  # packager/verify reads the JSON after it
 
 
 class TritonPythonModel:
@@ -36,9 +38,20 @@ class TritonPythonModel:
             allow_spinning=params.get("allow_spinning", "1") == "1",
             cpu_pinning=params.get("cpu_pinning", "true").strip().lower() == "true",
         )
-        self.model = open_model(os.path.join(version_dir, params.get("model_filename", "model.onnx")), options)
+        # An INT8 detector comes with its u8-activation twin and self-check images: the runtime picks the file this
+        # CPU computes right and checks it against onnxruntime before serving (int8_cpu.py).
+        self.model = open_served_model(version_dir, params.get("model_filename", "model.onnx"), options)
         for note in self.model.choice.notes:  # a fallback must be visible in the server log
             pb_utils.Logger.log_warn(f"{args['model_name']}: {note}")
+        check = self.model.self_check
+        if check is not None and check.passed:
+            pb_utils.Logger.log_info(f"{args['model_name']}: {check.sentence()}")
+        # One machine-readable line: `yqpack verify` reads what really runs (fallbacks included) from the server log.
+        pb_utils.Logger.log_info(RUNTIME_LOG_TAG + json.dumps({
+            "model": args["model_name"], "runtime": self.model.runtime, "label": self.model.label,
+            "notes": list(self.model.choice.notes),
+            "self_check": None if check is None else {"passed": check.passed, "distance": round(check.distance, 4),
+                                                      "tolerance": check.tolerance, "images": check.images}}))
         # Pixels first: the ensemble's input; the float one is for clients of the bare detector.
         self.input_names = [tensor["name"] for tensor in config["input"]][::-1]
         self.output_name = config["output"][0]["name"]
