@@ -9,12 +9,17 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from packager.core.contracts import StateFileError
 
-if TYPE_CHECKING:
-    from packager.verify.result import ServedEnsemble
+
+class EnsembleWithDetector(Protocol):
+    """What this module needs of a served ensemble (verify's ServedEnsemble), without importing result.py, which
+    imports this module."""
+
+    name: str
+    detector: str | None
 
 RUNTIME_LOG_TAG = "yqpack-runtime "  # as templates/detector/local/model.py writes it
 NOT_KNOWN_REMOTE = "not known (remote server)"
@@ -94,7 +99,7 @@ def _message(line: str) -> str:
     return line
 
 
-def detector_runtimes(models: Sequence["ServedEnsemble"], url: str,
+def detector_runtimes(models: Sequence[EnsembleWithDetector], url: str,
                       explicit_log: Path | None = None) -> tuple[list[DetectorRuntime], str]:
     """What runs the detector of each served ensemble, and where that was read (or why it is not known)."""
     log, source = find_server_log(url, explicit_log)
