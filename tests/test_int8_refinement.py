@@ -174,7 +174,7 @@ def test_adaround_keeps_modelopt_graph_and_gets_closer_to_fp32_on_held_out_image
                    QuantizeOptions(adaround=True, adaround_iterations=200, adaround_device="cpu"), show_progress=False)
     after = onnx.load(str(result.int8_fp32_path))
     assert_modelopt_structure(after, before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8-fp32.onnx", "model.int8.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8-fp32.onnx", "model.int8-u8.onnx", "model.int8.onnx"]
     flipped = 0
     for site in [s for s in conv_sites(after) if s.quantized]:
         np.testing.assert_array_equal(read(after, site.weight_scale), read(before, site.weight_scale))
