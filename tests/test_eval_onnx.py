@@ -62,6 +62,7 @@ def test_cli_eval_onnx_writes_json_and_gates(yolov8n_build, assets, tmp_path):
     # the default, named per number: INT8 leaves OpenVINO on CPUs without VNNI/AMX (its kernels saturate there)
     int8_runtime = runtime_on_this_machine(RuntimeOptions("openvino"), quantized=True).label
     assert {v: m["runtime"] for v, m in metrics.items()} == {"fp32": "openvino (f32 hint)", "int8-fp32": int8_runtime}
+    assert metrics["fp32"]["runtime_notes"] == []  # INT8's notes say why it left OpenVINO, where it did
     assert "ONNX COCO evaluation (openvino (f32 hint)" in passed.output
     # onnxruntime stays selectable; FP32 is FP32 under both (OpenVINO with the f32 hint)
     emulated = CliRunner().invoke(main, [*args[:-1], "fp32", "--runtime", "onnxruntime", "--min-map-ratio", "0",

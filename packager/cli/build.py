@@ -224,7 +224,8 @@ def eval_onnx(build_dir, val_images, val_annotations, data_yaml, split, variants
     label = evaluation.runtime_label() or evaluation_label(options)  # what ran, fallbacks included
     Console().print(metrics_table(evaluation.metrics, label, evaluation.intervals, evaluation.coverage))
     if json_path is not None:
-        rows = {v: {**row, "runtime": evaluation.runtimes.get(v) or variant_label(v, options)}
+        rows = {v: {**row, "runtime": evaluation.runtimes.get(v) or variant_label(v, options),
+                    "runtime_notes": list(evaluation.runtime_notes.get(v, ()))}
                 for v, row in evaluation.as_dict().items()}
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
     for variant in ("int8-fp32", "fp8-fp32"):
