@@ -21,7 +21,7 @@ import numpy as np
 from packager.metrics.intervals import paired_ratio
 from packager.metrics.coco_eval import CocoGroundTruth, evaluate_images
 from packager.core.manifest import BuildManifest
-from packager.evaluate.onnx_eval import UNOPTIMIZED_VARIANTS, detect_images
+from packager.evaluate.onnx_eval import detect_with, open_variant
 
 
 def detections(build: Path, files: list[Path], variants: list[str], cache: Path | None) -> dict:
@@ -29,9 +29,8 @@ def detections(build: Path, files: list[Path], variants: list[str], cache: Path 
     manifest = BuildManifest.load(build)
     for variant in variants:
         if variant not in cached:
-            cached[variant] = detect_images(manifest.artifact_path(build, variant), files, manifest.model.imgsz,
-                                            label=variant,
-                                            optimize=variant not in UNOPTIMIZED_VARIANTS)
+            cached[variant] = detect_with(open_variant(build, manifest, variant), files, manifest.model.imgsz,
+                                          label=variant, head_format=manifest.model.head)
             if cache:
                 cache.write_bytes(pickle.dumps(cached))
     return cached

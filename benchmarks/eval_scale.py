@@ -50,7 +50,7 @@ def source_annotations(assets: Path) -> tuple[dict, list[tuple[str, dict]]]:
 def real_detections(build: Path, cache: Path | None, variants: list[str]) -> dict:
     """{(split, variant): {file name: (n, 6)}} of the build's ONNX variants on the source images (cached)."""
     from packager.core.contracts import BuildManifest
-    from packager.evaluate.onnx_eval import UNOPTIMIZED_VARIANTS, detect_images
+    from packager.evaluate.onnx_eval import detect_with, open_variant
     from packager.metrics.coco_eval import CocoGroundTruth
 
     cached = pickle.loads(cache.read_bytes()) if cache and cache.is_file() else {}
@@ -60,9 +60,9 @@ def real_detections(build: Path, cache: Path | None, variants: list[str]) -> dic
         files = CocoGroundTruth(assets / "coco" / "annotations" / name).image_files(assets / "coco" / split)
         for variant in variants:
             if (split, variant) not in cached:
-                cached[(split, variant)] = detect_images(manifest.artifact_path(build, variant), files,
-                                                         manifest.model.imgsz, label=f"{split} {variant}",
-                                                         optimize=variant not in UNOPTIMIZED_VARIANTS)
+                cached[(split, variant)] = detect_with(open_variant(build, manifest, variant), files,
+                                                       manifest.model.imgsz, label=f"{split} {variant}",
+                                                       head_format=manifest.model.head)
                 if cache:
                     cache.write_bytes(pickle.dumps(cached))
     return cached

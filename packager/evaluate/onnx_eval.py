@@ -140,17 +140,16 @@ def detect_images(
     runtime: RuntimeOptions | None = None,
     head_format: HeadFormat = HeadFormat.RAW,
     optimize: bool = True,
-    int8_files: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Run one ONNX model over images, one at a time: {file name: (n, 6) detections in original pixels}.
 
     `head_format` is the build's (`ModelSpec.head`): raw decodes + NMS, end2end selects the head's rows.
     `optimize=False` (FP8 Q/DQ): onnxruntime with graph optimizations off, whatever `runtime` says.
-    `int8_files`: an INT8 model's u8 twin and self-check images (`int8_runtime_files`), for OpenVINO.
+    A build's variant is opened as evaluation opens it (INT8 with its u8 twin and self-check) by `open_variant`.
     """
     options = (runtime or RuntimeOptions()) if optimize else RuntimeOptions("onnxruntime", graph_optimizations=False)
-    return detect_with(open_model(model_path, options, **(int8_files or {})), image_files, imgsz, thresholds, label,
-                       show_progress, head_format)
+    return detect_with(open_model(model_path, options), image_files, imgsz, thresholds, label, show_progress,
+                       head_format)
 
 
 def detect_with(model: CompiledModel, image_files: list[Path], imgsz: tuple[int, int],
